@@ -1,0 +1,15 @@
+//! tftpcast-proto: the TFTP protocol without I/O.
+//!
+//! Everything a TFTP server decides that can be decided without a socket or a clock lives
+//! here: packet encoding ([`packet`]), option negotiation ([`options`]), netascii
+//! ([`netascii`]) and the sender state machine ([`transfer`]). Callers feed packets and
+//! `Instant`s in and pull datagrams and deadlines out, so every rule is testable with a
+//! virtual clock.
+
+pub mod netascii;
+pub mod options;
+pub mod packet;
+pub mod transfer;
+
+pub use packet::{decode, DecodeError, ErrorCode, Mode, Packet, Request};
+pub use transfer::{Outcome, Sender, SenderConfig, Source, Transmit};

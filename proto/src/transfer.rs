@@ -1,0 +1,699 @@
+//! The unicast sender: one read transfer as a value fed packets and instants.
+//!
+//! Input comes through [`Sender::handle`] (a packet from the client) and
+//! [`Sender::handle_timeout`]; output is pulled with [`Sender::poll_transmit`] until it
+//! returns `None`, and [`Sender::poll_timeout`] says when to call `handle_timeout` next.
+//! No socket, no clock: the caller supplies `now`.
+//!
+//! Blocks are counted internally as a 64-bit index (1 = first DATA block) so files of any
+//! size work; on the wire the index is truncated to 16 bits, i.e. the block number rolls over
+//! from 65535 to 0. An ACK's 16-bit number is mapped back to the unique index inside the
+//! window in flight, so rollover cannot confuse old and new blocks.
+//!
+//! Retransmission follows RFC 1123 4.2.3.1: only our own timer retransmits. A duplicate ACK
+//! never triggers a retransmission, which is what keeps the Sorcerer's Apprentice syndrome
+//! (RFC 1785) from doubling the traffic. With a window (RFC 7440), an ACK for a block in the
+//! middle of the window means the rest was lost: the next window starts right after it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::netascii;
+use crate::packet::{self, ErrorCode, Packet};
+
+/// Where the blocks of a transfer come from.
+#[derive(Debug)]
+pub enum Source {
+    /// The file as is: block `i` is a slice of the shared contents (no copy).
+    Octet(Bytes),
+    /// The file converted to netascii on the fly; blocks still in flight are kept so they
+    /// can be sent again.
+    Netascii(NetasciiBlocks),
+}
+
+#[derive(Debug)]
+pub struct NetasciiBlocks {
+    input: Bytes,
+    encoder: netascii::Encoder,
+    cache: VecDeque<Bytes>,
+    cache_first: u64,
+    last: Option<u64>,
+}
+
+impl Source {
+    pub fn octet(data: Bytes) -> Source {
+        Source::Octet(data)
+    }
+
+    pub fn netascii(data: Bytes) -> Source {
+        Source::Netascii(NetasciiBlocks {
+            input: data,
+            encoder: netascii::Encoder::new(),
+            cache: VecDeque::new(),
+            cache_first: 1,
+            last: None,
+        })
+    }
+
+    /// Bytes on the wire for the whole transfer (the `tsize` to report).
+    pub fn wire_len(&self) -> u64 {
+        match self {
+            Source::Octet(d) => d.len() as u64,
+            Source::Netascii(n) => netascii::encoded_len(&n.input),
+        }
+    }
+
+    /// Index of the final block, which is the first one shorter than `blksize`.
+    pub fn last_block(&self, blksize: u16) -> u64 {
+        self.wire_len() / blksize as u64 + 1
+    }
+
+    /// Payload of block `index` (1-based). Netascii blocks must be asked for at or after the
+    /// oldest block not yet released.
+    fn block(&mut self, index: u64, blksize: u16) -> Bytes {
+        let blk = blksize as u64;
+        match self {
+            Source::Octet(d) => {
+                let len = d.len() as u64;
+                let start = ((index - 1) * blk).min(len);
+                let end = (start + blk).min(len);
+                d.slice(start as usize..end as usize)
+            }
+            Source::Netascii(n) => {
+                while n.cache_first + n.cache.len() as u64 <= index && n.last.is_none() {
+                    let mut buf = Vec::with_capacity(blksize as usize);
+                    n.encoder.fill(&n.input, &mut buf, blksize as usize);
+                    let produced = n.cache_first + n.cache.len() as u64;
+                    if buf.len() < blksize as usize {
+                        n.last = Some(produced);
+                    }
+                    n.cache.push_back(Bytes::from(buf));
+                }
+                let i = index.checked_sub(n.cache_first).expect("netascii block released too early");
+                n.cache.get(i as usize).cloned().unwrap_or_default()
+            }
+        }
+    }
+
+    /// Lets go of blocks up to and including `acked`: they will not be sent again.
+    fn release_through(&mut self, acked: u64) {
+        if let Source::Netascii(n) = self {
+            while n.cache_first <= acked && !n.cache.is_empty() {
+                n.cache.pop_front();
+                n.cache_first += 1;
+            }
+        }
+    }
+}
+
+/// A datagram the sender wants sent to its peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// A DATA packet: `packet::data_header(block)` followed by `payload`.
+    Data { block: u16, payload: Bytes },
+    /// Any other packet (OACK, ERROR), already encoded.
+    Control(Vec<u8>),
+}
+
+impl Transmit {
+    /// Total size on the wire (UDP payload).
+    pub fn len(&self) -> usize {
+        match self {
+            Transmit::Data { payload, .. } => 4 + payload.len(),
+            Transmit::Control(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the whole datagram into `buf` (cleared first).
+    pub fn write_to(&self, buf: &mut Vec<u8>) {
+        buf.clear();
+        match self {
+            Transmit::Data { block, payload } => {
+                buf.extend_from_slice(&packet::data_header(*block));
+                buf.extend_from_slice(payload);
+            }
+            Transmit::Control(v) => buf.extend_from_slice(v),
+        }
+    }
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The final block was acknowledged.
+    Complete,
+    /// No progress within the allowed number of retransmissions.
+    TimedOut { retries: u32 },
+    /// The peer sent an ERROR packet.
+    PeerError { code: ErrorCode, message: String },
+    /// The peer broke the protocol; we answered with an ERROR.
+    ProtocolViolation(&'static str),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Complete)
+    }
+}
+
+/// Parameters of one sender.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub blksize: u16,
+    pub windowsize: u16,
+    /// First retransmission timeout; doubles on each consecutive timeout up to `max_timeout`.
+    pub timeout: Duration,
+    pub max_timeout: Duration,
+    /// Consecutive timeouts without progress before giving up.
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// An OACK was sent; waiting for ACK 0.
+    AwaitOptionAck,
+    Sending,
+    Done,
+}
+
+/// Counters kept for logs and flow control.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    /// DATA/OACK packets sent more than once.
+    pub retransmits: u64,
+    pub timeouts: u64,
+    pub duplicate_acks: u64,
+    /// ACKs for blocks never sent or long acknowledged: ignored.
+    pub stray_acks: u64,
+}
+
+/// One read transfer, from the server's side.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    source: Source,
+    state: State,
+    oack: Option<Vec<u8>>,
+    /// Highest block index acknowledged (0: none).
+    acked: u64,
+    /// Next block index to transmit.
+    next: u64,
+    /// Highest block index ever transmitted (to tell retransmissions apart).
+    high_water: u64,
+    last: u64,
+    /// Effective window: starts at `cfg.windowsize`; flow control may shrink it.
+    window: u16,
+    deadline: Option<Instant>,
+    current_timeout: Duration,
+    retries: u32,
+    control: VecDeque<Vec<u8>>,
+    outcome: Option<Outcome>,
+    stats: SenderStats,
+    /// When the oldest unacknowledged block was first sent and whether it was sent again
+    /// (Karn's rule: only clean samples measure the round trip).
+    rtt_probe: Option<(u64, Instant, bool)>,
+    last_rtt: Option<Duration>,
+}
+
+impl Sender {
+    /// Starts a transfer. With `oack` (the encoded OACK) the sender first waits for ACK 0;
+    /// without, block 1 goes out at once.
+    pub fn new(now: Instant, cfg: SenderConfig, source: Source, oack: Option<Vec<u8>>) -> Sender {
+        let last = source.last_block(cfg.blksize);
+        let window = cfg.windowsize.max(1);
+        let mut s = Sender {
+            current_timeout: cfg.timeout,
+            cfg,
+            source,
+            state: State::Sending,
+            oack: None,
+            acked: 0,
+            next: 1,
+            high_water: 0,
+            last,
+            window,
+            deadline: None,
+            retries: 0,
+            control: VecDeque::new(),
+            outcome: None,
+            stats: SenderStats::default(),
+            rtt_probe: None,
+            last_rtt: None,
+        };
+        if let Some(o) = oack {
+            s.state = State::AwaitOptionAck;
+            s.control.push_back(o.clone());
+            s.oack = Some(o);
+        }
+        s.arm(now);
+        s
+    }
+
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done && self.control.is_empty()
+    }
+
+    /// Highest block acknowledged so far.
+    pub fn acked_blocks(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn total_blocks(&self) -> u64 {
+        self.last
+    }
+
+    pub fn blksize(&self) -> u16 {
+        self.cfg.blksize
+    }
+
+    pub fn window(&self) -> u16 {
+        self.window
+    }
+
+    /// Most recent clean round-trip sample.
+    pub fn last_rtt(&self) -> Option<Duration> {
+        self.last_rtt
+    }
+
+    /// Flow control: shrink or regrow the window, within what was negotiated.
+    pub fn set_window(&mut self, w: u16) {
+        self.window = w.clamp(1, self.cfg.windowsize.max(1));
+    }
+
+    /// Flow control: the retransmission timeout for the next arming.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.cfg.timeout = t;
+        if self.retries == 0 {
+            self.current_timeout = t;
+        }
+    }
+
+    /// Bytes acknowledged by the peer so far.
+    pub fn bytes_acked(&self) -> u64 {
+        (self.acked * self.cfg.blksize as u64).min(self.source.wire_len())
+    }
+
+    fn arm(&mut self, now: Instant) {
+        self.deadline = Some(now + self.current_timeout);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.state = State::Done;
+        self.deadline = None;
+        self.outcome = Some(outcome);
+    }
+
+    fn violation(&mut self, code: ErrorCode, why: &'static str) {
+        self.control.push_back(packet::error_packet(code, why));
+        self.finish(Outcome::ProtocolViolation(why));
+    }
+
+    /// Feeds a packet received from the peer's TID.
+    pub fn handle(&mut self, now: Instant, pkt: &Packet<'_>) {
+        if self.state == State::Done {
+            return;
+        }
+        match pkt {
+            Packet::Ack(block) => self.on_ack(now, *block),
+            Packet::Error { code, message } => {
+                // RFC 1350: an ERROR is never acknowledged or answered.
+                self.control.clear();
+                self.finish(Outcome::PeerError { code: *code, message: message.clone() });
+            }
+            Packet::Oack(_) => {} // meaningless towards a server; ignore
+            Packet::Data { .. } => self.violation(ErrorCode::IllegalOperation, "DATA sent to a read transfer"),
+            Packet::Rrq(_) | Packet::Wrq(_) => {} // a request on the transfer port: stray, ignore
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, block: u16) {
+        if self.state == State::AwaitOptionAck {
+            if block == 0 {
+                self.state = State::Sending;
+                self.progress(now);
+            } else {
+                self.stats.stray_acks += 1;
+            }
+            return;
+        }
+        let d = block.wrapping_sub(self.acked as u16) as u64;
+        let index = self.acked + d;
+        if d == 0 {
+            self.stats.duplicate_acks += 1;
+            return;
+        }
+        if index > self.high_water {
+            self.stats.stray_acks += 1; // an ACK for a block never sent
+            return;
+        }
+        if let Some((probe, sent_at, clean)) = self.rtt_probe {
+            if index >= probe && clean {
+                self.last_rtt = Some(now.saturating_duration_since(sent_at));
+            }
+            if index >= probe {
+                self.rtt_probe = None;
+            }
+        }
+        self.acked = index;
+        self.source.release_through(index);
+        if index >= self.last {
+            self.finish(Outcome::Complete);
+            return;
+        }
+        if self.next <= index {
+            self.next = index + 1;
+        } else if index + 1 < self.next && index + 1 <= self.high_water {
+            // RFC 7440: the peer acknowledged part of the window; what follows was lost.
+            self.next = index + 1;
+        }
+        self.progress(now);
+    }
+
+    fn progress(&mut self, now: Instant) {
+        self.retries = 0;
+        self.current_timeout = self.cfg.timeout;
+        self.arm(now);
+    }
+
+    /// Call when `poll_timeout`'s instant has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.deadline else { return };
+        if now < deadline || self.state == State::Done {
+            return;
+        }
+        self.stats.timeouts += 1;
+        if self.retries >= self.cfg.max_retries {
+            self.finish(Outcome::TimedOut { retries: self.retries });
+            return;
+        }
+        self.retries += 1;
+        self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout.max(self.cfg.timeout));
+        match self.state {
+            State::AwaitOptionAck => {
+                if let Some(o) = &self.oack {
+                    self.control.push_back(o.clone());
+                    self.stats.retransmits += 1;
+                }
+            }
+            State::Sending => {
+                self.next = self.acked + 1;
+                if let Some(p) = self.rtt_probe.as_mut() {
+                    p.2 = false;
+                }
+            }
+            State::Done => {}
+        }
+        self.arm(now);
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The next datagram to send, if any. Call until it returns `None`.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(c) = self.control.pop_front() {
+            self.count(c.len());
+            return Some(Transmit::Control(c));
+        }
+        if self.state != State::Sending {
+            return None;
+        }
+        let window_end = (self.acked + self.window as u64).min(self.last);
+        if self.next > window_end {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        if index <= self.high_water {
+            self.stats.retransmits += 1;
+        } else {
+            self.high_water = index;
+            if self.rtt_probe.is_none() {
+                self.rtt_probe = Some((index, now, true));
+            }
+        }
+        let payload = self.source.block(index, self.cfg.blksize);
+        self.count(4 + payload.len());
+        Some(Transmit::Data { block: index as u16, payload })
+    }
+
+    fn count(&mut self, len: usize) {
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += len as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::decode;
+
+    fn cfg(blksize: u16, windowsize: u16) -> SenderConfig {
+        SenderConfig {
+            blksize,
+            windowsize,
+            timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(4),
+            max_retries: 5,
+        }
+    }
+
+    fn drain(s: &mut Sender, now: Instant) -> Vec<Transmit> {
+        std::iter::from_fn(|| s.poll_transmit(now)).collect()
+    }
+
+    fn blocks(t: &[Transmit]) -> Vec<u16> {
+        t.iter()
+            .filter_map(|t| match t {
+                Transmit::Data { block, .. } => Some(*block),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lock_step_without_options() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::from(vec![7u8; 1000])), None);
+        let t = drain(&mut s, now);
+        assert_eq!(blocks(&t), vec![1]);
+        s.handle(now, &Packet::Ack(1));
+        let t = drain(&mut s, now);
+        assert_eq!(blocks(&t), vec![2]);
+        assert!(matches!(&t[0], Transmit::Data { payload, .. } if payload.len() == 488));
+        s.handle(now, &Packet::Ack(2));
+        assert_eq!(s.outcome(), Some(&Outcome::Complete));
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn exact_multiple_ends_with_empty_block() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 4), Source::octet(Bytes::from(vec![1u8; 1024])), None);
+        let t = drain(&mut s, now);
+        assert_eq!(blocks(&t), vec![1, 2, 3]);
+        assert!(matches!(&t[2], Transmit::Data { payload, .. } if payload.is_empty()));
+        s.handle(now, &Packet::Ack(3));
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn empty_file_is_one_empty_block() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::new()), None);
+        let t = drain(&mut s, now);
+        assert_eq!(t, vec![Transmit::Data { block: 1, payload: Bytes::new() }]);
+        s.handle(now, &Packet::Ack(1));
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn oack_waits_for_ack_zero() {
+        let now = Instant::now();
+        let oack = packet::Packet::Oack(vec![("blksize".into(), "1024".into())]).to_vec();
+        let mut s = Sender::new(now, cfg(1024, 1), Source::octet(Bytes::from(vec![0u8; 3000])), Some(oack.clone()));
+        assert_eq!(drain(&mut s, now), vec![Transmit::Control(oack)]);
+        s.handle(now, &Packet::Ack(5));
+        assert!(drain(&mut s, now).is_empty());
+        s.handle(now, &Packet::Ack(0));
+        assert_eq!(blocks(&drain(&mut s, now)), vec![1]);
+    }
+
+    #[test]
+    fn duplicate_acks_never_cause_retransmission() {
+        // Sorcerer's Apprentice: a delayed DATA makes the client ACK twice; we must not
+        // answer each ACK with a DATA, or every later block goes out twice.
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::from(vec![0u8; 512 * 10])), None);
+        let mut sent = drain(&mut s, now).len();
+        for b in 1..=11u16 {
+            s.handle(now, &Packet::Ack(b));
+            s.handle(now, &Packet::Ack(b));
+            sent += drain(&mut s, now).len();
+        }
+        assert!(s.is_done());
+        assert_eq!(sent, 11);
+        assert_eq!(s.stats().retransmits, 0);
+        assert_eq!(s.stats().duplicate_acks, 10);
+    }
+
+    #[test]
+    fn timeout_resends_window_then_gives_up() {
+        let t0 = Instant::now();
+        let mut s = Sender::new(t0, cfg(512, 2), Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        assert_eq!(blocks(&drain(&mut s, t0)), vec![1, 2]);
+        let mut now = t0;
+        let mut rounds = 0;
+        while let Some(deadline) = s.poll_timeout() {
+            assert!(deadline > now);
+            now = deadline;
+            s.handle_timeout(now);
+            let b = blocks(&drain(&mut s, now));
+            if s.is_done() {
+                assert!(b.is_empty());
+                break;
+            }
+            assert_eq!(b, vec![1, 2]);
+            rounds += 1;
+        }
+        assert_eq!(rounds, 5);
+        assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 5 }));
+        // Exponential backoff, capped: 1 + 2 + 4 + 4 + 4 + 4 seconds.
+        assert_eq!(now - t0, Duration::from_secs(19));
+    }
+
+    #[test]
+    fn partial_window_ack_restarts_after_it() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 4), Source::octet(Bytes::from(vec![0u8; 512 * 20])), None);
+        assert_eq!(blocks(&drain(&mut s, now)), vec![1, 2, 3, 4]);
+        s.handle(now, &Packet::Ack(2));
+        assert_eq!(blocks(&drain(&mut s, now)), vec![3, 4, 5, 6]);
+        assert_eq!(s.stats().retransmits, 2);
+    }
+
+    #[test]
+    fn future_ack_is_ignored() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, now);
+        s.handle(now, &Packet::Ack(7));
+        assert_eq!(s.acked_blocks(), 0);
+        assert!(drain(&mut s, now).is_empty());
+        assert_eq!(s.stats().stray_acks, 1);
+    }
+
+    #[test]
+    fn peer_error_ends_silently_and_data_is_refused() {
+        let now = Instant::now();
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, now);
+        s.handle(now, &Packet::Error { code: ErrorCode::DiskFull, message: "full".into() });
+        assert!(drain(&mut s, now).is_empty());
+        assert!(s.is_done());
+
+        let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, now);
+        s.handle(now, &Packet::Data { block: 1, data: b"x" });
+        let t = drain(&mut s, now);
+        let Transmit::Control(bytes) = &t[0] else { panic!() };
+        assert!(matches!(decode(bytes), Ok(Packet::Error { code: ErrorCode::IllegalOperation, .. })));
+    }
+
+    /// Runs a whole transfer with a receiver that ACKs every block in order, dropping
+    /// `loss_pct` percent of DATA packets (seeded, so failures reproduce), and returns the
+    /// reassembled bytes.
+    fn run(data: &[u8], blksize: u16, window: u16, loss_pct: u64, netascii: bool) -> Vec<u8> {
+        let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ data.len() as u64;
+        let mut lose = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % 100 < loss_pct
+        };
+        let mut now = Instant::now();
+        let src = if netascii { Source::netascii(Bytes::copy_from_slice(data)) } else { Source::octet(Bytes::copy_from_slice(data)) };
+        let mut c = cfg(blksize, window);
+        c.max_retries = 50;
+        let mut s = Sender::new(now, c, src, None);
+        let mut got = Vec::new();
+        let mut expected: u64 = 1;
+        let mut steps = 0;
+        while !s.is_done() {
+            steps += 1;
+            assert!(steps < 10_000_000, "livelock");
+            let mut acks = Vec::new();
+            let mut progressed = false;
+            while let Some(t) = s.poll_transmit(now) {
+                if lose() {
+                    continue;
+                }
+                if let Transmit::Data { block, payload } = t {
+                    if block == expected as u16 {
+                        got.extend_from_slice(&payload);
+                        expected += 1;
+                        progressed = true;
+                        if payload.len() < blksize as usize || acks.len() + 1 == window as usize {
+                            acks.push((expected - 1) as u16);
+                        }
+                    }
+                }
+            }
+            if progressed && acks.is_empty() {
+                acks.push((expected - 1) as u16);
+            }
+            if acks.is_empty() {
+                now = s.poll_timeout().unwrap_or(now);
+                s.handle_timeout(now);
+            }
+            for a in acks {
+                s.handle(now, &Packet::Ack(a));
+            }
+        }
+        assert_eq!(s.outcome(), Some(&Outcome::Complete));
+        got
+    }
+
+    #[test]
+    fn rollover_past_65535_blocks() {
+        let data: Vec<u8> = (0..(70_000u32 * 8 + 3)).map(|i| (i % 251) as u8).collect();
+        assert_eq!(run(&data, 8, 1, 0, false), data);
+        assert_eq!(run(&data, 8, 16, 0, false), data);
+    }
+
+    use proptest::prelude::*;
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn delivers_every_byte_under_loss(data in proptest::collection::vec(any::<u8>(), 0..20_000), blk in 8u16..1500, window in 1u16..12, loss in prop_oneof![Just(0u64), 1u64..40], net: bool) {
+            let got = run(&data, blk, window, loss, net);
+            if net {
+                let mut d = crate::netascii::Decoder::new();
+                let mut out = Vec::new();
+                d.decode(&got, &mut out);
+                d.finish(&mut out);
+                prop_assert_eq!(out, data);
+            } else {
+                prop_assert_eq!(got, data);
+            }
+        }
+    }
+}
