@@ -3,15 +3,26 @@
 //! # Layout
 //! - `listener`: owns the listening sockets, parses requests, starts sessions.
 //! - `session`: one actor per transfer, with its own TID socket, driving `tftpcast_proto`.
-//! - `pacing`: the node-wide send budget.
+//! - `pacing`: the node-wide send budget handed to sessions as rate leases.
 //! - `file_cache`: root confinement and shared file contents.
-//! - `coordinator`: the table of active multicast groups.
-//! - `state`: state dumps on SIGUSR1 and on a timer.
+//! - `node`: wires the actors together, signals, state dumps, shutdown.
+//! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
 //! - `client`: `tftpcast get`.
 
 mod client;
+mod config;
 mod file_cache;
+mod listener;
+mod logging;
+mod net;
+mod node;
+mod pacing;
+mod session;
 mod state;
+mod udp;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -24,18 +35,67 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve files over TFTP.
+    Serve(ServeArgs),
     /// Fetch a file from a TFTP server.
     Get(client::GetArgs),
 }
 
-fn main() -> std::process::ExitCode {
+/// Flags of `tftpcast serve`; each overrides the configuration key named in its help.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file (see config/default.toml for every key).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory to serve [server.root].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Address to listen on, repeatable [server.listen].
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    listen: Vec<String>,
+    /// Ports for transfer sockets, LO-HI [server.tid_port_range].
+    #[arg(long, value_name = "LO-HI")]
+    tid_port_range: Option<String>,
+    /// Node-wide send rate cap in Mbit/s, 0 for none [pacing.max_rate_mbps].
+    #[arg(long)]
+    max_rate_mbps: Option<u64>,
+    /// Log format: text or json [log.format].
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
+    /// Seconds between state dumps, 0 for none [log.state_interval_s].
+    #[arg(long, value_name = "N")]
+    state_interval_s: Option<u64>,
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = config::Overrides {
+        root: args.root,
+        listen: args.listen,
+        tid_port_range: args.tid_port_range,
+        max_rate_mbps: args.max_rate_mbps,
+        log_format: args.log_format,
+        state_interval_s: args.state_interval_s,
+    };
+    let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tftpcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&validated.settings.log.format, &validated.settings.log.level);
+    ExitCode::from(node::run(validated))
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Get(args) => match client::run_get(&args) {
-            Ok(_) => std::process::ExitCode::SUCCESS,
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tftpcast get: {e}");
-                std::process::ExitCode::from(1)
+                ExitCode::from(1)
             }
         },
     }

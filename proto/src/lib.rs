@@ -8,8 +8,12 @@
 
 pub mod netascii;
 pub mod options;
+pub mod pacing;
+pub mod rto;
 pub mod packet;
+pub mod receiver;
 pub mod transfer;
 
 pub use packet::{decode, DecodeError, ErrorCode, Mode, Packet, Request};
+pub use receiver::{Receiver, ReceiverConfig, ReceiverOutcome, ReceiverStats};
 pub use transfer::{Outcome, Sender, SenderConfig, Source, Transmit};

@@ -22,6 +22,7 @@ use bytes::Bytes;
 
 use crate::netascii;
 use crate::packet::{self, ErrorCode, Packet};
+use crate::rto::Rto;
 
 /// Where the blocks of a transfer come from.
 #[derive(Debug)]
@@ -172,6 +173,9 @@ pub struct SenderConfig {
     pub max_timeout: Duration,
     /// Consecutive timeouts without progress before giving up.
     pub max_retries: u32,
+    /// Adapt `timeout` to measured round trips (floor, ceiling). `None` keeps it fixed, as
+    /// it must stay when the client negotiated a timeout (RFC 2349).
+    pub adaptive: Option<(Duration, Duration)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +225,7 @@ pub struct Sender {
     /// (Karn's rule: only clean samples measure the round trip).
     rtt_probe: Option<(u64, Instant, bool)>,
     last_rtt: Option<Duration>,
+    rto: Option<Rto>,
 }
 
 impl Sender {
@@ -229,7 +234,9 @@ impl Sender {
     pub fn new(now: Instant, cfg: SenderConfig, source: Source, oack: Option<Vec<u8>>) -> Sender {
         let last = source.last_block(cfg.blksize);
         let window = cfg.windowsize.max(1);
+        let rto = cfg.adaptive.map(|(min, max)| Rto::new(cfg.timeout, min, max));
         let mut s = Sender {
+            rto,
             current_timeout: cfg.timeout,
             cfg,
             source,
@@ -294,6 +301,11 @@ impl Sender {
     /// Flow control: shrink or regrow the window, within what was negotiated.
     pub fn set_window(&mut self, w: u16) {
         self.window = w.clamp(1, self.cfg.windowsize.max(1));
+    }
+
+    /// The timeout armed after the next progress (adaptive or fixed).
+    pub fn timeout(&self) -> Duration {
+        self.cfg.timeout
     }
 
     /// Flow control: the retransmission timeout for the next arming.
@@ -364,7 +376,12 @@ impl Sender {
         }
         if let Some((probe, sent_at, clean)) = self.rtt_probe {
             if index >= probe && clean {
-                self.last_rtt = Some(now.saturating_duration_since(sent_at));
+                let rtt = now.saturating_duration_since(sent_at);
+                self.last_rtt = Some(rtt);
+                if let Some(r) = self.rto.as_mut() {
+                    r.on_sample(rtt);
+                    self.cfg.timeout = r.timeout();
+                }
             }
             if index >= probe {
                 self.rtt_probe = None;
@@ -473,6 +490,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
+            adaptive: None,
         }
     }
 
@@ -694,6 +712,36 @@ mod tests {
             } else {
                 prop_assert_eq!(got, data);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod adaptive_tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_timeout_follows_round_trips_and_fixed_one_does_not() {
+        let t0 = Instant::now();
+        let mk = |adaptive| SenderConfig {
+            blksize: 512,
+            windowsize: 1,
+            timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(4),
+            max_retries: 5,
+            adaptive,
+        };
+        for (adaptive, want) in [(Some((Duration::from_millis(100), Duration::from_secs(4))), Duration::from_millis(100)), (None, Duration::from_secs(1))] {
+            let mut s = Sender::new(t0, mk(adaptive), Source::octet(Bytes::from(vec![0u8; 512 * 50])), None);
+            let mut now = t0;
+            for b in 1..=20u16 {
+                while s.poll_transmit(now).is_some() {}
+                now += Duration::from_micros(200);
+                s.handle(now, &Packet::Ack(b));
+            }
+            assert_eq!(s.timeout(), want);
+            while s.poll_transmit(now).is_some() {}
+            assert_eq!(s.poll_timeout(), Some(now + want));
         }
     }
 }

@@ -1,0 +1,280 @@
+//! Configuration: embedded defaults (`config/default.toml`) < `--config FILE` < environment
+//! `TFTPCAST_<SECTION>__<KEY>` < command-line flags. A bad value becomes a one-line
+//! [`ConfigError`] naming the setting; `main` exits 2 with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so `tftpcast serve --root DIR` needs no file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: Server,
+    pub transfer: Transfer,
+    pub limits: Limits,
+    pub files: Files,
+    pub pacing: Pacing,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub root: PathBuf,
+    pub listen: Vec<String>,
+    pub tid_port_range: String,
+    pub shutdown_grace_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    pub timeout_ms: u64,
+    pub min_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub max_retries: u32,
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_sessions_per_client: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Files {
+    pub cache_max_bytes: u64,
+    pub max_file_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pacing {
+    pub max_rate_mbps: u64,
+    pub session_max_rate_mbps: u64,
+    pub lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: String,
+    pub level: String,
+    pub state_interval_s: u64,
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub root: Option<PathBuf>,
+    pub listen: Vec<String>,
+    pub tid_port_range: Option<String>,
+    pub max_rate_mbps: Option<u64>,
+    pub log_format: Option<String>,
+    pub state_interval_s: Option<u64>,
+}
+
+/// Everything checked and parsed, ready for the node.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub settings: Settings,
+    pub listen: Vec<SocketAddr>,
+    pub tid_port_range: Option<(u16, u16)>,
+}
+
+impl Settings {
+    /// Builds the layered configuration. `env` is the process environment (passed in so
+    /// tests can supply their own).
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>, o: &Overrides) -> Result<Validated, ConfigError> {
+        use config::{Config, File, FileFormat};
+        let mut b = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError(format!("config file {}: not found or not a file", f.display())));
+            }
+            b = b.add_source(File::from(f).format(FileFormat::Toml));
+        }
+        // Environment: TFTPCAST_SECTION__KEY. Parsed by hand so values keep their case and
+        // lists (server.listen) can be given comma-separated.
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("TFTPCAST_") else { continue };
+            let Some((section, key)) = rest.split_once("__") else { continue };
+            let path = format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            b = if path == "server.listen" {
+                let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                b.set_override(path, list)
+            } else {
+                b.set_override(path, v)
+            }
+            .map_err(|e| ConfigError(e.to_string()))?;
+        }
+        let set = |b: config::ConfigBuilder<config::builder::DefaultState>, k: &str, v: config::Value| b.set_override(k, v).map_err(|e| ConfigError(e.to_string()));
+        if let Some(r) = &o.root {
+            b = set(b, "server.root", r.to_string_lossy().into_owned().into())?;
+        }
+        if !o.listen.is_empty() {
+            b = set(b, "server.listen", o.listen.clone().into())?;
+        }
+        if let Some(v) = &o.tid_port_range {
+            b = set(b, "server.tid_port_range", v.clone().into())?;
+        }
+        if let Some(v) = o.max_rate_mbps {
+            b = set(b, "pacing.max_rate_mbps", v.into())?;
+        }
+        if let Some(v) = &o.log_format {
+            b = set(b, "log.format", v.clone().into())?;
+        }
+        if let Some(v) = o.state_interval_s {
+            b = set(b, "log.state_interval_s", v.into())?;
+        }
+        let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
+        let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
+        settings.validate()
+    }
+
+    fn validate(self) -> Result<Validated, ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
+        if !self.server.root.is_dir() {
+            return bad("server.root", format!("{} is not a directory", self.server.root.display()));
+        }
+        if self.server.listen.is_empty() {
+            return bad("server.listen", "at least one address is needed".into());
+        }
+        let mut listen = Vec::new();
+        for a in &self.server.listen {
+            match a.parse::<SocketAddr>() {
+                Ok(sa) => listen.push(sa),
+                Err(_) => return bad("server.listen", format!("{a:?} is not ADDR:PORT")),
+            }
+        }
+        let tid_port_range = if self.server.tid_port_range.trim().is_empty() {
+            None
+        } else {
+            match crate::net::parse_port_range(&self.server.tid_port_range) {
+                Ok(r) => Some(r),
+                Err(e) => return bad("server.tid_port_range", e),
+            }
+        };
+        let t = &self.transfer;
+        if t.timeout_ms == 0 || t.timeout_ms > 255_000 {
+            return bad("transfer.timeout_ms", "must be 1..=255000".into());
+        }
+        if t.min_timeout_ms == 0 || t.min_timeout_ms > t.max_timeout_ms {
+            return bad("transfer.min_timeout_ms", "must be 1..=transfer.max_timeout_ms".into());
+        }
+        if t.max_timeout_ms < t.timeout_ms {
+            return bad("transfer.max_timeout_ms", "must be at least transfer.timeout_ms".into());
+        }
+        if t.max_retries == 0 || t.max_retries > 100 {
+            return bad("transfer.max_retries", "must be 1..=100".into());
+        }
+        if !(8..=65464).contains(&t.max_blksize) {
+            return bad("transfer.max_blksize", "must be 8..=65464 (RFC 2348)".into());
+        }
+        if t.max_windowsize == 0 {
+            return bad("transfer.max_windowsize", "must be 1..=65535 (RFC 7440)".into());
+        }
+        if self.limits.max_sessions == 0 {
+            return bad("limits.max_sessions", "must be at least 1".into());
+        }
+        if self.limits.max_sessions_per_client == 0 {
+            return bad("limits.max_sessions_per_client", "must be at least 1".into());
+        }
+        if self.pacing.lease_ms == 0 || self.pacing.lease_ms > 10_000 {
+            return bad("pacing.lease_ms", "must be 1..=10000".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", format!("{:?} is not text or json", self.log.format));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
+        }
+        Ok(Validated { settings: self, listen, tid_port_range })
+    }
+}
+
+impl Transfer {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    pub fn max_timeout(&self) -> Duration {
+        Duration::from_millis(self.max_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn defaults_load_with_only_a_root() {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let v = Settings::load(None, vec![], &o).unwrap();
+        assert_eq!(v.listen, vec!["[::]:69".parse().unwrap()]);
+        assert_eq!(v.tid_port_range, None);
+    }
+
+    #[test]
+    fn precedence_flags_over_env_over_file() {
+        let r = root();
+        let file = r.path().join("c.toml");
+        std::fs::write(&file, "[pacing]\nmax_rate_mbps = 10\nsession_max_rate_mbps = 3\n[log]\nformat = \"json\"\n").unwrap();
+        let env = vec![("TFTPCAST_PACING__MAX_RATE_MBPS".to_string(), "20".to_string()), ("TFTPCAST_SERVER__LISTEN".into(), "127.0.0.1:1069, [::1]:1069".into())];
+        let o = Overrides { root: Some(r.path().into()), max_rate_mbps: Some(30), ..Default::default() };
+        let v = Settings::load(Some(&file), env.clone(), &o).unwrap();
+        assert_eq!(v.settings.pacing.max_rate_mbps, 30);
+        assert_eq!(v.settings.pacing.session_max_rate_mbps, 3);
+        assert_eq!(v.settings.log.format, "json");
+        assert_eq!(v.listen.len(), 2);
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        assert_eq!(Settings::load(Some(&file), env, &o).unwrap().settings.pacing.max_rate_mbps, 20);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let cases = [
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "7", "transfer.max_blksize"),
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "abc", "max_blksize"),
+            ("TFTPCAST_SERVER__TID_PORT_RANGE", "9-1", "server.tid_port_range"),
+            ("TFTPCAST_LOG__FORMAT", "xml", "log.format"),
+            ("TFTPCAST_SERVER__LISTEN", "nowhere", "server.listen"),
+        ];
+        for (k, v, want) in cases {
+            let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &o).unwrap_err().to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let o = Overrides { root: Some(r.path().join("missing")), ..Default::default() };
+        assert!(Settings::load(None, vec![], &o).unwrap_err().to_string().contains("server.root"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let r = root();
+        let file = r.path().join("c.toml");
+        std::fs::write(&file, "[server]\nrooot = \"/x\"\n").unwrap();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let e = Settings::load(Some(&file), vec![], &o).unwrap_err().to_string();
+        assert!(e.contains("rooot"), "{e}");
+    }
+}

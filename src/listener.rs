@@ -1,0 +1,386 @@
+//! listener: one actor per listening address.
+//!
+//! It reads requests from the well-known port, answers the ones it must refuse with the
+//! error the RFCs ask for, asks `file_cache` for the file, negotiates options and starts a
+//! `session` on a session arbiter with a fresh transfer socket bound to the address the
+//! request was sent to. Only requests ever get an answer on this port: DATA, ACK and OACK
+//! sent here are dropped, since answering strays from spoofed sources would make the server
+//! an amplifier.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tftpcast_proto::options::{self, Limits as NegotiationLimits};
+use tftpcast_proto::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request};
+use tftpcast_proto::{Sender, SenderConfig, Source};
+use tracing::{debug, info, info_span, warn};
+
+use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
+use crate::pacing::Pacing;
+use crate::session::{Session, SessionEnded, SessionSpec};
+use crate::state::DumpState;
+use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Settings the listener applies to every request.
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    pub negotiation: NegotiationLimits,
+    pub max_timeout: Duration,
+    pub min_timeout: Duration,
+    pub max_retries: u32,
+    pub tid_port_range: Option<(u16, u16)>,
+    pub max_sessions: usize,
+    pub max_sessions_per_client: usize,
+    pub lease_every: Duration,
+}
+
+/// Node-wide admission counts shared by the listeners (all on the system arbiter).
+#[derive(Default)]
+pub struct Admission {
+    active: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+pub type SharedAdmission = Rc<RefCell<Admission>>;
+
+/// Stop reading requests (shutdown); active transfers go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAccepting;
+
+/// How many transfers this listener has running.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ActiveSessions;
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Counters {
+    requests: u64,
+    started: u64,
+    duplicates: u64,
+    not_found: u64,
+    denied: u64,
+    malformed: u64,
+    option_refused: u64,
+    write_refused: u64,
+    busy: u64,
+    strays: u64,
+    completed: u64,
+    failed: u64,
+}
+
+pub struct Listener {
+    raw: Option<UdpSocket>,
+    sock: Option<SharedSocket>,
+    addr: SocketAddr,
+    stream: Option<SpawnHandle>,
+    policy: RequestPolicy,
+    admission: SharedAdmission,
+    files: Addr<FileCache>,
+    pacing: Addr<Pacing>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: usize,
+    sessions: HashMap<SocketAddr, (u64, Addr<Session>)>,
+    pending: HashSet<SocketAddr>,
+    counters: Counters,
+    last_dump: (Instant, u64),
+}
+
+impl Listener {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        socket: UdpSocket,
+        policy: RequestPolicy,
+        admission: SharedAdmission,
+        files: Addr<FileCache>,
+        pacing: Addr<Pacing>,
+        arbiters: Vec<ArbiterHandle>,
+    ) -> std::io::Result<Self> {
+        let addr = socket.local_addr()?;
+        Ok(Listener {
+            raw: Some(socket),
+            sock: None,
+            addr,
+            stream: None,
+            policy,
+            admission,
+            files,
+            pacing,
+            arbiters,
+            next_arbiter: 0,
+            sessions: HashMap::new(),
+            pending: HashSet::new(),
+            counters: Counters::default(),
+            last_dump: (Instant::now(), 0),
+        })
+    }
+
+    /// Answers a request with an ERROR from the address it was sent to.
+    fn reply_error(&self, d: &Datagram, code: ErrorCode, msg: &str) {
+        if let Some(s) = &self.sock {
+            let pkt = packet::error_packet(code, msg);
+            if let Err(e) = crate::net::send_from(s.get_ref(), &pkt, d.meta.from, d.meta.dst, self.addr.is_ipv6()) {
+                debug!(peer = %d.meta.from, error = %e, "cannot send error reply");
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        match packet::decode(&d.data) {
+            Ok(Packet::Rrq(req)) => self.on_read_request(d, req, ctx),
+            Ok(Packet::Wrq(req)) => {
+                self.counters.requests += 1;
+                self.counters.write_refused += 1;
+                info!(peer = %d.meta.from, file = %req.filename_lossy(), "write request refused: server is read-only");
+                self.reply_error(&d, ErrorCode::AccessViolation, "Server is read-only");
+            }
+            Ok(_) => self.counters.strays += 1,
+            Err(e) => {
+                self.counters.malformed += 1;
+                // Requests that cannot be parsed and unknown opcodes are illegal operations
+                // (RFC 1350); anything else that does not decode is dropped.
+                let is_request = matches!(d.data.get(..2), Some([0, 1]) | Some([0, 2]));
+                if is_request || matches!(e, DecodeError::UnknownOpcode(_)) {
+                    debug!(peer = %d.meta.from, error = %e, "malformed packet");
+                    self.reply_error(&d, ErrorCode::IllegalOperation, &e.to_string());
+                }
+            }
+        }
+    }
+
+    fn on_read_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
+        let peer = d.meta.from;
+        self.counters.requests += 1;
+        if self.sessions.contains_key(&peer) || self.pending.contains(&peer) {
+            // The client repeated its request because our first answer was lost or slow:
+            // the session's own timer retransmits, so a second session must not start.
+            self.counters.duplicates += 1;
+            return;
+        }
+        if req.mode == Mode::Mail {
+            self.counters.malformed += 1;
+            self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
+            return;
+        }
+        let requested = match options::parse(&req.options) {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters.option_refused += 1;
+                info!(peer = %peer, file = %req.filename_lossy(), error = %e, "options refused");
+                self.reply_error(&d, ErrorCode::OptionRefused, &e.to_string());
+                return;
+            }
+        };
+        {
+            let adm = self.admission.borrow();
+            let per = adm.per_client.get(&peer.ip()).copied().unwrap_or(0);
+            if adm.active >= self.policy.max_sessions || per >= self.policy.max_sessions_per_client {
+                // Silence, not an error: the client retransmits its request and is admitted
+                // once a slot frees up.
+                self.counters.busy += 1;
+                warn!(peer = %peer, active = adm.active, from_client = per, "at session limit: request deferred to the client's retry");
+                return;
+            }
+        }
+        self.pending.insert(peer);
+        self.files
+            .send(FileRequest { name: req.filename.clone() })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.pending.remove(&peer);
+                match res {
+                    Ok(Ok(ready)) => act.start_session(d, req, requested, ready, ctx),
+                    Ok(Err(e)) => {
+                        match e {
+                            FileError::NotFound | FileError::NotRegular => act.counters.not_found += 1,
+                            _ => act.counters.denied += 1,
+                        }
+                        info!(peer = %peer, file = %req.filename_lossy(), error = %e, "request refused");
+                        act.reply_error(&d, e.error_code(), &e.to_string());
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, error = %e, "file cache unavailable");
+                        act.reply_error(&d, ErrorCode::NotDefined, "Server error");
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn start_session(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ctx: &mut Context<Self>) {
+        let peer = d.meta.from;
+        let source = match req.mode {
+            Mode::Netascii => Source::netascii(ready.data.clone()),
+            _ => Source::octet(ready.data.clone()),
+        };
+        let n = options::negotiate(&requested, &self.policy.negotiation, Some(source.wire_len()), false);
+        let oack = (!n.oack.is_empty()).then(|| {
+            let mut v = Vec::new();
+            packet::encode_oack(&n.oack, &mut v);
+            v
+        });
+        let cfg = SenderConfig {
+            blksize: n.blksize,
+            windowsize: n.windowsize,
+            timeout: n.timeout,
+            // A timeout the client chose is honoured exactly (RFC 2349): no backoff beyond it.
+            max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
+            max_retries: self.policy.max_retries,
+            adaptive: (!n.timeout_negotiated).then_some((self.policy.min_timeout, self.policy.max_timeout)),
+        };
+        let local = d.meta.dst.unwrap_or(self.addr.ip());
+        let socket = match crate::net::bind_transfer(local, self.policy.tid_port_range) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(peer = %peer, error = %e, "cannot open a transfer socket");
+                self.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
+                return;
+            }
+        };
+        let tid = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "transfer",
+            peer = %peer,
+            file = %ready.key.path,
+            tid,
+            mode = req.mode.as_str(),
+            blksize = n.blksize,
+            windowsize = n.windowsize,
+            group = tracing::field::Empty,
+        );
+        span.in_scope(|| {
+            info!(size = source.wire_len(), options = ?requested.names, oack = oack.is_some(), timeout_ms = n.timeout.as_millis() as u64, "transfer started")
+        });
+        let sender = Sender::new(Instant::now(), cfg, source, oack);
+        let spec = SessionSpec {
+            id,
+            peer,
+            socket,
+            sender,
+            span,
+            pacing: self.pacing.clone(),
+            ended: ctx.address().recipient(),
+            lease_every: self.policy.lease_every,
+        };
+        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
+        self.sessions.insert(peer, (id, addr));
+        let mut adm = self.admission.borrow_mut();
+        adm.active += 1;
+        *adm.per_client.entry(peer.ip()).or_insert(0) += 1;
+        self.counters.started += 1;
+    }
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let raw = self.raw.take().expect("socket");
+        match udp::register(raw) {
+            Ok(s) => {
+                self.stream = Some(ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_REQUEST, true)));
+                self.sock = Some(s);
+                info!(addr = %self.addr, "listening");
+            }
+            Err(e) => {
+                warn!(addr = %self.addr, error = %e, "cannot register listening socket");
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl StreamHandler<Datagram> for Listener {
+    fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        self.on_datagram(d, ctx);
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // The socket was closed: keep the actor so running transfers can still report back.
+    }
+}
+
+impl Handler<SessionEnded> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: SessionEnded, _: &mut Context<Self>) {
+        if matches!(self.sessions.get(&m.peer), Some((id, _)) if *id == m.id) {
+            self.sessions.remove(&m.peer);
+            let mut adm = self.admission.borrow_mut();
+            adm.active = adm.active.saturating_sub(1);
+            if let Some(c) = adm.per_client.get_mut(&m.peer.ip()) {
+                *c -= 1;
+                if *c == 0 {
+                    adm.per_client.remove(&m.peer.ip());
+                }
+            }
+        }
+        if m.ok {
+            self.counters.completed += 1;
+        } else {
+            self.counters.failed += 1;
+        }
+    }
+}
+
+impl Handler<StopAccepting> for Listener {
+    type Result = ();
+    fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
+        if let Some(h) = self.stream.take() {
+            ctx.cancel_future(h);
+        }
+        self.sock = None;
+        info!(addr = %self.addr, active = self.sessions.len(), "stopped accepting requests");
+    }
+}
+
+impl Handler<ActiveSessions> for Listener {
+    type Result = usize;
+    fn handle(&mut self, _: ActiveSessions, _: &mut Context<Self>) -> usize {
+        self.sessions.len() + self.pending.len()
+    }
+}
+
+impl Handler<DumpState> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: DumpState, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let secs = now.duration_since(self.last_dump.0).as_secs_f64().max(1e-3);
+        let rps = (self.counters.requests - self.last_dump.1) as f64 / secs;
+        self.last_dump = (now, self.counters.requests);
+        let c = self.counters;
+        info!(
+            target: "state",
+            actor = "listener",
+            addr = %self.addr,
+            requests_per_s = format!("{rps:.1}"),
+            requests = c.requests,
+            started = c.started,
+            completed = c.completed,
+            failed = c.failed,
+            active = self.sessions.len(),
+            pending = self.pending.len(),
+            duplicates = c.duplicates,
+            rejects_not_found = c.not_found,
+            rejects_denied = c.denied,
+            rejects_malformed = c.malformed,
+            rejects_options = c.option_refused,
+            rejects_write = c.write_refused,
+            rejects_busy = c.busy,
+            strays = c.strays,
+            "state"
+        );
+        for (_, s) in self.sessions.values() {
+            s.do_send(m);
+        }
+    }
+}

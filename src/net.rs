@@ -1,0 +1,322 @@
+//! Socket plumbing shared by the listener and the sessions.
+//!
+//! Everything here is about one rule of multi-homed TFTP: a reply must leave from the address
+//! the request was sent to (clients, NAT and a shared cluster service address depend on it).
+//! The listening socket is usually bound to a wildcard address, so it asks the kernel for each
+//! datagram's destination (`IP_PKTINFO` / `IPV6_RECVPKTINFO`); replies sent from the listening
+//! socket carry that address back in a `sendmsg` control message, and each transfer socket is
+//! bound to it.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Kernel buffer sizes asked for every socket (the kernel may cap them at `rmem_max`).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack socket) become plain IPv4.
+pub fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+fn unmap_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(*addr), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // One socket for both families: IPv4 clients arrive as ::ffff:a.b.c.d.
+        sock.set_only_v6(false)?;
+    }
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+/// A listening socket: reusable address, destination-address reporting on.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
+    let sock = new_socket(&addr)?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    enable_pktinfo(&sock, addr.is_ipv6())?;
+    sock.bind(&SockAddr::from(addr))?;
+    Ok(sock.into())
+}
+
+fn setsockopt_int(sock: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid fd and a pointer to a live c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn enable_pktinfo(sock: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        setsockopt_int(sock, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        // IPv4 datagrams on a dual-stack socket report through IP_PKTINFO; not fatal if refused.
+        let _ = setsockopt_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+    } else {
+        setsockopt_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    }
+    Ok(())
+}
+
+/// A transfer socket bound to `local` (the address the request came to), on a port from
+/// `range` when one is configured (each cluster node owns a disjoint range), else ephemeral.
+pub fn bind_transfer(local: IpAddr, range: Option<(u16, u16)>) -> io::Result<UdpSocket> {
+    let local = unmap_ip(local);
+    let Some((lo, hi)) = range else {
+        let sock = new_socket(&SocketAddr::new(local, 0))?;
+        sock.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
+        return Ok(sock.into());
+    };
+    let span = (hi - lo) as u32 + 1;
+    let start = fastrand::u32(0..span);
+    // Probe from a random point so concurrent sessions do not all fight over the low ports.
+    for i in 0..span.min(4096) {
+        let port = lo + ((start + i) % span) as u16;
+        let addr = SocketAddr::new(local, port);
+        let sock = new_socket(&addr)?;
+        match sock.bind(&SockAddr::from(addr)) {
+            Ok(()) => return Ok(sock.into()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, format!("no free port in {lo}-{hi}")))
+}
+
+/// One received datagram's addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvMeta {
+    pub len: usize,
+    pub from: SocketAddr,
+    /// The address the datagram was sent to, when the kernel reported it.
+    pub dst: Option<IpAddr>,
+}
+
+const CMSG_SPACE: usize = 128;
+
+/// `recvmsg` that also returns the datagram's destination address.
+pub fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<RecvMeta> {
+    // SAFETY: all pointers refer to live stack or caller buffers of the sizes given; the
+    // kernel fills at most those sizes; cmsg parsing uses the libc CMSG_* macros.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = zeroed();
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let mut cbuf = [0u64; CMSG_SPACE / 8];
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut storage as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = CMSG_SPACE as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let from = sockaddr_to_std(&storage).ok_or_else(|| io::Error::other("unknown address family"))?;
+        let mut dst = None;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::in_pktinfo);
+                dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+            } else if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::in6_pktinfo);
+                dst = Some(unmap_ip(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr))));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok(RecvMeta { len: n as usize, from: unmap(from), dst })
+    }
+}
+
+fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    // SAFETY: the family field says which struct the storage holds.
+    unsafe {
+        match s.ss_family as libc::c_int {
+            libc::AF_INET => {
+                let a = &*(s as *const _ as *const libc::sockaddr_in);
+                Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port))))
+            }
+            libc::AF_INET6 => {
+                let a = &*(s as *const _ as *const libc::sockaddr_in6);
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Sends `data` to `to` from `sock`, with `src` as the source address when given (the
+/// destination of the request being answered). `sock_is_v6` says the socket's family:
+/// IPv4 peers of a dual-stack socket must be addressed as mapped IPv6.
+pub fn send_from(sock: &UdpSocket, data: &[u8], to: SocketAddr, src: Option<IpAddr>, sock_is_v6: bool) -> io::Result<usize> {
+    let to_sa = match (to, sock_is_v6) {
+        (SocketAddr::V4(v4), true) => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+        _ => to,
+    };
+    let to_sa = SockAddr::from(to_sa);
+    // SAFETY: as in recv_with_dst; the control buffer is large enough for one pktinfo.
+    unsafe {
+        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+        let mut cbuf = [0u64; CMSG_SPACE / 8];
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = to_sa.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to_sa.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(src) = src {
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            match (src, to) {
+                (IpAddr::V4(s), SocketAddr::V4(_)) => {
+                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(&msg);
+                    (*c).cmsg_level = libc::IPPROTO_IP;
+                    (*c).cmsg_type = libc::IP_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                    let mut info: libc::in_pktinfo = zeroed();
+                    info.ipi_spec_dst.s_addr = u32::from(s).to_be();
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+                }
+                (IpAddr::V6(s), SocketAddr::V6(_)) => {
+                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(&msg);
+                    (*c).cmsg_level = libc::IPPROTO_IPV6;
+                    (*c).cmsg_type = libc::IPV6_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+                    let mut info: libc::in6_pktinfo = zeroed();
+                    info.ipi6_addr.s6_addr = s.octets();
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+                }
+                _ => {
+                    msg.msg_control = std::ptr::null_mut();
+                }
+            }
+        }
+        let n = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Sends one datagram made of a header and a payload without copying them together.
+pub fn send_vectored(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAddr) -> io::Result<usize> {
+    let to = SockAddr::from(to);
+    // SAFETY: two live slices described by iovecs; the address outlives the call.
+    unsafe {
+        let mut iov = [
+            libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() },
+            libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() },
+        ];
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = if body.is_empty() { 1 } else { 2 };
+        let n = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Parses `LO-HI` into a port range.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?} is not LO-HI"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("{lo:?} is not a port"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("{hi:?} is not a port"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?} is not a range of non-zero ports LO<=HI"));
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pktinfo_reports_destination_and_send_from_uses_it() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let laddr = l.local_addr().unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.send_to(b"hello", laddr).unwrap();
+        let mut buf = [0u8; 64];
+        let meta = loop {
+            match recv_with_dst(&l, &mut buf) {
+                Ok(m) => break m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(&buf[..meta.len], b"hello");
+        assert_eq!(meta.from, c.local_addr().unwrap());
+        assert_eq!(meta.dst, Some("127.0.0.1".parse().unwrap()));
+        send_from(&l, b"back", meta.from, meta.dst, false).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"back"[..], laddr));
+    }
+
+    #[test]
+    fn transfer_socket_takes_a_port_from_the_range() {
+        let s = bind_transfer("127.0.0.1".parse().unwrap(), Some((47000, 47010))).unwrap();
+        let p = s.local_addr().unwrap().port();
+        assert!((47000..=47010).contains(&p));
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("1000-2000"), Ok((1000, 2000)));
+        assert!(parse_port_range("2000-1000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("x").is_err());
+    }
+
+    #[test]
+    fn mapped_addresses_are_unmapped() {
+        let m: SocketAddr = "[::ffff:10.0.0.1]:69".parse().unwrap();
+        assert_eq!(unmap(m), "10.0.0.1:69".parse().unwrap());
+    }
+}

@@ -1,0 +1,157 @@
+//! node: builds the actors of one tftpcast node and runs them until a signal ends it.
+//!
+//! Start-up order: file cache and pacing first, then one listener per address. SIGUSR1 and
+//! the `log.state_interval_s` timer make every actor log its `state` event. SIGINT/SIGTERM
+//! close the listening sockets, wait up to `server.shutdown_grace_s` for running transfers,
+//! then stop the system.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tftpcast_proto::options::Limits as NegotiationLimits;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::config::Validated;
+use crate::file_cache::{FileCache, FileCacheConfig};
+use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
+use crate::pacing::Pacing;
+use crate::state::DumpState;
+
+/// Binds every listening socket. A dual-stack wildcard on a host without IPv6 falls back to
+/// the IPv4 wildcard.
+fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::UdpSocket>, String> {
+    let mut out = Vec::new();
+    for a in addrs {
+        match crate::net::bind_listener(*a, false) {
+            Ok(s) => out.push(s),
+            Err(e) if a.is_ipv6() && a.ip().is_unspecified() => {
+                let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), a.port());
+                warn!(addr = %a, error = %e, fallback = %v4, "no IPv6: listening on IPv4 only");
+                out.push(crate::net::bind_listener(v4, false).map_err(|e| format!("cannot listen on {v4}: {e}"))?);
+            }
+            Err(e) => return Err(format!("cannot listen on {a}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a node until SIGINT/SIGTERM. Returns the process exit code.
+pub fn run(v: Validated) -> u8 {
+    let sys = actix::System::new();
+    sys.block_on(async move { serve(v).await })
+}
+
+async fn serve(v: Validated) -> u8 {
+    let s = &v.settings;
+    let files = match FileCache::new(FileCacheConfig {
+        root: s.server.root.clone(),
+        max_bytes: s.files.cache_max_bytes,
+        max_file_bytes: s.files.max_file_bytes,
+    }) {
+        Ok(f) => f.start(),
+        Err(e) => {
+            error!(root = %s.server.root.display(), error = %e, "cannot serve the root directory");
+            return 2;
+        }
+    };
+    let pacing = Pacing::new(s.pacing.max_rate_mbps, s.pacing.session_max_rate_mbps).start();
+    let sockets = match bind_all(&v.listen) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+    let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
+    let policy = RequestPolicy {
+        negotiation: NegotiationLimits {
+            max_blksize: s.transfer.max_blksize,
+            max_windowsize: s.transfer.max_windowsize,
+            default_timeout: s.transfer.timeout(),
+        },
+        max_timeout: s.transfer.max_timeout(),
+        min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
+        max_retries: s.transfer.max_retries,
+        tid_port_range: v.tid_port_range,
+        max_sessions: s.limits.max_sessions,
+        max_sessions_per_client: s.limits.max_sessions_per_client,
+        lease_every: Duration::from_millis(s.pacing.lease_ms),
+    };
+    let admission = Rc::new(RefCell::new(Admission::default()));
+    let mut listeners = Vec::new();
+    for sock in sockets {
+        match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), handles.clone()) {
+            Ok(l) => listeners.push(l.start()),
+            Err(e) => {
+                error!(error = %e, "cannot start listener");
+                return 1;
+            }
+        }
+    }
+    info!(root = %s.server.root.display(), session_arbiters = cores, version = env!("CARGO_PKG_VERSION"), "tftpcast serving");
+
+    let dump = {
+        let listeners = listeners.clone();
+        let files = files.clone();
+        let pacing = pacing.clone();
+        move || {
+            for l in &listeners {
+                l.do_send(DumpState);
+            }
+            files.do_send(DumpState);
+            pacing.do_send(DumpState);
+        }
+    };
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined1()))
+    else {
+        error!("cannot install signal handlers");
+        return 1;
+    };
+    let interval = s.log.state_interval_s;
+    let mut tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(signal = "SIGTERM", "shutting down"); break; }
+            _ = int.recv() => { info!(signal = "SIGINT", "shutting down"); break; }
+            _ = usr1.recv() => dump(),
+            _ = tick.tick(), if interval > 0 => dump(),
+        }
+    }
+
+    for l in &listeners {
+        l.do_send(StopAccepting);
+    }
+    let grace = Duration::from_secs(s.server.shutdown_grace_s);
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut active = 0;
+        for l in &listeners {
+            active += l.send(ActiveSessions).await.unwrap_or(0);
+        }
+        if active == 0 {
+            info!("all transfers finished");
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(active, grace_s = grace.as_secs(), "grace period over: exiting with transfers still running");
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = term.recv() => { warn!(active, "second signal: exiting now"); break; }
+            _ = int.recv() => { warn!(active, "second signal: exiting now"); break; }
+        }
+    }
+    for a in arbiters {
+        a.stop();
+    }
+    0
+}

@@ -1,0 +1,323 @@
+//! session: one actor per unicast transfer.
+//!
+//! The session owns its transfer socket (the server's TID, RFC 1350) and a
+//! `tftpcast_proto::Sender`; it turns datagrams and timer expiries into calls on the state
+//! machine and sends what the machine wants sent, paced by its lease from `pacing`. It is the
+//! only actor on the per-packet path of its transfer.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tftpcast_proto::pacing::TokenBucket;
+use tftpcast_proto::packet::{self, ErrorCode};
+use tftpcast_proto::{Outcome, Sender, Transmit};
+use tracing::{info, warn, Span};
+
+use crate::pacing::{self, Pacing, Report};
+use crate::state::DumpState;
+use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+
+/// Sent by a session to its listener when it stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionEnded {
+    pub peer: SocketAddr,
+    pub id: u64,
+    pub ok: bool,
+}
+
+/// Tells a session the node is shutting down: finish if possible (nothing changes for the
+/// transfer itself; the listener waits for `SessionEnded`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abort {
+    pub reason: &'static str,
+}
+
+/// Everything a session needs to start; built by the listener.
+pub struct SessionSpec {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub socket: UdpSocket,
+    pub sender: Sender,
+    pub span: Span,
+    pub pacing: Addr<Pacing>,
+    pub ended: Recipient<SessionEnded>,
+    pub lease_every: Duration,
+}
+
+pub struct Session {
+    id: u64,
+    peer: SocketAddr,
+    sock: Option<SharedSocket>,
+    raw: Option<UdpSocket>,
+    sender: Sender,
+    span: Span,
+    pacing: Addr<Pacing>,
+    ended: Recipient<SessionEnded>,
+    lease_every: Duration,
+    bucket: TokenBucket,
+    started: Instant,
+    timer: Option<(SpawnHandle, Instant)>,
+    /// A datagram waiting for socket buffer space.
+    blocked: bool,
+    reported: Report,
+    unknown_tid_packets: u64,
+}
+
+impl Session {
+    pub fn new(spec: SessionSpec) -> Self {
+        let now = Instant::now();
+        Session {
+            id: spec.id,
+            peer: spec.peer,
+            sock: None,
+            raw: Some(spec.socket),
+            sender: spec.sender,
+            span: spec.span,
+            pacing: spec.pacing,
+            ended: spec.ended,
+            lease_every: spec.lease_every,
+            // Burst: one window of the largest datagrams, so a window leaves back to back.
+            bucket: TokenBucket::new(now, None, 64 * 1024),
+            started: now,
+            timer: None,
+            blocked: false,
+            reported: Report::default(),
+            unknown_tid_packets: 0,
+        }
+    }
+
+    /// Sends everything the state machine has, as far as the pacing budget allows.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let Some(sock) = self.sock.clone() else { return };
+        if self.blocked {
+            return;
+        }
+        loop {
+            let now = Instant::now();
+            if self.bucket.ready_at(now).is_some() {
+                break;
+            }
+            let Some(t) = self.sender.poll_transmit(now) else { break };
+            self.bucket.consume(t.len() as u64);
+            match send(sock.get_ref(), &t, self.peer) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // The kernel queue is full: wait for room rather than drop, then go on.
+                    self.blocked = true;
+                    let peer = self.peer;
+                    let fut = async move {
+                        loop {
+                            let Ok(mut guard) = sock.writable().await else { return };
+                            match guard.try_io(|s| send(s.get_ref(), &t, peer)) {
+                                Ok(_) => return,
+                                Err(_) => continue,
+                            }
+                        }
+                    };
+                    ctx.spawn(fut.into_actor(self).map(|_, act, ctx| {
+                        act.blocked = false;
+                        act.flush(ctx);
+                    }));
+                    return;
+                }
+                Err(e) => {
+                    let _g = self.span.enter();
+                    warn!(error = %e, "send failed");
+                }
+            }
+        }
+        self.finish_if_done(ctx);
+        self.rearm(ctx);
+    }
+
+    /// Arms one timer for the earliest of the retransmission deadline and the pacing wake-up.
+    fn rearm(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let pace = self.bucket.ready_at(now);
+        let want = match (self.sender.poll_timeout(), pace) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(want) = want else { return };
+        // Timers only ever fire early and re-arm, so an armed timer at or before `want` can
+        // stay: this avoids a cancel and re-arm on every ACK.
+        if let Some((_, at)) = self.timer {
+            if at <= want {
+                return;
+            }
+        }
+        if let Some((h, _)) = self.timer.take() {
+            ctx.cancel_future(h);
+        }
+        let h = ctx.run_later(want.saturating_duration_since(now), |act, ctx| {
+            act.timer = None;
+            act.sender.handle_timeout(Instant::now());
+            act.flush(ctx);
+        });
+        self.timer = Some((h, want));
+    }
+
+    fn finish_if_done(&mut self, ctx: &mut Context<Self>) {
+        if self.sender.is_done() {
+            ctx.stop();
+        }
+    }
+
+    /// What was sent since the previous report.
+    fn report(&mut self) -> Report {
+        let stats = self.sender.stats();
+        let report = Report {
+            bytes: stats.bytes_sent - self.reported.bytes,
+            retransmits: stats.retransmits - self.reported.retransmits,
+            timeouts: stats.timeouts - self.reported.timeouts,
+        };
+        self.reported = Report { bytes: stats.bytes_sent, retransmits: stats.retransmits, timeouts: stats.timeouts };
+        report
+    }
+
+    fn renew(&mut self, ctx: &mut Context<Self>) {
+        let report = self.report();
+        self.pacing
+            .send(pacing::Renew { id: self.id, report })
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                if let Ok(lease) = res {
+                    if lease.rate != act.bucket.rate() {
+                        act.bucket.set_rate(Instant::now(), lease.rate);
+                        act.rearm(ctx);
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+}
+
+fn send(sock: &UdpSocket, t: &Transmit, to: SocketAddr) -> std::io::Result<()> {
+    match t {
+        Transmit::Data { block, payload } => crate::net::send_vectored(sock, &packet::data_header(*block), payload, to),
+        Transmit::Control(v) => sock.send_to(v, to),
+    }
+    .map(|_| ())
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let raw = self.raw.take().expect("socket");
+        match udp::register(raw) {
+            Ok(s) => {
+                ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_DATAGRAM, false));
+                self.sock = Some(s);
+            }
+            Err(e) => {
+                let _g = self.span.enter();
+                warn!(error = %e, "cannot register transfer socket");
+                ctx.stop();
+                return;
+            }
+        }
+        // The first lease decides whether block 1 may leave at full speed.
+        self.pacing
+            .send(pacing::Register { id: self.id })
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                if let Ok(lease) = res {
+                    act.bucket.set_rate(Instant::now(), lease.rate);
+                }
+                act.flush(ctx);
+            })
+            .wait(ctx);
+        ctx.run_interval(self.lease_every, |act, ctx| act.renew(ctx));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let _g = self.span.enter();
+        let elapsed = self.started.elapsed();
+        let stats = self.sender.stats();
+        let bytes = self.sender.bytes_acked();
+        let mbps = bytes as f64 * 8.0 / elapsed.as_secs_f64().max(1e-6) / 1e6;
+        let ok = matches!(self.sender.outcome(), Some(Outcome::Complete));
+        match self.sender.outcome() {
+            Some(Outcome::Complete) => info!(
+                bytes,
+                duration_ms = elapsed.as_millis() as u64,
+                mbps = format!("{mbps:.1}"),
+                retransmits = stats.retransmits,
+                packets = stats.packets_sent,
+                "transfer complete"
+            ),
+            other => {
+                let reason = match other {
+                    Some(Outcome::TimedOut { retries }) => format!("timed out after {retries} retransmissions"),
+                    Some(Outcome::PeerError { code, message }) => format!("client sent error {}: {message}", code.code()),
+                    Some(Outcome::ProtocolViolation(why)) => format!("protocol violation: {why}"),
+                    Some(Outcome::Complete) => unreachable!(),
+                    None => "aborted".to_string(),
+                };
+                warn!(bytes, duration_ms = elapsed.as_millis() as u64, retransmits = stats.retransmits, reason, "transfer failed")
+            }
+        }
+        let report = self.report();
+        self.pacing.do_send(pacing::Unregister { id: self.id, report });
+        self.ended.do_send(SessionEnded { peer: self.peer, id: self.id, ok });
+    }
+}
+
+impl StreamHandler<Datagram> for Session {
+    fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        if d.meta.from != self.peer {
+            // RFC 1350: a packet from another TID gets error 5; our transfer goes on.
+            self.unknown_tid_packets += 1;
+            if let Some(s) = &self.sock {
+                let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+            }
+            return;
+        }
+        match packet::decode(&d.data) {
+            Ok(p) => self.sender.handle(Instant::now(), &p),
+            Err(_) => {
+                // Garbage from our own peer: ignore it; the transfer recovers or times out.
+                return;
+            }
+        }
+        self.flush(ctx);
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<DumpState> for Session {
+    type Result = ();
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let _g = self.span.enter();
+        let s = self.sender.stats();
+        info!(
+            target: "state",
+            actor = "session",
+            block = self.sender.acked_blocks(),
+            blocks = self.sender.total_blocks(),
+            window = self.sender.window(),
+            timeout_ms = self.sender.timeout().as_millis() as u64,
+            retransmits = s.retransmits,
+            rate_bps = self.bucket.rate().map(|r| r * 8),
+            unknown_tid_packets = self.unknown_tid_packets,
+            "state"
+        );
+    }
+}
+
+impl Handler<Abort> for Session {
+    type Result = ();
+    fn handle(&mut self, m: Abort, ctx: &mut Context<Self>) {
+        if let Some(s) = &self.sock {
+            let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::NotDefined, m.reason), self.peer);
+        }
+        ctx.stop();
+    }
+}

@@ -1,0 +1,88 @@
+//! An actix-friendly stream of datagrams over a nonblocking socket registered with the
+//! current arbiter's reactor, and a send helper that waits for buffer space instead of
+//! dropping when the kernel queue is full.
+
+use std::io;
+use std::net::UdpSocket;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::unix::AsyncFd;
+
+use crate::net::{self, RecvMeta};
+
+/// A socket shared between an actor and its read stream (same thread).
+pub type SharedSocket = Rc<AsyncFd<UdpSocket>>;
+
+pub fn register(sock: UdpSocket) -> io::Result<SharedSocket> {
+    // SAFETY: the AsyncFd takes ownership of the socket, so the fd stays open exactly as
+    // long as it is registered and is closed only after deregistration on drop.
+    Ok(Rc::new(unsafe { AsyncFd::register(sock) }?))
+}
+
+/// One datagram and where it came from / was sent to.
+#[derive(Debug)]
+pub struct Datagram {
+    pub meta: RecvMeta,
+    pub data: Bytes,
+}
+
+/// Reads datagrams until the socket fails. Buffers are carved out of one larger allocation so
+/// a stream of small ACKs does not allocate per packet.
+pub struct DatagramStream {
+    sock: SharedSocket,
+    buf: BytesMut,
+    max: usize,
+    with_dst: bool,
+}
+
+impl DatagramStream {
+    /// `max` is the largest datagram accepted whole (longer ones are truncated by the kernel
+    /// and then rejected by the decoder). `with_dst` asks for the destination address too.
+    pub fn new(sock: SharedSocket, max: usize, with_dst: bool) -> Self {
+        DatagramStream { sock, buf: BytesMut::new(), max, with_dst }
+    }
+}
+
+impl futures_core::Stream for DatagramStream {
+    type Item = Datagram;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Datagram>> {
+        let this = &mut *self;
+        loop {
+            if this.buf.capacity() < this.max + 1 {
+                this.buf = BytesMut::with_capacity((this.max + 1).max(64 * 1024));
+            }
+            let mut guard = match this.sock.poll_read_ready(cx) {
+                Poll::Ready(Ok(g)) => g,
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            let with_dst = this.with_dst;
+            let max = this.max;
+            // SAFETY: recv writes at most `max + 1` initialised bytes into the spare capacity,
+            // and only the `len` bytes it reports are exposed via set_len.
+            let spare = unsafe { std::slice::from_raw_parts_mut(this.buf.as_mut_ptr(), max + 1) };
+            let res = guard.try_io(|s| {
+                if with_dst {
+                    net::recv_with_dst(s.get_ref(), spare)
+                } else {
+                    let (len, from) = s.get_ref().recv_from(spare)?;
+                    Ok(RecvMeta { len, from: net::unmap(from), dst: None })
+                }
+            });
+            match res {
+                Ok(Ok(meta)) => {
+                    unsafe { this.buf.set_len(meta.len) };
+                    let data = this.buf.split_to(meta.len).freeze();
+                    return Poll::Ready(Some(Datagram { meta, data }));
+                }
+                // Transient errors (ICMP-reported refusals, interrupted calls): keep reading.
+                Ok(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => continue,
+                Ok(Err(_)) | Err(_) => continue, // not ready after all: poll again
+            }
+        }
+    }
+}
