@@ -235,7 +235,8 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        let _g = self.span.enter();
+        let span = self.span.clone();
+        let _g = span.enter();
         let elapsed = self.started.elapsed();
         let stats = self.sender.stats();
         let bytes = self.sender.bytes_acked();
