@@ -23,7 +23,22 @@ pub struct Settings {
     pub limits: Limits,
     pub files: Files,
     pub pacing: Pacing,
+    pub multicast: Multicast,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Multicast {
+    pub enabled: bool,
+    pub range: String,
+    pub port: u16,
+    pub interface: String,
+    pub ttl: u32,
+    pub start_delay_ms: u64,
+    pub start_min_clients: usize,
+    pub window: u16,
+    pub master_retries: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +100,10 @@ pub struct Overrides {
     pub max_rate_mbps: Option<u64>,
     pub log_format: Option<String>,
     pub state_interval_s: Option<u64>,
+    pub multicast_range: Option<String>,
+    pub multicast_port: Option<u16>,
+    pub multicast_interface: Option<String>,
+    pub start_delay_ms: Option<u64>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -93,6 +112,9 @@ pub struct Validated {
     pub settings: Settings,
     pub listen: Vec<SocketAddr>,
     pub tid_port_range: Option<(u16, u16)>,
+    /// First address and size of the multicast range.
+    pub multicast_pool: (std::net::Ipv4Addr, u32),
+    pub multicast_interface: Option<std::net::Ipv4Addr>,
 }
 
 impl Settings {
@@ -139,6 +161,18 @@ impl Settings {
         }
         if let Some(v) = o.state_interval_s {
             b = set(b, "log.state_interval_s", v.into())?;
+        }
+        if let Some(v) = &o.multicast_range {
+            b = set(b, "multicast.range", v.clone().into())?;
+        }
+        if let Some(v) = o.multicast_port {
+            b = set(b, "multicast.port", (v as u64).into())?;
+        }
+        if let Some(v) = &o.multicast_interface {
+            b = set(b, "multicast.interface", v.clone().into())?;
+        }
+        if let Some(v) = o.start_delay_ms {
+            b = set(b, "multicast.start_delay_ms", v.into())?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -196,13 +230,39 @@ impl Settings {
         if self.pacing.lease_ms == 0 || self.pacing.lease_ms > 10_000 {
             return bad("pacing.lease_ms", "must be 1..=10000".into());
         }
+        let m = &self.multicast;
+        let multicast_pool = match crate::net::parse_v4_cidr(&m.range) {
+            Ok((base, size)) if base.is_multicast() && size >= 1 => (base, size),
+            Ok(_) => return bad("multicast.range", format!("{:?} is not an IPv4 multicast range", m.range)),
+            Err(e) => return bad("multicast.range", e),
+        };
+        if m.port == 0 {
+            return bad("multicast.port", "must be 1..=65535".into());
+        }
+        let multicast_interface = if m.interface.trim().is_empty() {
+            None
+        } else {
+            match m.interface.trim().parse() {
+                Ok(a) => Some(a),
+                Err(_) => return bad("multicast.interface", format!("{:?} is not an IPv4 address", m.interface)),
+            }
+        };
+        if m.ttl == 0 || m.ttl > 255 {
+            return bad("multicast.ttl", "must be 1..=255".into());
+        }
+        if m.window == 0 {
+            return bad("multicast.window", "must be at least 1".into());
+        }
+        if m.master_retries == 0 {
+            return bad("multicast.master_retries", "must be at least 1".into());
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        Ok(Validated { settings: self, listen, tid_port_range })
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface })
     }
 }
 
@@ -258,6 +318,8 @@ mod tests {
             ("TFTPCAST_SERVER__TID_PORT_RANGE", "9-1", "server.tid_port_range"),
             ("TFTPCAST_LOG__FORMAT", "xml", "log.format"),
             ("TFTPCAST_SERVER__LISTEN", "nowhere", "server.listen"),
+            ("TFTPCAST_MULTICAST__RANGE", "10.0.0.0/24", "multicast.range"),
+            ("TFTPCAST_MULTICAST__INTERFACE", "eth0", "multicast.interface"),
         ];
         for (k, v, want) in cases {
             let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &o).unwrap_err().to_string();

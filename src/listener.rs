@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tftpcast_proto::multicast;
 use tftpcast_proto::options::{self, Limits as NegotiationLimits};
 use tftpcast_proto::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request};
 use tftpcast_proto::{Sender, SenderConfig, Source};
 use tracing::{debug, info, info_span, warn};
 
+use crate::coordinator::{Coordinator, GroupKey, MulticastRequest};
 use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
 use crate::pacing::Pacing;
 use crate::session::{Session, SessionEnded, SessionSpec};
@@ -72,6 +74,8 @@ struct Counters {
     write_refused: u64,
     busy: u64,
     strays: u64,
+    multicast_joins: u64,
+    multicast_fallbacks: u64,
     completed: u64,
     failed: u64,
 }
@@ -85,6 +89,8 @@ pub struct Listener {
     admission: SharedAdmission,
     files: Addr<FileCache>,
     pacing: Addr<Pacing>,
+    /// None when multicast is disabled.
+    coordinator: Option<Addr<Coordinator>>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     sessions: HashMap<SocketAddr, (u64, Addr<Session>)>,
@@ -101,6 +107,7 @@ impl Listener {
         admission: SharedAdmission,
         files: Addr<FileCache>,
         pacing: Addr<Pacing>,
+        coordinator: Option<Addr<Coordinator>>,
         arbiters: Vec<ArbiterHandle>,
     ) -> std::io::Result<Self> {
         let addr = socket.local_addr()?;
@@ -113,6 +120,7 @@ impl Listener {
             admission,
             files,
             pacing,
+            coordinator,
             arbiters,
             next_arbiter: 0,
             sessions: HashMap::new(),
@@ -196,7 +204,13 @@ impl Listener {
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
                 match res {
-                    Ok(Ok(ready)) => act.start_session(d, req, requested, ready, ctx),
+                    Ok(Ok(ready)) => {
+                        if requested.multicast && act.coordinator.is_some() {
+                            act.join_group(d, req, requested, ready, ctx)
+                        } else {
+                            act.start_session(d, req, requested, ready, ctx)
+                        }
+                    }
                     Ok(Err(e)) => {
                         match e {
                             FileError::NotFound | FileError::NotRegular => act.counters.not_found += 1,
@@ -208,6 +222,57 @@ impl Listener {
                     Err(e) => {
                         warn!(peer = %peer, error = %e, "file cache unavailable");
                         act.reply_error(&d, ErrorCode::NotDefined, "Server error");
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+
+    /// RFC 2090: hands the client to the coordinator, which joins it to the group already
+    /// sending this file or starts one. Whatever cannot be multicast is served by unicast.
+    fn join_group(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ctx: &mut Context<Self>) {
+        let peer = d.meta.from;
+        let local = d.meta.dst.unwrap_or(self.addr.ip());
+        let data = match req.mode {
+            Mode::Netascii => {
+                let mut enc = tftpcast_proto::netascii::Encoder::new();
+                let mut out = Vec::with_capacity(tftpcast_proto::netascii::encoded_len(&ready.data) as usize);
+                enc.fill(&ready.data, &mut out, usize::MAX);
+                bytes::Bytes::from(out)
+            }
+            _ => ready.data.clone(),
+        };
+        let n = options::negotiate(&requested, &self.policy.negotiation, Some(data.len() as u64), false);
+        let why_not = if !peer.is_ipv4() || !local.is_ipv4() {
+            Some("multicast groups are IPv4 only")
+        } else if !multicast::fits_without_rollover(data.len() as u64, n.blksize) {
+            Some("file needs more than 65535 blocks at this block size")
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            self.counters.multicast_fallbacks += 1;
+            info!(peer = %peer, file = %ready.key.path, blksize = n.blksize, reason = why, "multicast not possible: serving by unicast");
+            return self.start_session(d, req, requested, ready, ctx);
+        }
+        // The group's window is the server's; a windowsize asked for does not apply to it.
+        let options: Vec<(String, String)> = n.oack.iter().filter(|(k, _)| k != "windowsize").cloned().collect();
+        let key = GroupKey { file: ready.key.clone(), blksize: n.blksize, mode: req.mode };
+        let coordinator = self.coordinator.clone().expect("multicast enabled");
+        self.pending.insert(peer);
+        coordinator
+            .send(MulticastRequest { key, data, client: peer, local, options })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.pending.remove(&peer);
+                match res {
+                    Ok(Ok(j)) => {
+                        act.counters.multicast_joins += 1;
+                        info!(peer = %peer, file = %ready.key.path, group = %j.group, tid = %j.tid, new_group = j.new_group, "multicast request joined group");
+                    }
+                    _ => {
+                        act.counters.multicast_fallbacks += 1;
+                        act.start_session(d, req, requested, ready, ctx);
                     }
                 }
             })
@@ -377,6 +442,8 @@ impl Handler<DumpState> for Listener {
             rejects_write = c.write_refused,
             rejects_busy = c.busy,
             strays = c.strays,
+            multicast_joins = c.multicast_joins,
+            multicast_fallbacks = c.multicast_fallbacks,
             "state"
         );
         for (_, s) in self.sessions.values() {

@@ -4,6 +4,9 @@
 //! - `listener`: owns the listening sockets, parses requests, starts sessions.
 //! - `session`: one actor per transfer, with its own TID socket, driving `tftpcast_proto`.
 //! - `pacing`: the node-wide send budget handed to sessions as rate leases.
+//! - `group`: one actor per multicast group (RFC 2090).
+//! - `coordinator`: the table of active multicast groups; every multicast request joins or
+//!   starts a group here.
 //! - `file_cache`: root confinement and shared file contents.
 //! - `node`: wires the actors together, signals, state dumps, shutdown.
 //! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
@@ -11,7 +14,9 @@
 
 mod client;
 mod config;
+mod coordinator;
 mod file_cache;
+mod group;
 mod listener;
 mod logging;
 mod net;
@@ -19,6 +24,7 @@ mod node;
 mod pacing;
 mod session;
 mod state;
+mod timer;
 mod udp;
 
 use std::path::PathBuf;
@@ -59,6 +65,18 @@ struct ServeArgs {
     /// Node-wide send rate cap in Mbit/s, 0 for none [pacing.max_rate_mbps].
     #[arg(long)]
     max_rate_mbps: Option<u64>,
+    /// IPv4 range of multicast group addresses, CIDR [multicast.range].
+    #[arg(long, value_name = "CIDR")]
+    multicast_range: Option<String>,
+    /// Destination port of multicast DATA [multicast.port].
+    #[arg(long, value_name = "PORT")]
+    multicast_port: Option<u16>,
+    /// IPv4 address of the interface multicast leaves through [multicast.interface].
+    #[arg(long, value_name = "ADDR")]
+    multicast_interface: Option<String>,
+    /// Delay before a new multicast group sends, in ms [multicast.start_delay_ms].
+    #[arg(long, value_name = "N")]
+    start_delay_ms: Option<u64>,
     /// Log format: text or json [log.format].
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
@@ -75,6 +93,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_rate_mbps: args.max_rate_mbps,
         log_format: args.log_format,
         state_interval_s: args.state_interval_s,
+        multicast_range: args.multicast_range,
+        multicast_port: args.multicast_port,
+        multicast_interface: args.multicast_interface,
+        start_delay_ms: args.start_delay_ms,
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,

@@ -307,6 +307,14 @@ mod tests {
     }
 
     #[test]
+    fn cidrs_parse() {
+        assert_eq!(parse_v4_cidr("239.255.68.0/24"), Ok(("239.255.68.0".parse().unwrap(), 256)));
+        assert_eq!(parse_v4_cidr("239.255.68.7/30"), Ok(("239.255.68.4".parse().unwrap(), 4)));
+        assert!(parse_v4_cidr("239.255.68.0").is_err());
+        assert!(parse_v4_cidr("x/24").is_err());
+    }
+
+    #[test]
     fn port_ranges_parse() {
         assert_eq!(parse_port_range("1000-2000"), Ok((1000, 2000)));
         assert!(parse_port_range("2000-1000").is_err());
@@ -319,4 +327,35 @@ mod tests {
         let m: SocketAddr = "[::ffff:10.0.0.1]:69".parse().unwrap();
         assert_eq!(unmap(m), "10.0.0.1:69".parse().unwrap());
     }
+}
+
+/// Socket of a multicast group: bound to the address the first request came to, on a
+/// transfer port, sending to the group through `interface` (default: the bound address) with
+/// `ttl`. Loopback delivery stays on so clients on the server host receive too. DATA and the
+/// OACKs must both leave from this socket: RFC 2090 clients drop multicast DATA whose source
+/// address and port differ from those of the OACK that enrolled them.
+pub fn bind_group(local: Ipv4Addr, range: Option<(u16, u16)>, interface: Option<Ipv4Addr>, ttl: u32) -> io::Result<UdpSocket> {
+    let sock = bind_transfer(IpAddr::V4(local), range)?;
+    let s2 = socket2::SockRef::from(&sock);
+    s2.set_multicast_ttl_v4(ttl)?;
+    s2.set_multicast_loop_v4(true)?;
+    let ifaddr = interface.unwrap_or(local);
+    if !ifaddr.is_unspecified() {
+        s2.set_multicast_if_v4(&ifaddr)?;
+    }
+    Ok(sock)
+}
+
+/// Parses an IPv4 CIDR such as `239.255.68.0/24` into its first address and size.
+pub fn parse_v4_cidr(s: &str) -> Result<(Ipv4Addr, u32), String> {
+    let (a, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not ADDR/LEN"))?;
+    let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+    let len: u32 = len.trim().parse().map_err(|_| format!("{len:?} is not a prefix length"))?;
+    if len > 32 {
+        return Err(format!("prefix length {len} > 32"));
+    }
+    let size = 1u64 << (32 - len);
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let base = Ipv4Addr::from(u32::from(a) & mask);
+    Ok((base, size.min(u32::MAX as u64) as u32))
 }

@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::Validated;
+use crate::coordinator::{Coordinator, MulticastPolicy};
 use crate::file_cache::{FileCache, FileCacheConfig};
 use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
 use crate::pacing::Pacing;
@@ -83,10 +84,34 @@ async fn serve(v: Validated) -> u8 {
         max_sessions_per_client: s.limits.max_sessions_per_client,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
     };
+    let coordinator = s.multicast.enabled.then(|| {
+        let m = &s.multicast;
+        Coordinator::new(
+            MulticastPolicy {
+                pool_base: v.multicast_pool.0,
+                pool_size: v.multicast_pool.1,
+                port: m.port,
+                interface: v.multicast_interface,
+                ttl: m.ttl,
+                start_delay: Duration::from_millis(m.start_delay_ms),
+                start_min_clients: m.start_min_clients,
+                window: m.window,
+                timeout: s.transfer.timeout(),
+                min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
+                max_timeout: s.transfer.max_timeout(),
+                master_retries: m.master_retries,
+                tid_port_range: v.tid_port_range,
+                lease_every: Duration::from_millis(s.pacing.lease_ms),
+            },
+            pacing.clone(),
+            handles.clone(),
+        )
+        .start()
+    });
     let admission = Rc::new(RefCell::new(Admission::default()));
     let mut listeners = Vec::new();
     for sock in sockets {
-        match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), handles.clone()) {
+        match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), coordinator.clone(), handles.clone()) {
             Ok(l) => listeners.push(l.start()),
             Err(e) => {
                 error!(error = %e, "cannot start listener");
@@ -100,7 +125,11 @@ async fn serve(v: Validated) -> u8 {
         let listeners = listeners.clone();
         let files = files.clone();
         let pacing = pacing.clone();
+        let coordinator = coordinator.clone();
         move || {
+            if let Some(c) = &coordinator {
+                c.do_send(DumpState);
+            }
             for l in &listeners {
                 l.do_send(DumpState);
             }

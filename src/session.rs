@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tftpcast_proto::pacing::TokenBucket;
 use tftpcast_proto::packet::{self, ErrorCode};
-use tftpcast_proto::{Outcome, Sender, Transmit};
+use tftpcast_proto::{Outcome, Sender};
 use tracing::{info, warn, Span};
 
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
+use crate::timer::{earliest, Timer};
 use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
 
 /// Sent by a session to its listener when it stops.
@@ -59,7 +60,7 @@ pub struct Session {
     lease_every: Duration,
     bucket: TokenBucket,
     started: Instant,
-    timer: Option<(SpawnHandle, Instant)>,
+    timer: Timer,
     /// A datagram waiting for socket buffer space.
     blocked: bool,
     reported: Report,
@@ -82,7 +83,7 @@ impl Session {
             // Burst: one window of the largest datagrams, so a window leaves back to back.
             bucket: TokenBucket::new(now, None, 64 * 1024),
             started: now,
-            timer: None,
+            timer: Timer::default(),
             blocked: false,
             reported: Report::default(),
             unknown_tid_packets: 0,
@@ -102,22 +103,11 @@ impl Session {
             }
             let Some(t) = self.sender.poll_transmit(now) else { break };
             self.bucket.consume(t.len() as u64);
-            match send(sock.get_ref(), &t, self.peer) {
+            match udp::send_transmit(sock.get_ref(), &t, self.peer) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // The kernel queue is full: wait for room rather than drop, then go on.
                     self.blocked = true;
-                    let peer = self.peer;
-                    let fut = async move {
-                        loop {
-                            let Ok(mut guard) = sock.writable().await else { return };
-                            match guard.try_io(|s| send(s.get_ref(), &t, peer)) {
-                                Ok(_) => return,
-                                Err(_) => continue,
-                            }
-                        }
-                    };
-                    ctx.spawn(fut.into_actor(self).map(|_, act, ctx| {
+                    ctx.spawn(udp::send_when_writable(sock, t, self.peer).into_actor(self).map(|_, act, ctx| {
                         act.blocked = false;
                         act.flush(ctx);
                     }));
@@ -133,31 +123,15 @@ impl Session {
         self.rearm(ctx);
     }
 
-    /// Arms one timer for the earliest of the retransmission deadline and the pacing wake-up.
+    /// Arms the timer for the earliest of the retransmission deadline and the pacing wake-up.
     fn rearm(&mut self, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let pace = self.bucket.ready_at(now);
-        let want = match (self.sender.poll_timeout(), pace) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let Some(want) = want else { return };
-        // Timers only ever fire early and re-arm, so an armed timer at or before `want` can
-        // stay: this avoids a cancel and re-arm on every ACK.
-        if let Some((_, at)) = self.timer {
-            if at <= want {
-                return;
-            }
+        let pace = self.bucket.ready_at(Instant::now());
+        if let Some(want) = earliest(self.sender.poll_timeout(), pace) {
+            self.timer.arm(ctx, want, |act, ctx| {
+                act.sender.handle_timeout(Instant::now());
+                act.flush(ctx);
+            });
         }
-        if let Some((h, _)) = self.timer.take() {
-            ctx.cancel_future(h);
-        }
-        let h = ctx.run_later(want.saturating_duration_since(now), |act, ctx| {
-            act.timer = None;
-            act.sender.handle_timeout(Instant::now());
-            act.flush(ctx);
-        });
-        self.timer = Some((h, want));
     }
 
     fn finish_if_done(&mut self, ctx: &mut Context<Self>) {
@@ -195,12 +169,10 @@ impl Session {
     }
 }
 
-fn send(sock: &UdpSocket, t: &Transmit, to: SocketAddr) -> std::io::Result<()> {
-    match t {
-        Transmit::Data { block, payload } => crate::net::send_vectored(sock, &packet::data_header(*block), payload, to),
-        Transmit::Control(v) => sock.send_to(v, to),
+impl AsMut<Timer> for Session {
+    fn as_mut(&mut self) -> &mut Timer {
+        &mut self.timer
     }
-    .map(|_| ())
 }
 
 impl Actor for Session {

@@ -3,12 +3,14 @@
 //! dropping when the kernel queue is full.
 
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use tftpcast_proto::packet;
+use tftpcast_proto::Transmit;
 use tokio::io::unix::AsyncFd;
 
 use crate::net::{self, RecvMeta};
@@ -83,6 +85,28 @@ impl futures_core::Stream for DatagramStream {
                 Ok(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => continue,
                 Ok(Err(_)) | Err(_) => continue, // not ready after all: poll again
             }
+        }
+    }
+}
+
+/// Sends one datagram the state machines produced: DATA as header + shared payload without
+/// copying them together, anything else as is.
+pub fn send_transmit(sock: &UdpSocket, t: &Transmit, to: SocketAddr) -> io::Result<()> {
+    match t {
+        Transmit::Data { block, payload } => net::send_vectored(sock, &packet::data_header(*block), payload, to),
+        Transmit::Control(v) => sock.send_to(v, to),
+    }
+    .map(|_| ())
+}
+
+/// Sends `t` once the socket has buffer space again (after a `WouldBlock`): the kernel queue
+/// being full is back-pressure, not loss, so the datagram waits instead of being dropped.
+pub async fn send_when_writable(sock: SharedSocket, t: Transmit, to: SocketAddr) {
+    loop {
+        let Ok(mut guard) = sock.writable().await else { return };
+        match guard.try_io(|s| send_transmit(s.get_ref(), &t, to)) {
+            Ok(_) => return,
+            Err(_would_block) => continue,
         }
     }
 }

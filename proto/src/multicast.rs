@@ -228,7 +228,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         let m = Member { id: client, role: Role::Passive, options };
         self.members.push_back(m);
         if self.master().is_none() {
-            self.promote(now, client, false);
+            self.promote(now, client, false, None);
         } else {
             let m = self.members.back().unwrap();
             let pkt = self.oack(m, false);
@@ -241,9 +241,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         }
     }
 
-    /// Makes `client` the master and sends it an OACK with mc=1.
-    fn promote(&mut self, now: Instant, client: C, remaster: bool) {
-        let from = self.master();
+    /// Makes `client` the master and sends it an OACK with mc=1. `from` is the master being
+    /// replaced, for the event.
+    fn promote(&mut self, now: Instant, client: C, remaster: bool, from: Option<C>) {
         for m in self.members.iter_mut() {
             m.role = if m.id == client { Role::Master } else { Role::Passive };
         }
@@ -283,7 +283,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         if was_master {
             self.master_pending = false;
             if let Some(next) = self.members.front().map(|m| m.id) {
-                self.promote(now, next, true);
+                self.promote(now, next, true, Some(client));
             } else {
                 self.deadline = None;
             }
