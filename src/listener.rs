@@ -295,10 +295,12 @@ impl Listener {
             blksize: n.blksize,
             windowsize: n.windowsize,
             timeout: n.timeout,
-            // A timeout the client chose is honoured exactly (RFC 2349): no backoff beyond it.
+            // A timeout the client chose (RFC 2349) is honoured as the longest the server
+            // waits: below it the timer follows the measured round trip, so a lost packet on a
+            // LAN costs a fraction of a second instead of the client's whole seconds.
             max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
             max_retries: self.policy.max_retries,
-            adaptive: (!n.timeout_negotiated).then_some((self.policy.min_timeout, self.policy.max_timeout)),
+            adaptive: Some((self.policy.min_timeout.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
         let local = d.meta.dst.unwrap_or(self.addr.ip());
         let socket = match crate::net::bind_transfer(local, self.policy.tid_port_range) {

@@ -12,7 +12,13 @@ use std::time::Duration;
 use common::*;
 
 /// Each client fetches [`ONE_MIB`] from its own namespace, all at once; returns the runs.
-fn fetch_in_lab(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: &[Client], limit: Duration) -> Vec<Run> {
+fn fetch_in_lab(
+    lab: &Lab,
+    fx: &Arc<Fixture>,
+    server: SocketAddr,
+    clients: &[Client],
+    limit: Duration,
+) -> Vec<Run> {
     let handles: Vec<_> = clients
         .iter()
         .zip(&lab.clients)
@@ -24,7 +30,14 @@ fn fetch_in_lab(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: &[Cli
                 let want = fx.sha(ONE_MIB);
                 let len = std::fs::metadata(fx.path(ONE_MIB)).unwrap().len() as usize;
                 let ok = std::panic::catch_unwind(|| {
-                    assert_fetched(&client, &run, &out, &want, len, &format!("in namespace {ns}"))
+                    assert_fetched(
+                        &client,
+                        &run,
+                        &out,
+                        &want,
+                        len,
+                        &format!("in namespace {ns}"),
+                    )
                 });
                 (client, run, ok.err())
             })
@@ -36,24 +49,40 @@ fn fetch_in_lab(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: &[Cli
         let (client, run, err) = h.join().unwrap();
         eprintln!("{client:?}: {:.2?}", run.elapsed);
         if let Some(e) = err {
-            let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{run}"));
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| format!("{run}"));
             failures.push(msg);
         }
         runs.push(run);
     }
-    assert!(failures.is_empty(), "{} lab fetch(es) failed:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} lab fetch(es) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
     runs
 }
 
 fn start_lab_server(lab: &Lab, fx: &Fixture) -> Server {
     let listen = SocketAddr::from((lab.server_ip(), 69)).to_string();
     let server = Server::start_in(Some(&lab.server), &fx.root, &["--listen", &listen]);
-    assert_eq!(server.addr().to_string(), listen, "the listening event must name the bound address");
+    assert_eq!(
+        server.addr().to_string(),
+        listen,
+        "the listening event must name the bound address"
+    );
     server
 }
 
 fn stop_lab_server(mut server: Server) {
-    assert!(server.is_running(), "the server died\n{}", server.log_tail(60));
+    assert!(
+        server.is_running(),
+        "the server died\n{}",
+        server.log_tail(60)
+    );
     server.stop_clean();
     server.assert_logs_are_json();
 }
@@ -68,9 +97,13 @@ fn lab_real_clients_fetch_over_a_bridge() {
     let server = start_lab_server(&lab, &fx);
     let clients = [
         Client::hpa(),
-        Client::Atftp { options: vec!["blksize 1428", "tsize 0"] },
+        Client::Atftp {
+            options: vec!["blksize 1428", "tsize 0"],
+        },
         Client::Curl { args: vec![] },
-        Client::Tftpcast { args: vec!["--blksize", "1428"] },
+        Client::Tftpcast {
+            args: vec!["--blksize", "1428"],
+        },
     ];
     fetch_in_lab(&lab, &fx, server.addr(), &clients, Duration::from_secs(60));
     stop_lab_server(server);
@@ -89,14 +122,19 @@ fn lab_real_clients_fetch_under_5_percent_loss() {
     let server = start_lab_server(&lab, &fx);
     let clients = [
         Client::hpa(),
-        Client::Atftp { options: vec!["timeout 1"] },
+        Client::Atftp {
+            options: vec!["timeout 1"],
+        },
         Client::Curl { args: vec![] },
     ];
     fetch_in_lab(&lab, &fx, server.addr(), &clients, Duration::from_secs(60));
     for ns in &lab.clients {
         // 1 MiB at blksize 512 is 2049 DATA packets: 5% loss must have dropped some.
         let dropped = lab.dropped(ns);
-        assert!(dropped > 0, "the loss rule in {ns} dropped nothing: the test proved nothing");
+        assert!(
+            dropped > 0,
+            "the loss rule in {ns} dropped nothing: the test proved nothing"
+        );
         eprintln!("{ns}: {dropped} packets dropped");
     }
     stop_lab_server(server);

@@ -31,13 +31,24 @@ fn listening_event_reports_the_bound_port() {
         return;
     }
     let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"]);
+    let server = Server::start(
+        &fx.root,
+        &["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"],
+    );
     assert_eq!(server.addrs.len(), 2);
     for (addr, ip) in server.addrs.iter().zip(["127.0.0.1", "127.0.0.2"]) {
         assert_eq!(addr.ip().to_string(), ip, "listening addr {addr}");
-        assert_ne!(addr.port(), 0, "the `addr` field must show the port the kernel picked");
+        assert_ne!(
+            addr.port(),
+            0,
+            "the `addr` field must show the port the kernel picked"
+        );
         let r = raw::get(*addr, "b512.bin", "octet", &[], CLIENT_LIMIT);
-        assert_eq!(r.data, fs::read(fx.path("b512.bin")).unwrap(), "via {addr}: {r}");
+        assert_eq!(
+            r.data,
+            fs::read(fx.path("b512.bin")).unwrap(),
+            "via {addr}: {r}"
+        );
         assert!(r.complete, "via {addr}: {r}");
     }
     server.finish(&fx);
@@ -84,7 +95,10 @@ fn atftp_fetches_with_option_combinations() {
         vec!["blksize 1428", "windowsize 8"],
         vec!["blksize 1428", "tsize 0", "timeout 1", "windowsize 8"],
     ];
-    let clients: Vec<Client> = combos.into_iter().map(|options| Client::Atftp { options }).collect();
+    let clients: Vec<Client> = combos
+        .into_iter()
+        .map(|options| Client::Atftp { options })
+        .collect();
     fetch_all(&fx, &server, &clients, SIZES);
     server.finish(&fx);
 }
@@ -98,9 +112,21 @@ fn curl_fetches_with_default_options_blksize_and_no_options() {
     let server = Server::start(&fx.root, &[]);
     // curl 7.88 rejects an OACK with `tsize 0` (DESIGN.md section 7): the empty file is
     // fetched with --tftp-no-options only.
-    let with_options = [Client::Curl { args: vec![] }, Client::Curl { args: vec!["--tftp-blksize", "1428"] }];
+    let with_options = [
+        Client::Curl { args: vec![] },
+        Client::Curl {
+            args: vec!["--tftp-blksize", "1428"],
+        },
+    ];
     fetch_all(&fx, &server, &with_options, NONEMPTY);
-    fetch_all(&fx, &server, &[Client::Curl { args: vec!["--tftp-no-options"] }], SIZES);
+    fetch_all(
+        &fx,
+        &server,
+        &[Client::Curl {
+            args: vec!["--tftp-no-options"],
+        }],
+        SIZES,
+    );
     server.finish(&fx);
 }
 
@@ -111,7 +137,12 @@ fn busybox_fetches_every_size() {
     }
     let fx = Fixture::new();
     let server = Server::start(&fx.root, &[]);
-    let clients = [Client::Busybox { blksize: None }, Client::Busybox { blksize: Some(1428) }];
+    let clients = [
+        Client::Busybox { blksize: None },
+        Client::Busybox {
+            blksize: Some(1428),
+        },
+    ];
     fetch_all(&fx, &server, &clients, SIZES);
     server.finish(&fx);
 }
@@ -122,12 +153,19 @@ fn tftpcast_get_fetches_every_size() {
     let server = Server::start(&fx.root, &[]);
     let clients = [
         Client::Tftpcast { args: vec![] },
-        Client::Tftpcast { args: vec!["--blksize", "1428"] },
-        Client::Tftpcast { args: vec!["--blksize", "8192", "--windowsize", "16"] },
+        Client::Tftpcast {
+            args: vec!["--blksize", "1428"],
+        },
+        Client::Tftpcast {
+            args: vec!["--blksize", "8192", "--windowsize", "16"],
+        },
     ];
     fetch_all(&fx, &server, &clients, SIZES);
     let r = fetch_and_check(&fx, &clients[2], server.addr(), BIG, BIG_LIMIT);
-    eprintln!("tftpcast get 40 MiB at blksize 8192 windowsize 16: {:.2?}", r.elapsed);
+    eprintln!(
+        "tftpcast get 40 MiB at blksize 8192 windowsize 16: {:.2?}",
+        r.elapsed
+    );
     server.finish(&fx);
 }
 
@@ -140,19 +178,39 @@ fn raw_client_sees_negotiated_options_in_oack() {
         let r = raw::get(server.addr(), name, "octet", &opts, CLIENT_LIMIT);
         assert!(r.complete && r.error.is_none(), "{name}: {r}");
         assert_eq!(r.data, fs::read(fx.path(name)).unwrap(), "{name}: {r}");
-        assert_eq!(r.oack_value("tsize"), Some(size.to_string().as_str()), "{name}: tsize must be the size: {r}");
+        assert_eq!(
+            r.oack_value("tsize"),
+            Some(size.to_string().as_str()),
+            "{name}: tsize must be the size: {r}"
+        );
         assert_eq!(r.oack_value("blksize"), Some("1428"), "{name}: {r}");
         assert_eq!(r.oack_value("timeout"), Some("1"), "{name}: {r}");
-        assert_eq!(r.blocks, size as u64 / 1428 + 1, "{name}: block count at blksize 1428: {r}");
+        assert_eq!(
+            r.blocks,
+            size as u64 / 1428 + 1,
+            "{name}: block count at blksize 1428: {r}"
+        );
     }
     // An option the server does not know is left out of the OACK, not echoed.
-    let r = raw::get(server.addr(), "b513.bin", "octet", &[("blksize", "1024"), ("x-unknown", "7")], CLIENT_LIMIT);
+    let r = raw::get(
+        server.addr(),
+        "b513.bin",
+        "octet",
+        &[("blksize", "1024"), ("x-unknown", "7")],
+        CLIENT_LIMIT,
+    );
     assert!(r.complete, "{r}");
     assert_eq!(r.oack_value("x-unknown"), None, "{r}");
     assert_eq!(r.oack_value("blksize"), Some("1024"), "{r}");
     if server.is_tftpcast() {
         // tftpd-hpa ignores windowsize (DESIGN.md section 7); tftpcast implements RFC 7440.
-        let r = raw::get(server.addr(), ONE_MIB, "octet", &[("blksize", "1428"), ("windowsize", "8")], CLIENT_LIMIT);
+        let r = raw::get(
+            server.addr(),
+            ONE_MIB,
+            "octet",
+            &[("blksize", "1428"), ("windowsize", "8")],
+            CLIENT_LIMIT,
+        );
         assert_eq!(r.oack_value("windowsize"), Some("8"), "{r}");
         assert_eq!(r.data, fs::read(fx.path(ONE_MIB)).unwrap(), "{r}");
     }
@@ -172,13 +230,23 @@ fn netascii_round_trip_with_tftp_hpa() {
     assert!(r.complete && r.error.is_none(), "{r}");
     let wire = netascii_encode(&local);
     assert_eq!(r.data.len(), wire.len(), "netascii wire length: {r}");
-    assert!(r.data == wire, "netascii wire bytes differ from the RFC 764 encoding of the file");
+    assert!(
+        r.data == wire,
+        "netascii wire bytes differ from the RFC 764 encoding of the file"
+    );
     // tftp-hpa decodes it back to the local form, byte for byte.
     for mode in ["netascii", "ascii"] {
         let client = Client::Hpa { mode };
         let out = fx.out(TEXT);
         let run = client.fetch(None, server.addr(), TEXT, &out, CLIENT_LIMIT);
-        assert_fetched(&client, &run, &out, &sha256(&local), local.len(), "netascii round trip");
+        assert_fetched(
+            &client,
+            &run,
+            &out,
+            &sha256(&local),
+            local.len(),
+            "netascii round trip",
+        );
     }
     server.finish(&fx);
 }
@@ -189,10 +257,24 @@ fn missing_file_is_tftp_error_1() {
     let server = Server::start(&fx.root, &[]);
     let missing = "no-such-file.bin";
     let r = raw::get(server.addr(), missing, "octet", &[], CLIENT_LIMIT);
-    assert_eq!(r.error.as_ref().map(|e| e.0), Some(1), "raw RRQ for a missing file: {r}");
+    assert_eq!(
+        r.error.as_ref().map(|e| e.0),
+        Some(1),
+        "raw RRQ for a missing file: {r}"
+    );
     assert!(r.data.is_empty() && r.blocks == 0, "{r}");
-    let r = raw::get(server.addr(), missing, "octet", &[("blksize", "1428"), ("tsize", "0")], CLIENT_LIMIT);
-    assert_eq!(r.error.as_ref().map(|e| e.0), Some(1), "raw RRQ with options for a missing file: {r}");
+    let r = raw::get(
+        server.addr(),
+        missing,
+        "octet",
+        &[("blksize", "1428"), ("tsize", "0")],
+        CLIENT_LIMIT,
+    );
+    assert_eq!(
+        r.error.as_ref().map(|e| e.0),
+        Some(1),
+        "raw RRQ with options for a missing file: {r}"
+    );
 
     let no_bytes = |out: &std::path::Path, who: &str| {
         let n = fs::metadata(out).map(|m| m.len()).unwrap_or(0);
@@ -201,7 +283,10 @@ fn missing_file_is_tftp_error_1() {
     if require_tool("tftp") {
         let out = fx.out("missing");
         let run = Client::hpa().fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
-        assert!(run.output().contains("Error code 1"), "tftp-hpa must report `Error code 1`:\n{run}");
+        assert!(
+            run.output().contains("Error code 1"),
+            "tftp-hpa must report `Error code 1`:\n{run}"
+        );
         no_bytes(&out, "tftp-hpa");
     }
     if require_tool("curl") {
@@ -209,27 +294,53 @@ fn missing_file_is_tftp_error_1() {
             let out = fx.out("missing");
             let run = Client::Curl { args }.fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
             // curl maps TFTP error 1 to its exit code 68 (CURLE_TFTP_NOTFOUND).
-            assert_eq!(run.code(), Some(68), "curl must exit 68 (TFTP file not found):\n{run}");
+            assert_eq!(
+                run.code(),
+                Some(68),
+                "curl must exit 68 (TFTP file not found):\n{run}"
+            );
             no_bytes(&out, "curl");
         }
     }
     if require_tool("atftp") {
         let out = fx.out("missing");
-        let run = Client::Atftp { options: vec!["blksize 1428"] }.fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
+        let run = Client::Atftp {
+            options: vec!["blksize 1428"],
+        }
+        .fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
         assert!(!run.success(), "atftp must fail on a missing file:\n{run}");
-        assert!(run.output().contains("error received from server"), "atftp must report the server's error:\n{run}");
+        assert!(
+            run.output().contains("error received from server"),
+            "atftp must report the server's error:\n{run}"
+        );
         no_bytes(&out, "atftp");
     }
     if require_tool("busybox") {
         let out = fx.out("missing");
-        let run = Client::Busybox { blksize: None }.fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
-        assert!(!run.success(), "busybox tftp must fail on a missing file:\n{run}");
-        assert!(run.output().contains("(1)"), "busybox tftp must report server error (1):\n{run}");
+        let run = Client::Busybox { blksize: None }.fetch(
+            None,
+            server.addr(),
+            missing,
+            &out,
+            CLIENT_LIMIT,
+        );
+        assert!(
+            !run.success(),
+            "busybox tftp must fail on a missing file:\n{run}"
+        );
+        assert!(
+            run.output().contains("(1)"),
+            "busybox tftp must report server error (1):\n{run}"
+        );
         no_bytes(&out, "busybox");
     }
     let out = fx.out("missing");
-    let run = Client::Tftpcast { args: vec![] }.fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
-    assert!(!run.success() && !run.timed_out, "tftpcast get must fail promptly on a missing file:\n{run}");
+    let run =
+        Client::Tftpcast { args: vec![] }.fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
+    assert!(
+        !run.success() && !run.timed_out,
+        "tftpcast get must fail promptly on a missing file:\n{run}"
+    );
     no_bytes(&out, "tftpcast get");
     server.finish(&fx);
 }
@@ -258,10 +369,19 @@ fn traversal_names(fx: &Fixture) -> Vec<String> {
 
 fn assert_refused_no_leak(fx: &Fixture, r: &raw::Outcome, name: &str) {
     fx.assert_no_canary(&r.data, name);
-    assert!(!contains(&r.data, b"root:"), "{name}: received what looks like the system's passwd file: {r}");
-    assert!(r.blocks == 0 && r.data.is_empty(), "{name}: the server sent DATA for a path outside the root: {r}");
+    assert!(
+        !contains(&r.data, b"root:"),
+        "{name}: received what looks like the system's passwd file: {r}"
+    );
+    assert!(
+        r.blocks == 0 && r.data.is_empty(),
+        "{name}: the server sent DATA for a path outside the root: {r}"
+    );
     let code = r.error.as_ref().map(|e| e.0);
-    assert!(matches!(code, Some(1) | Some(2)), "{name}: want TFTP error 2 (or 1), got {r}");
+    assert!(
+        matches!(code, Some(1) | Some(2)),
+        "{name}: want TFTP error 2 (or 1), got {r}"
+    );
 }
 
 #[test]
@@ -271,30 +391,57 @@ fn path_traversal_is_refused_and_the_canary_never_leaves() {
     for name in traversal_names(&fx) {
         let r = raw::get(server.addr(), &name, "octet", &[], CLIENT_LIMIT);
         assert_refused_no_leak(&fx, &r, &name);
-        let r = raw::get(server.addr(), &name, "octet", &[("tsize", "0"), ("blksize", "1428")], CLIENT_LIMIT);
+        let r = raw::get(
+            server.addr(),
+            &name,
+            "octet",
+            &[("tsize", "0"), ("blksize", "1428")],
+            CLIENT_LIMIT,
+        );
         assert_refused_no_leak(&fx, &r, &format!("{name} (with options)"));
-        assert!(r.oack.is_none(), "{name}: an OACK (e.g. tsize of a file outside the root) leaks: {r}");
+        assert!(
+            r.oack.is_none(),
+            "{name}: an OACK (e.g. tsize of a file outside the root) leaks: {r}"
+        );
         let r = raw::get(server.addr(), &name, "netascii", &[], CLIENT_LIMIT);
         assert_refused_no_leak(&fx, &r, &format!("{name} (netascii)"));
     }
     if require_tool("tftp") {
-        for name in ["../canary.txt", "/../canary.txt", "../etc/passwd", "/../../etc/passwd"] {
+        for name in [
+            "../canary.txt",
+            "/../canary.txt",
+            "../etc/passwd",
+            "/../../etc/passwd",
+        ] {
             let out = fx.out("traversal");
             let run = Client::hpa().fetch(None, server.addr(), name, &out, CLIENT_LIMIT);
             let got = fs::read(&out).unwrap_or_default();
             fx.assert_no_canary(&got, name);
-            assert!(got.is_empty(), "tftp-hpa received {} bytes for {name}", got.len());
+            assert!(
+                got.is_empty(),
+                "tftp-hpa received {} bytes for {name}",
+                got.len()
+            );
             let o = run.output();
-            assert!(o.contains("Error code 2") || o.contains("Error code 1"), "tftp-hpa {name}: want error 2 or 1:\n{run}");
+            assert!(
+                o.contains("Error code 2") || o.contains("Error code 1"),
+                "tftp-hpa {name}: want error 2 or 1:\n{run}"
+            );
         }
     }
     if require_tool("curl") {
         for name in ["../canary.txt", "/../canary.txt"] {
             let out = fx.out("traversal");
-            let run = Client::Curl { args: vec!["--tftp-no-options"] }.fetch(None, server.addr(), name, &out, CLIENT_LIMIT);
+            let run = Client::Curl {
+                args: vec!["--tftp-no-options"],
+            }
+            .fetch(None, server.addr(), name, &out, CLIENT_LIMIT);
             fx.assert_no_canary(&fs::read(&out).unwrap_or_default(), name);
             // 69 = TFTP access violation, 68 = TFTP file not found.
-            assert!(matches!(run.code(), Some(69) | Some(68)), "curl {name}: want exit 69 or 68:\n{run}");
+            assert!(
+                matches!(run.code(), Some(69) | Some(68)),
+                "curl {name}: want exit 69 or 68:\n{run}"
+            );
         }
     }
     server.finish(&fx);
@@ -318,34 +465,77 @@ fn symlink_out_of_the_root_is_refused() {
 fn write_request_is_refused_when_read_only() {
     let fx = Fixture::new();
     let server = Server::start(&fx.root, &[]);
-    let r = raw::exchange(server.addr(), &raw::wrq(b"upload.bin", "octet", &[]), Duration::from_secs(5))
-        .expect("no answer to a WRQ");
-    assert_eq!(raw::parse_error(&r.0).map(|e| e.0), Some(2), "WRQ must get ERROR 2, got {:?}", r.0);
+    let r = raw::exchange(
+        server.addr(),
+        &raw::wrq(b"upload.bin", "octet", &[]),
+        Duration::from_secs(5),
+    )
+    .expect("no answer to a WRQ");
+    assert_eq!(
+        raw::parse_error(&r.0).map(|e| e.0),
+        Some(2),
+        "WRQ must get ERROR 2, got {:?}",
+        r.0
+    );
     // Also for a file that exists: no overwrite.
-    let r = raw::exchange(server.addr(), &raw::wrq(b"b512.bin", "octet", &[]), Duration::from_secs(5))
-        .expect("no answer to a WRQ");
-    assert_eq!(raw::parse_error(&r.0).map(|e| e.0), Some(2), "WRQ must get ERROR 2, got {:?}", r.0);
+    let r = raw::exchange(
+        server.addr(),
+        &raw::wrq(b"b512.bin", "octet", &[]),
+        Duration::from_secs(5),
+    )
+    .expect("no answer to a WRQ");
+    assert_eq!(
+        raw::parse_error(&r.0).map(|e| e.0),
+        Some(2),
+        "WRQ must get ERROR 2, got {:?}",
+        r.0
+    );
     if require_tool("tftp") {
         let local = fx.base().join("to-upload.bin");
         fs::write(&local, pseudo_random(3000, 99)).unwrap();
         let mut cmd = std::process::Command::new(tool("tftp"));
-        cmd.args([&server.addr().ip().to_string(), &server.port().to_string(), "-m", "binary", "-c", "put"])
-            .arg(&local)
-            .arg("put-by-hpa.bin");
+        cmd.args([
+            &server.addr().ip().to_string(),
+            &server.port().to_string(),
+            "-m",
+            "binary",
+            "-c",
+            "put",
+        ])
+        .arg(&local)
+        .arg("put-by-hpa.bin");
         let run = run(&mut cmd, CLIENT_LIMIT);
-        assert!(run.output().contains("Error code 2"), "tftp-hpa put must report `Error code 2`:\n{run}");
-        assert!(!fx.root.join("put-by-hpa.bin").exists(), "a read-only server created an uploaded file");
+        assert!(
+            run.output().contains("Error code 2"),
+            "tftp-hpa put must report `Error code 2`:\n{run}"
+        );
+        assert!(
+            !fx.root.join("put-by-hpa.bin").exists(),
+            "a read-only server created an uploaded file"
+        );
     }
     if require_tool("curl") {
         let local = fx.base().join("to-upload-curl.bin");
         fs::write(&local, pseudo_random(3000, 98)).unwrap();
         let mut cmd = std::process::Command::new(tool("curl"));
-        cmd.args(["-sS", "-T"]).arg(&local).arg(format!("tftp://{}/put-by-curl.bin", server.addr()));
+        cmd.args(["-sS", "-T"])
+            .arg(&local)
+            .arg(format!("tftp://{}/put-by-curl.bin", server.addr()));
         let run = run(&mut cmd, CLIENT_LIMIT);
-        assert_eq!(run.code(), Some(69), "curl upload must exit 69 (TFTP access violation):\n{run}");
-        assert!(!fx.root.join("put-by-curl.bin").exists(), "a read-only server created an uploaded file");
+        assert_eq!(
+            run.code(),
+            Some(69),
+            "curl upload must exit 69 (TFTP access violation):\n{run}"
+        );
+        assert!(
+            !fx.root.join("put-by-curl.bin").exists(),
+            "a read-only server created an uploaded file"
+        );
     }
-    assert_eq!(sha256_file(&fx.path("b512.bin")), sha256(&pseudo_random(512, seed_of("b512.bin"))));
+    assert_eq!(
+        sha256_file(&fx.path("b512.bin")),
+        sha256(&pseudo_random(512, seed_of("b512.bin")))
+    );
     server.finish(&fx);
 }
 
@@ -386,7 +576,12 @@ fn fifty_concurrent(fx: &Arc<Fixture>, server: &Server) -> Duration {
             failures.push(format!("{client:?}: {run}"));
         }
     }
-    assert!(failures.is_empty(), "{} of 50 concurrent fetches failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 50 concurrent fetches failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     start.elapsed()
 }
 
@@ -408,8 +603,8 @@ fn malformed_packets_and_errors_do_not_hurt_the_server() {
         vec![],
         vec![0],
         vec![0, 1],
-        vec![0, 1, b'x'],                            // RRQ without terminators
-        b"\x00\x01b512.bin\x00".to_vec(),           // RRQ without mode
+        vec![0, 1, b'x'],                 // RRQ without terminators
+        b"\x00\x01b512.bin\x00".to_vec(), // RRQ without mode
         b"\x00\x01b512.bin\x00bogusmode\x00".to_vec(),
         b"\x00\x01b512.bin\x00octet\x00blksize\x00".to_vec(), // option without value
         b"\x00\x01b512.bin\x00octet\x00blksize\x000\x00".to_vec(),
@@ -417,11 +612,11 @@ fn malformed_packets_and_errors_do_not_hurt_the_server() {
         b"\x00\x01b512.bin\x00octet\x00windowsize\x000\x00".to_vec(),
         b"\x00\x01b512.bin\x00octet\x00tsize\x00-1\x00".to_vec(),
         b"\x00\x01b512.bin\x00octet\x00timeout\x00999\x00".to_vec(),
-        vec![0, 3, 0, 1, 1, 2, 3],                   // DATA to the listening port
-        vec![0, 4, 0, 1],                            // ACK to the listening port
-        vec![0, 5, 0, 1, b'x', 0],                   // ERROR to the listening port
-        vec![0, 6, b'a', 0, b'b', 0],                // OACK to the listening port
-        vec![0, 9, 1, 2, 3],                         // unknown opcode
+        vec![0, 3, 0, 1, 1, 2, 3],    // DATA to the listening port
+        vec![0, 4, 0, 1],             // ACK to the listening port
+        vec![0, 5, 0, 1, b'x', 0],    // ERROR to the listening port
+        vec![0, 6, b'a', 0, b'b', 0], // OACK to the listening port
+        vec![0, 9, 1, 2, 3],          // unknown opcode
         vec![0xff; 600],
         pseudo_random(1500, 5),
     ];
@@ -437,13 +632,32 @@ fn malformed_packets_and_errors_do_not_hurt_the_server() {
         }
     }
     // Errors of every kind on the same server.
-    assert_eq!(raw::get(addr, "missing", "octet", &[], CLIENT_LIMIT).error.map(|e| e.0), Some(1));
+    assert_eq!(
+        raw::get(addr, "missing", "octet", &[], CLIENT_LIMIT)
+            .error
+            .map(|e| e.0),
+        Some(1)
+    );
     for name in traversal_names(&fx) {
-        assert_refused_no_leak(&fx, &raw::get(addr, &name, "octet", &[], CLIENT_LIMIT), &name);
+        assert_refused_no_leak(
+            &fx,
+            &raw::get(addr, &name, "octet", &[], CLIENT_LIMIT),
+            &name,
+        );
     }
-    let r = raw::exchange(addr, &raw::wrq(b"upload.bin", "octet", &[]), Duration::from_secs(5)).expect("WRQ answer");
-    assert_eq!(raw::parse_error(&r.0).map(|e| e.0), Some(2));
-    // An abandoned transfer: take two blocks, then vanish.
+    let r = raw::exchange(
+        addr,
+        &raw::wrq(b"upload.bin", "octet", &[]),
+        Duration::from_secs(5),
+    )
+    .expect("WRQ answer");
+    assert_eq!(
+        raw::parse_error(&r.0).map(|e| e.0),
+        Some(2),
+        "a WRQ to a read-only server must get ERROR 2, got {:?}",
+        r.0
+    );
+    // An abandoned transfer: take a few blocks, then vanish.
     let _ = raw::get(addr, ONE_MIB, "octet", &[], Duration::from_millis(50));
     // Then real clients, at once, and a new request after all of that.
     fifty_concurrent(&fx, &server);
@@ -462,19 +676,36 @@ fn sigterm_drains_an_active_transfer_then_exits_0() {
     let pid = server.pid();
     let mut signalled = false;
     // Slow lock-step reader: SIGTERM arrives after block 200 of 2049.
-    let r = raw::get_with(server.addr(), ONE_MIB.as_bytes(), "octet", &[], Duration::from_secs(60), |n| {
-        if n == 200 {
-            // SAFETY: kill(2) on the server child's pid.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            signalled = true;
-        }
-    });
+    let r = raw::get_with(
+        server.addr(),
+        ONE_MIB.as_bytes(),
+        "octet",
+        &[],
+        Duration::from_secs(60),
+        |n| {
+            if n == 200 {
+                // SAFETY: kill(2) on the server child's pid.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                signalled = true;
+            }
+        },
+    );
     assert!(signalled, "the transfer never reached block 200: {r}");
-    assert!(r.complete && r.error.is_none(), "a transfer active at SIGTERM must be drained, not cut: {r}");
+    assert!(
+        r.complete && r.error.is_none(),
+        "a transfer active at SIGTERM must be drained, not cut: {r}"
+    );
     assert_eq!(sha256(&r.data), fx.sha(ONE_MIB), "{r}");
-    let st = server.wait_exit(STOP_GRACE).unwrap_or_else(|| panic!("no exit after SIGTERM\n{}", server.log_tail(40)));
+    let st = server
+        .wait_exit(STOP_GRACE)
+        .unwrap_or_else(|| panic!("no exit after SIGTERM\n{}", server.log_tail(40)));
     if server.is_tftpcast() {
-        assert_eq!(st.code(), Some(0), "exit status after draining: {st}\n{}", server.log_tail(40));
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "exit status after draining: {st}\n{}",
+            server.log_tail(40)
+        );
         server.assert_logs_are_json();
     }
 }
@@ -487,6 +718,11 @@ fn sigint_exits_0() {
     assert!(r.complete, "{r}");
     let st = server.stop_with(libc::SIGINT);
     if server.is_tftpcast() {
-        assert_eq!(st.code(), Some(0), "tftpcast must exit 0 on SIGINT, got {st}\n{}", server.log_tail(40));
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "tftpcast must exit 0 on SIGINT, got {st}\n{}",
+            server.log_tail(40)
+        );
     }
 }

@@ -53,15 +53,24 @@ pub fn in_ci() -> bool {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Finds an executable on `PATH` (and in the sbin directories, which a non-root `PATH` may lack).
 pub fn which(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| is_executable(p))
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(PathBuf::from),
+    );
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 /// Absolute path of a tool, panicking if it is missing (call [`require_tool`] first).
@@ -109,12 +118,21 @@ pub fn require_netns() -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     let probe = PROBE.get_or_init(|| {
         let name = format!("tcl-probe-{}-{}", std::process::id(), next_id());
-        let add = run(Command::new(tool("ip")).args(["netns", "add", &name]), CMD_LIMIT);
-        let _ = run(Command::new(tool("ip")).args(["netns", "del", &name]), CMD_LIMIT);
+        let add = run(
+            Command::new(tool("ip")).args(["netns", "add", &name]),
+            CMD_LIMIT,
+        );
+        let _ = run(
+            Command::new(tool("ip")).args(["netns", "del", &name]),
+            CMD_LIMIT,
+        );
         if add.success() {
             Ok(())
         } else {
-            Err(format!("`ip netns add` fails here: {}", add.output().trim()))
+            Err(format!(
+                "`ip netns add` fails here: {}",
+                add.output().trim()
+            ))
         }
     });
     match probe {
@@ -167,7 +185,7 @@ pub struct Run {
 impl Run {
     /// Exited by itself with status 0.
     pub fn success(&self) -> bool {
-        !self.timed_out && self.status.map_or(false, |s| s.success())
+        !self.timed_out && self.status.is_some_and(|s| s.success())
     }
 
     /// Exit code, if it exited by itself.
@@ -192,7 +210,11 @@ impl fmt::Display for Run {
             "{}\n  status: {}{}, after {:.2?}\n  stdout: {}\n  stderr: {}",
             self.what,
             self.status.map_or("none".to_string(), |s| s.to_string()),
-            if self.timed_out { " (KILLED: time limit exceeded)" } else { "" },
+            if self.timed_out {
+                " (KILLED: time limit exceeded)"
+            } else {
+                ""
+            },
             self.elapsed,
             tail(&self.stdout, 2000).trim_end(),
             tail(&self.stderr, 2000).trim_end(),
@@ -224,9 +246,14 @@ fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
 /// Runs `cmd` with no stdin, capturing its output; kills it when it runs past `limit`.
 pub fn run(cmd: &mut Command, limit: Duration) -> Run {
     let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = ChildGuard(cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}")));
+    let mut child = ChildGuard(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}")),
+    );
     let out = spawn_reader(child.0.stdout.take().expect("stdout piped"));
     let err = spawn_reader(child.0.stderr.take().expect("stderr piped"));
     let mut timed_out = false;
@@ -248,7 +275,14 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Run {
         String::from_utf8_lossy(&rx.recv_timeout(Duration::from_secs(3)).unwrap_or_default())
             .into_owned()
     };
-    Run { what, status, stdout: grab(out), stderr: grab(err), elapsed, timed_out }
+    Run {
+        what,
+        status,
+        stdout: grab(out),
+        stderr: grab(err),
+        elapsed,
+        timed_out,
+    }
 }
 
 /// Runs a setup command and panics with its output when it fails.
@@ -316,7 +350,9 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 /// The seed of a fixture file's pseudo-random contents.
 pub fn seed_of(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The netascii test text in local (Unix) form. On the wire (`netascii_encode`) a CR LF pair
@@ -324,15 +360,15 @@ pub fn seed_of(name: &str) -> u64 {
 pub fn netascii_text() -> Vec<u8> {
     let mut v = Vec::new();
     // Wire bytes 0..511 are letters, 511 is CR, 512 is LF.
-    v.extend(std::iter::repeat(b'a').take(511));
+    v.extend_from_slice(&[b'a'; 511]);
     v.push(b'\n');
     // Wire is now 513 bytes; 510 letters then a lone CR put CR at 1023 and NUL at 1024.
-    v.extend(std::iter::repeat(b'b').take(510));
+    v.extend_from_slice(&[b'b'; 510]);
     v.push(b'\r');
     let words = pseudo_random(400, 7);
-    for i in 0..400usize {
+    for (i, &w) in words.iter().enumerate() {
         let len = (i * 37) % 90;
-        v.extend((0..len).map(|j| b"abcdefghij klmnopqrstuvwxyz0123456789"[(words[i] as usize + j) % 37]));
+        v.extend((0..len).map(|j| b"abcdefghij klmnopqrstuvwxyz0123456789"[(w as usize + j) % 37]));
         match i % 7 {
             0 => v.extend_from_slice(b"\r\n"),
             1 => v.push(b'\r'),
@@ -360,7 +396,10 @@ pub fn netascii_encode(local: &[u8]) -> Vec<u8> {
 impl Fixture {
     /// Root with every file of [`SIZES`], [`TEXT`] and [`NESTED`]; canary beside the root.
     pub fn new() -> Fixture {
-        let dir = tempfile::Builder::new().prefix("tftpcast-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("tftpcast-test-")
+            .tempdir()
+            .expect("tempdir");
         let root = dir.path().join("root");
         let out = dir.path().join("out");
         fs::create_dir_all(root.join("sub/dir")).unwrap();
@@ -370,13 +409,23 @@ impl Fixture {
         }
         fs::write(root.join(TEXT), netascii_text()).unwrap();
         fs::write(root.join(NESTED), pseudo_random(700, seed_of(NESTED))).unwrap();
-        let canary_marker = format!("CANARY-{}-{}-must-never-leave-the-server", std::process::id(), next_id())
-            .into_bytes();
+        let canary_marker = format!(
+            "CANARY-{}-{}-must-never-leave-the-server",
+            std::process::id(),
+            next_id()
+        )
+        .into_bytes();
         let canary = dir.path().join(CANARY);
         let mut content = canary_marker.clone();
         content.extend_from_slice(b"\nthis file is outside the served root\n");
         fs::write(&canary, content).unwrap();
-        Fixture { dir, root, canary, canary_marker, out }
+        Fixture {
+            dir,
+            root,
+            canary,
+            canary_marker,
+            out,
+        }
     }
 
     /// Adds the 40 MiB file [`BIG`].
@@ -397,8 +446,16 @@ impl Fixture {
 
     /// A fresh path for a download (nothing exists there yet).
     pub fn out(&self, hint: &str) -> PathBuf {
-        let clean: String =
-            hint.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+        let clean: String = hint
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         self.out.join(format!("{}-{}", next_id(), clean))
     }
 
@@ -546,8 +603,12 @@ impl Server {
         }
         cmd.env("RUST_BACKTRACE", "1");
         let what = format!("{cmd:?}");
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start server {what}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start server {what}: {e}"));
         let (tx, rx) = mpsc::channel();
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
         let stdout_lines = Arc::new(Mutex::new(Vec::new()));
@@ -555,14 +616,24 @@ impl Server {
             line_reader(child.stderr.take().unwrap(), stderr_lines.clone(), Some(tx)),
             line_reader(child.stdout.take().unwrap(), stdout_lines.clone(), None),
         ];
-        let server =
-            Server { child: Some(child), addrs: Vec::new(), stderr_lines, stdout_lines, readers, kind, what };
+        let server = Server {
+            child: Some(child),
+            addrs: Vec::new(),
+            stderr_lines,
+            stdout_lines,
+            readers,
+            kind,
+            what,
+        };
         (server, rx)
     }
 
     fn start_tftpcast(netns: Option<&str>, root: &Path, args: &[&str]) -> Server {
         let mut cmd = Server::command(netns, Path::new(tftpcast_bin()));
-        cmd.arg("serve").arg("--root").arg(root).args(["--log-format", "json"]);
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(root)
+            .args(["--log-format", "json"]);
         let mut want = args.iter().filter(|a| **a == "--listen").count();
         if want == 0 {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -579,7 +650,9 @@ impl Server {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(50)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    thread::sleep(Duration::from_millis(50))
+                }
             }
             if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
                 thread::sleep(Duration::from_millis(100)); // let the readers drain
@@ -618,10 +691,23 @@ impl Server {
             }
         }
         assert!(listen.len() <= 1, "in.tftpd listens on one address only");
-        let mut addr: SocketAddr = listen.first().map_or("127.0.0.1:0", |s| s.as_str()).parse().unwrap();
+        let mut addr: SocketAddr = listen
+            .first()
+            .map_or("127.0.0.1:0", |s| s.as_str())
+            .parse()
+            .unwrap();
         if addr.port() == 0 {
-            assert!(netns.is_none(), "pass an explicit port for in.tftpd in a namespace");
-            addr.set_port(UdpSocket::bind((addr.ip(), 0)).unwrap().local_addr().unwrap().port());
+            assert!(
+                netns.is_none(),
+                "pass an explicit port for in.tftpd in a namespace"
+            );
+            addr.set_port(
+                UdpSocket::bind((addr.ip(), 0))
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port(),
+            );
         }
         let mut cmd = Server::command(netns, path);
         cmd.args(["-L", "-s"]);
@@ -638,17 +724,28 @@ impl Server {
         let deadline = Instant::now() + LISTEN_TIMEOUT;
         loop {
             if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("in.tftpd exited with {st}: {}\n{}", server.what, server.log_tail(20));
+                panic!(
+                    "in.tftpd exited with {st}: {}\n{}",
+                    server.what,
+                    server.log_tail(20)
+                );
             }
             if netns.is_some() {
                 thread::sleep(Duration::from_millis(500));
                 break;
             }
-            let reply = raw::exchange(addr, &raw::rrq(b"tftpcast-probe-missing", "octet", &[]), Duration::from_millis(200));
+            let reply = raw::exchange(
+                addr,
+                &raw::rrq(b"tftpcast-probe-missing", "octet", &[]),
+                Duration::from_millis(200),
+            );
             if reply.is_some() {
                 break;
             }
-            assert!(Instant::now() < deadline, "in.tftpd never answered on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "in.tftpd never answered on {addr}"
+            );
         }
         server
     }
@@ -684,7 +781,11 @@ impl Server {
     pub fn log_tail(&self, n: usize) -> String {
         let logs = self.logs();
         let start = logs.len().saturating_sub(n);
-        let mut s = format!("--- server stderr (last {} of {} lines) ---\n", logs.len() - start, logs.len());
+        let mut s = format!(
+            "--- server stderr (last {} of {} lines) ---\n",
+            logs.len() - start,
+            logs.len()
+        );
         for l in &logs[start..] {
             s.push_str(l);
             s.push('\n');
@@ -763,7 +864,10 @@ impl Server {
             None => {
                 self.kill_hard();
                 self.join_readers();
-                panic!("server did not exit within {STOP_GRACE:?} of signal {sig}\n{}", self.log_tail(40));
+                panic!(
+                    "server did not exit within {STOP_GRACE:?} of signal {sig}\n{}",
+                    self.log_tail(40)
+                );
             }
         }
     }
@@ -773,7 +877,12 @@ impl Server {
     pub fn stop_clean(&mut self) -> ExitStatus {
         let st = self.stop_with(libc::SIGTERM);
         if self.is_tftpcast() {
-            assert_eq!(st.code(), Some(0), "tftpcast must exit 0 on SIGTERM, got {st}\n{}", self.log_tail(40));
+            assert_eq!(
+                st.code(),
+                Some(0),
+                "tftpcast must exit 0 on SIGTERM, got {st}\n{}",
+                self.log_tail(40)
+            );
         }
         st
     }
@@ -798,7 +907,11 @@ impl Server {
     /// The end of every loopback test: the server still serves a new request byte-exact,
     /// then exits 0 on SIGTERM, and its logs were JSON lines all along.
     pub fn finish(mut self, fx: &Fixture) {
-        assert!(self.is_running(), "server died during the test\n{}", self.log_tail(60));
+        assert!(
+            self.is_running(),
+            "server died during the test\n{}",
+            self.log_tail(60)
+        );
         let r = raw::get(self.addr(), "b513.bin", "octet", &[], CLIENT_LIMIT);
         assert!(
             r.error.is_none() && !r.timed_out && r.data == fs::read(fx.path("b513.bin")).unwrap(),
@@ -869,9 +982,18 @@ impl Client {
     }
 
     /// The command that fetches `remote` from `server` into `out`.
-    pub fn command(&self, netns: Option<&str>, server: SocketAddr, remote: &str, out: &Path) -> Command {
-        let program: PathBuf =
-            if let Client::Tftpcast { .. } = self { PathBuf::from(tftpcast_bin()) } else { tool(self.tool()) };
+    pub fn command(
+        &self,
+        netns: Option<&str>,
+        server: SocketAddr,
+        remote: &str,
+        out: &Path,
+    ) -> Command {
+        let program: PathBuf = if let Client::Tftpcast { .. } = self {
+            PathBuf::from(tftpcast_bin())
+        } else {
+            tool(self.tool())
+        };
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new(tool("ip"));
@@ -884,34 +1006,51 @@ impl Client {
         let port = server.port().to_string();
         match self {
             Client::Hpa { mode } => {
-                cmd.args([&host, &port, "-m", mode, "-c", "get", remote]).arg(out);
+                cmd.args([&host, &port, "-m", mode, "-c", "get", remote])
+                    .arg(out);
             }
             Client::Atftp { options } => {
                 for o in options {
                     cmd.args(["--option", o]);
                 }
-                cmd.args(["-g", "-r", remote, "-l"]).arg(out).args([&host, &port]);
+                cmd.args(["-g", "-r", remote, "-l"])
+                    .arg(out)
+                    .args([&host, &port]);
             }
             Client::Curl { args } => {
                 cmd.args(["-sS", "--path-as-is"]).args(args);
-                cmd.arg(format!("tftp://{server}/{remote}")).arg("-o").arg(out);
+                cmd.arg(format!("tftp://{server}/{remote}"))
+                    .arg("-o")
+                    .arg(out);
             }
             Client::Busybox { blksize } => {
                 cmd.arg("tftp");
                 if let Some(b) = blksize {
                     cmd.args(["-b", &b.to_string()]);
                 }
-                cmd.args(["-g", "-r", remote, "-l"]).arg(out).args([&host, &port]);
+                cmd.args(["-g", "-r", remote, "-l"])
+                    .arg(out)
+                    .args([&host, &port]);
             }
             Client::Tftpcast { args } => {
-                cmd.args(["get", "--server", &server.to_string(), "-o"]).arg(out).args(args).arg(remote);
+                cmd.args(["get", "--server", &server.to_string(), "-o"])
+                    .arg(out)
+                    .args(args)
+                    .arg(remote);
             }
         }
         cmd
     }
 
     /// Runs the fetch under `limit`.
-    pub fn fetch(&self, netns: Option<&str>, server: SocketAddr, remote: &str, out: &Path, limit: Duration) -> Run {
+    pub fn fetch(
+        &self,
+        netns: Option<&str>,
+        server: SocketAddr,
+        remote: &str,
+        out: &Path,
+        limit: Duration,
+    ) -> Run {
         run(&mut self.command(netns, server, remote, out), limit)
     }
 
@@ -927,10 +1066,23 @@ impl Client {
 
 /// Asserts that `r` succeeded and `out` holds exactly the bytes of the file whose SHA-256 is
 /// `want` and whose length is `len`.
-pub fn assert_fetched(client: &Client, r: &Run, out: &Path, want: &[u8; 32], len: usize, ctx: &str) {
-    assert!(r.success() && !client.reported_error(r), "{ctx}: {client:?} failed:\n{r}");
+pub fn assert_fetched(
+    client: &Client,
+    r: &Run,
+    out: &Path,
+    want: &[u8; 32],
+    len: usize,
+    ctx: &str,
+) {
+    assert!(
+        r.success() && !client.reported_error(r),
+        "{ctx}: {client:?} failed:\n{r}"
+    );
     let got_len = fs::metadata(out).map(|m| m.len()).unwrap_or_else(|e| {
-        panic!("{ctx}: {client:?} exited 0 but wrote no file {}: {e}\n{r}", out.display())
+        panic!(
+            "{ctx}: {client:?} exited 0 but wrote no file {}: {e}\n{r}",
+            out.display()
+        )
     });
     let got = sha256_file(out);
     assert!(
@@ -942,11 +1094,24 @@ pub fn assert_fetched(client: &Client, r: &Run, out: &Path, want: &[u8; 32], len
 }
 
 /// Fetches `name` from `server` with `client` and checks the bytes. Returns the run.
-pub fn fetch_and_check(fx: &Fixture, client: &Client, server: SocketAddr, name: &str, limit: Duration) -> Run {
+pub fn fetch_and_check(
+    fx: &Fixture,
+    client: &Client,
+    server: SocketAddr,
+    name: &str,
+    limit: Duration,
+) -> Run {
     let out = fx.out(name);
     let r = client.fetch(None, server, name, &out, limit);
     let len = fs::metadata(fx.path(name)).unwrap().len() as usize;
-    assert_fetched(client, &r, &out, &fx.sha(name), len, &format!("fetching {name}"));
+    assert_fetched(
+        client,
+        &r,
+        &out,
+        &fx.sha(name),
+        len,
+        &format!("fetching {name}"),
+    );
     r
 }
 
@@ -1004,14 +1169,23 @@ pub mod raw {
         }
         let msg = &p[4..];
         let msg = &msg[..msg.iter().position(|&b| b == 0).unwrap_or(msg.len())];
-        Some((u16::from_be_bytes([p[2], p[3]]), String::from_utf8_lossy(msg).into_owned()))
+        Some((
+            u16::from_be_bytes([p[2], p[3]]),
+            String::from_utf8_lossy(msg).into_owned(),
+        ))
     }
 
     /// Options of an OACK packet.
     pub fn parse_oack(p: &[u8]) -> Vec<(String, String)> {
-        let parts: Vec<String> =
-            p[2..].split(|&b| b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
-        parts.chunks(2).filter(|c| c.len() == 2 && !c[0].is_empty()).map(|c| (c[0].to_lowercase(), c[1].clone())).collect()
+        let parts: Vec<String> = p[2..]
+            .split(|&b| b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        parts
+            .chunks(2)
+            .filter(|c| c.len() == 2 && !c[0].is_empty())
+            .map(|c| (c[0].to_lowercase(), c[1].clone()))
+            .collect()
     }
 
     fn socket_for(server: SocketAddr) -> UdpSocket {
@@ -1023,7 +1197,11 @@ pub mod raw {
     }
 
     /// Sends one packet and returns the first reply (from any port) within `wait`.
-    pub fn exchange(server: SocketAddr, packet: &[u8], wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    pub fn exchange(
+        server: SocketAddr,
+        packet: &[u8],
+        wait: Duration,
+    ) -> Option<(Vec<u8>, SocketAddr)> {
         let s = socket_for(server);
         s.set_read_timeout(Some(wait)).unwrap();
         s.send_to(packet, server).ok()?;
@@ -1048,7 +1226,11 @@ pub mod raw {
 
     impl Outcome {
         pub fn oack_value(&self, key: &str) -> Option<&str> {
-            self.oack.as_ref()?.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+            self.oack
+                .as_ref()?
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
         }
     }
 
@@ -1069,7 +1251,13 @@ pub mod raw {
     }
 
     /// Fetches `file` (RFC 1350 + options, windowsize honoured) within `limit`.
-    pub fn get(server: SocketAddr, file: &str, mode: &str, opts: &[(&str, &str)], limit: Duration) -> Outcome {
+    pub fn get(
+        server: SocketAddr,
+        file: &str,
+        mode: &str,
+        opts: &[(&str, &str)],
+        limit: Duration,
+    ) -> Outcome {
         get_with(server, file.as_bytes(), mode, opts, limit, |_| {})
     }
 
@@ -1083,7 +1271,8 @@ pub mod raw {
         mut on_block: impl FnMut(u64),
     ) -> Outcome {
         let sock = socket_for(server);
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let deadline = Instant::now() + limit;
         let mut o = Outcome::default();
         let mut last = rrq(file, mode, opts);
@@ -1218,7 +1407,10 @@ fn reap_stale_namespaces() {
 impl Lab {
     /// Builds a lab with `n_clients` client namespaces. `prefix` (letters/digits) names it.
     pub fn new(prefix: &str, n_clients: usize) -> Lab {
-        assert!(prefix.chars().all(|c| c.is_ascii_alphanumeric()), "lab prefix must be alphanumeric");
+        assert!(
+            prefix.chars().all(|c| c.is_ascii_alphanumeric()),
+            "lab prefix must be alphanumeric"
+        );
         assert!(n_clients <= 200);
         static REAPED: OnceLock<()> = OnceLock::new();
         REAPED.get_or_init(reap_stale_namespaces);
@@ -1236,15 +1428,27 @@ impl Lab {
             net,
             created: Vec::new(),
         };
-        let all: Vec<String> =
-            [lab.bridge.clone(), lab.server.clone()].into_iter().chain(lab.clients.iter().cloned()).collect();
+        let all: Vec<String> = [lab.bridge.clone(), lab.server.clone()]
+            .into_iter()
+            .chain(lab.clients.iter().cloned())
+            .collect();
         for ns in &all {
             run_ok(ip_cmd().args(["netns", "add", ns]));
             lab.created.push(ns.clone());
         }
         let br = lab.bridge.clone();
         run_ok(ip_cmd().args(["-n", &br, "link", "add", "br0", "type", "bridge"]));
-        run_ok(ip_cmd().args(["-n", &br, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]));
+        run_ok(ip_cmd().args([
+            "-n",
+            &br,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]));
         run_ok(ip_cmd().args(["-n", &br, "link", "set", "lo", "up"]));
         run_ok(ip_cmd().args(["-n", &br, "link", "set", "br0", "up"]));
         let mut hosts = vec![(lab.server.clone(), "p-srv".to_string(), lab.server_ip())];
@@ -1253,14 +1457,24 @@ impl Lab {
         }
         for (ns, port, ip) in &hosts {
             // Created inside the namespaces: interface names never meet in the root namespace.
-            run_ok(ip_cmd().args(["-n", &br, "link", "add", port, "type", "veth", "peer", "name", "v0", "netns", ns]));
+            run_ok(ip_cmd().args([
+                "-n", &br, "link", "add", port, "type", "veth", "peer", "name", "v0", "netns", ns,
+            ]));
             run_ok(ip_cmd().args(["-n", &br, "link", "set", port, "master", "br0"]));
             run_ok(ip_cmd().args(["-n", &br, "link", "set", port, "up"]));
             run_ok(ip_cmd().args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "v0"]));
             run_ok(ip_cmd().args(["-n", ns, "link", "set", "v0", "up"]));
             run_ok(ip_cmd().args(["-n", ns, "link", "set", "lo", "up"]));
         }
-        run_ok(ip_cmd().args(["-n", &lab.server, "route", "add", "224.0.0.0/4", "dev", "v0"]));
+        run_ok(ip_cmd().args([
+            "-n",
+            &lab.server,
+            "route",
+            "add",
+            "224.0.0.0/4",
+            "dev",
+            "v0",
+        ]));
         lab
     }
 
@@ -1286,22 +1500,33 @@ impl Lab {
         run_ok(&mut self.exec(
             ns,
             &nft,
-            &["add", "chain", "inet", "tcloss", "input", "{ type filter hook input priority 0 ; }"],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "tcloss",
+                "input",
+                "{ type filter hook input priority 0 ; }",
+            ],
         ));
         let n = percent.to_string();
         run_ok(&mut self.exec(
             ns,
             &nft,
             &[
-                "add", "rule", "inet", "tcloss", "input", "udp", "sport", "!=", "53", "numgen", "random", "mod",
-                "100", "<", &n, "counter", "drop",
+                "add", "rule", "inet", "tcloss", "input", "udp", "sport", "!=", "53", "numgen",
+                "random", "mod", "100", "<", &n, "counter", "drop",
             ],
         ));
     }
 
     /// Packets dropped so far by [`Lab::add_loss`] in `ns`.
     pub fn dropped(&self, ns: &str) -> u64 {
-        let r = run_ok(&mut self.exec(ns, tool("nft"), &["list", "chain", "inet", "tcloss", "input"]));
+        let r = run_ok(&mut self.exec(
+            ns,
+            tool("nft"),
+            &["list", "chain", "inet", "tcloss", "input"],
+        ));
         let words: Vec<&str> = r.stdout.split_whitespace().collect();
         words
             .windows(2)
