@@ -56,6 +56,7 @@ pub struct Transfer {
     pub timeout_ms: u64,
     pub min_timeout_ms: u64,
     pub max_timeout_ms: u64,
+    pub load_knee_per_core: u32,
     pub max_retries: u32,
     pub max_blksize: u16,
     pub max_windowsize: u16,
@@ -81,6 +82,11 @@ pub struct Pacing {
     pub max_rate_mbps: u64,
     pub session_max_rate_mbps: u64,
     pub lease_ms: u64,
+    pub adaptive: bool,
+    pub floor_kbps: u64,
+    pub ceiling_mbps: u64,
+    pub increase_mbps: u64,
+    pub decrease_pct: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +232,16 @@ impl Settings {
         }
         if self.limits.max_sessions_per_client == 0 {
             return bad("limits.max_sessions_per_client", "must be at least 1".into());
+        }
+        let p = &self.pacing;
+        if p.floor_kbps == 0 || p.floor_kbps > p.ceiling_mbps.saturating_mul(1000) {
+            return bad("pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000".into());
+        }
+        if p.increase_mbps == 0 {
+            return bad("pacing.increase_mbps", "must be at least 1".into());
+        }
+        if !(1..=99).contains(&p.decrease_pct) {
+            return bad("pacing.decrease_pct", "must be 1..=99".into());
         }
         if self.pacing.lease_ms == 0 || self.pacing.lease_ms > 10_000 {
             return bad("pacing.lease_ms", "must be 1..=10000".into());

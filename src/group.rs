@@ -64,6 +64,7 @@ pub struct GroupSession {
     started_at: Option<Instant>,
     reported: Report,
     unicast_bytes: u64,
+    backpressure: u64,
 }
 
 impl GroupSession {
@@ -88,6 +89,7 @@ impl GroupSession {
             started_at: None,
             reported: Report::default(),
             unicast_bytes: 0,
+            backpressure: 0,
         }
     }
 
@@ -114,6 +116,7 @@ impl GroupSession {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             self.blocked = true;
+                            self.backpressure += 1;
                             ctx.spawn(udp::send_when_writable(sock.clone(), t, self.dest).into_actor(self).map(|_, act, ctx| {
                                 act.blocked = false;
                                 act.flush(ctx);
@@ -166,15 +169,23 @@ impl GroupSession {
         }
     }
 
-    fn renew(&mut self, ctx: &mut Context<Self>) {
+    /// What happened since the previous report: repairs and re-masters count as loss.
+    fn report(&mut self) -> Report {
         let st = self.group.stats();
-        let total = st.data_bytes + self.unicast_bytes;
-        let report = Report {
-            bytes: total - self.reported.bytes,
-            retransmits: st.retransmits - self.reported.retransmits,
-            timeouts: st.timeouts - self.reported.timeouts,
+        let now = Report {
+            bytes: st.data_bytes + self.unicast_bytes,
+            retransmits: st.retransmits,
+            timeouts: st.timeouts,
+            backpressure: self.backpressure,
+            repairs: st.remasters,
         };
-        self.reported = Report { bytes: total, retransmits: st.retransmits, timeouts: st.timeouts };
+        let report = now.since(&self.reported);
+        self.reported = now;
+        report
+    }
+
+    fn renew(&mut self, ctx: &mut Context<Self>) {
+        let report = self.report();
         self.coordinator.do_send(GroupProgress { id: self.id, block: self.group.current_block(), members: self.group.members() });
         self.pacing
             .send(pacing::Renew { id: self.id | GROUP_ID_BIT, report })
@@ -231,7 +242,8 @@ impl Actor for GroupSession {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        let _g = self.span.enter();
+        let span = self.span.clone();
+        let _g = span.enter();
         let st = self.group.stats();
         let ratio = st.data_bytes as f64 / self.file_len.max(1) as f64;
         info!(
@@ -248,7 +260,7 @@ impl Actor for GroupSession {
             members_lost = st.members_lost,
             "group ended"
         );
-        let report = Report { bytes: st.data_bytes + self.unicast_bytes - self.reported.bytes, retransmits: st.retransmits - self.reported.retransmits, timeouts: 0 };
+        let report = self.report();
         self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report });
     }
 }

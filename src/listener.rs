@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tftpcast_proto::flow;
 use tftpcast_proto::multicast;
 use tftpcast_proto::options::{self, Limits as NegotiationLimits};
 use tftpcast_proto::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request};
@@ -23,7 +24,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::coordinator::{Coordinator, GroupKey, MulticastRequest};
 use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
-use crate::pacing::Pacing;
+use crate::pacing::{Advice, Pacing};
 use crate::session::{Session, SessionEnded, SessionSpec};
 use crate::state::DumpState;
 use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
@@ -36,6 +37,8 @@ pub struct RequestPolicy {
     pub negotiation: NegotiationLimits,
     pub max_timeout: Duration,
     pub min_timeout: Duration,
+    /// Active transfers on the node beyond which the timer floor grows.
+    pub load_knee: u32,
     pub max_retries: u32,
     pub tid_port_range: Option<(u16, u16)>,
     pub max_sessions: usize,
@@ -97,6 +100,7 @@ pub struct Listener {
     pending: HashSet<SocketAddr>,
     counters: Counters,
     last_dump: (Instant, u64),
+    advice: Advice,
 }
 
 impl Listener {
@@ -127,6 +131,7 @@ impl Listener {
             pending: HashSet::new(),
             counters: Counters::default(),
             last_dump: (Instant::now(), 0),
+            advice: Advice::default(),
         })
     }
 
@@ -228,6 +233,28 @@ impl Listener {
             .spawn(ctx);
     }
 
+    /// Flow control at negotiation: the block size the conditions allow (path MTU, loss,
+    /// memory), logged when it differs from what the client would otherwise get.
+    fn adapt_blksize(&self, n: &mut options::Negotiated, local: IpAddr, peer: SocketAddr) {
+        let c = flow::Conditions {
+            mtu: crate::net::path_mtu(local, peer),
+            ipv6: peer.is_ipv6(),
+            loss_pct: self.advice.loss_pct,
+            memory_pct: self.advice.memory_pct,
+        };
+        let (b, why) = flow::advise_blksize(n.blksize, self.policy.negotiation.max_blksize, &c);
+        if b < n.blksize && n.oack.iter().any(|(k, _)| k == "blksize") {
+            info!(peer = %peer, old = n.blksize, new = b, reason = why, mtu = c.mtu, loss_pct = c.loss_pct, memory_pct = c.memory_pct, "block size adapted");
+            n.lower_blksize(b);
+        }
+    }
+
+    /// The retransmission timer floor under the node's current load.
+    fn timer_floor(&self) -> Duration {
+        let active = self.admission.borrow().active as u32;
+        flow::timeout_floor(self.policy.min_timeout, active, self.policy.load_knee)
+    }
+
     /// RFC 2090: hands the client to the coordinator, which joins it to the group already
     /// sending this file or starts one. Whatever cannot be multicast is served by unicast.
     fn join_group(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ctx: &mut Context<Self>) {
@@ -242,7 +269,8 @@ impl Listener {
             }
             _ => ready.data.clone(),
         };
-        let n = options::negotiate(&requested, &self.policy.negotiation, Some(data.len() as u64), false);
+        let mut n = options::negotiate(&requested, &self.policy.negotiation, Some(data.len() as u64), false);
+        self.adapt_blksize(&mut n, local, peer);
         let why_not = if !peer.is_ipv4() || !local.is_ipv4() {
             Some("multicast groups are IPv4 only")
         } else if !multicast::fits_without_rollover(data.len() as u64, n.blksize) {
@@ -285,7 +313,10 @@ impl Listener {
             Mode::Netascii => Source::netascii(ready.data.clone()),
             _ => Source::octet(ready.data.clone()),
         };
-        let n = options::negotiate(&requested, &self.policy.negotiation, Some(source.wire_len()), false);
+        let local = d.meta.dst.unwrap_or(self.addr.ip());
+        let mut n = options::negotiate(&requested, &self.policy.negotiation, Some(source.wire_len()), false);
+        self.adapt_blksize(&mut n, local, peer);
+        let floor = self.timer_floor();
         let oack = (!n.oack.is_empty()).then(|| {
             let mut v = Vec::new();
             packet::encode_oack(&n.oack, &mut v);
@@ -300,9 +331,8 @@ impl Listener {
             // LAN costs a fraction of a second instead of the client's whole seconds.
             max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
             max_retries: self.policy.max_retries,
-            adaptive: Some((self.policy.min_timeout.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
+            adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
-        let local = d.meta.dst.unwrap_or(self.addr.ip());
         let socket = match crate::net::bind_transfer(local, self.policy.tid_port_range) {
             Ok(s) => s,
             Err(e) => {
@@ -396,6 +426,13 @@ impl Handler<SessionEnded> for Listener {
         } else {
             self.counters.failed += 1;
         }
+    }
+}
+
+impl Handler<Advice> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: Advice, _: &mut Context<Self>) {
+        self.advice = m;
     }
 }
 

@@ -307,6 +307,12 @@ mod tests {
     }
 
     #[test]
+    fn loopback_path_mtu_is_known() {
+        let mtu = path_mtu("127.0.0.1".parse().unwrap(), "127.0.0.1:9".parse().unwrap());
+        assert!(matches!(mtu, Some(m) if m >= 1500), "{mtu:?}");
+    }
+
+    #[test]
     fn cidrs_parse() {
         assert_eq!(parse_v4_cidr("239.255.68.0/24"), Ok(("239.255.68.0".parse().unwrap(), 256)));
         assert_eq!(parse_v4_cidr("239.255.68.7/30"), Ok(("239.255.68.4".parse().unwrap(), 4)));
@@ -344,6 +350,23 @@ pub fn bind_group(local: Ipv4Addr, range: Option<(u16, u16)>, interface: Option<
         s2.set_multicast_if_v4(&ifaddr)?;
     }
     Ok(sock)
+}
+
+/// The path MTU towards `peer` from `local`, as the kernel knows it (interface MTU or a
+/// learned smaller path MTU). A throwaway connected socket asks; nothing is sent.
+pub fn path_mtu(local: IpAddr, peer: SocketAddr) -> Option<u32> {
+    let local = unmap_ip(local);
+    let sock = Socket::new(Domain::for_address(peer), Type::DGRAM.cloexec(), Some(Protocol::UDP)).ok()?;
+    if local.is_ipv4() == peer.is_ipv4() {
+        let _ = sock.bind(&SockAddr::from(SocketAddr::new(local, 0)));
+    }
+    sock.connect(&SockAddr::from(peer)).ok()?;
+    let (level, name) = if peer.is_ipv6() { (libc::IPPROTO_IPV6, libc::IPV6_MTU) } else { (libc::IPPROTO_IP, libc::IP_MTU) };
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a c_int out-parameter of the size given.
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), level, name, &mut mtu as *mut libc::c_int as *mut libc::c_void, &mut len) };
+    (rc == 0 && mtu > 0).then_some(mtu as u32)
 }
 
 /// Parses an IPv4 CIDR such as `239.255.68.0/24` into its first address and size.

@@ -19,7 +19,7 @@ use crate::config::Validated;
 use crate::coordinator::{Coordinator, MulticastPolicy};
 use crate::file_cache::{FileCache, FileCacheConfig};
 use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
-use crate::pacing::Pacing;
+use crate::pacing::{Pacing, PacingPolicy, Subscribe};
 use crate::state::DumpState;
 
 /// Binds every listening socket. A dual-stack wildcard on a host without IPv6 falls back to
@@ -59,7 +59,20 @@ async fn serve(v: Validated) -> u8 {
             return 2;
         }
     };
-    let pacing = Pacing::new(s.pacing.max_rate_mbps, s.pacing.session_max_rate_mbps).start();
+    let pacing = Pacing::new(
+        PacingPolicy {
+            node_cap_mbps: s.pacing.max_rate_mbps,
+            session_cap_mbps: s.pacing.session_max_rate_mbps,
+            adaptive: s.pacing.adaptive,
+            floor_kbps: s.pacing.floor_kbps,
+            ceiling_mbps: s.pacing.ceiling_mbps,
+            increase_mbps: s.pacing.increase_mbps,
+            decrease_pct: s.pacing.decrease_pct,
+            cache_cap_bytes: s.files.cache_max_bytes,
+        },
+        Some(files.clone()),
+    )
+    .start();
     let sockets = match bind_all(&v.listen) {
         Ok(s) => s,
         Err(e) => {
@@ -78,6 +91,7 @@ async fn serve(v: Validated) -> u8 {
         },
         max_timeout: s.transfer.max_timeout(),
         min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
+        load_knee: s.transfer.load_knee_per_core.saturating_mul(cores as u32),
         max_retries: s.transfer.max_retries,
         tid_port_range: v.tid_port_range,
         max_sessions: s.limits.max_sessions,
@@ -112,7 +126,11 @@ async fn serve(v: Validated) -> u8 {
     let mut listeners = Vec::new();
     for sock in sockets {
         match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), coordinator.clone(), handles.clone()) {
-            Ok(l) => listeners.push(l.start()),
+            Ok(l) => {
+                let l = l.start();
+                pacing.do_send(Subscribe(l.clone().recipient()));
+                listeners.push(l);
+            }
             Err(e) => {
                 error!(error = %e, "cannot start listener");
                 return 1;

@@ -64,6 +64,8 @@ pub struct Session {
     /// A datagram waiting for socket buffer space.
     blocked: bool,
     reported: Report,
+    /// Times the socket's send queue was full.
+    backpressure: u64,
     unknown_tid_packets: u64,
 }
 
@@ -86,6 +88,7 @@ impl Session {
             timer: Timer::default(),
             blocked: false,
             reported: Report::default(),
+            backpressure: 0,
             unknown_tid_packets: 0,
         }
     }
@@ -107,6 +110,7 @@ impl Session {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.blocked = true;
+                    self.backpressure += 1;
                     ctx.spawn(udp::send_when_writable(sock, t, self.peer).into_actor(self).map(|_, act, ctx| {
                         act.blocked = false;
                         act.flush(ctx);
@@ -140,15 +144,12 @@ impl Session {
         }
     }
 
-    /// What was sent since the previous report.
+    /// What happened since the previous report.
     fn report(&mut self) -> Report {
-        let stats = self.sender.stats();
-        let report = Report {
-            bytes: stats.bytes_sent - self.reported.bytes,
-            retransmits: stats.retransmits - self.reported.retransmits,
-            timeouts: stats.timeouts - self.reported.timeouts,
-        };
-        self.reported = Report { bytes: stats.bytes_sent, retransmits: stats.retransmits, timeouts: stats.timeouts };
+        let st = self.sender.stats();
+        let now = Report { bytes: st.bytes_sent, retransmits: st.retransmits, timeouts: st.timeouts, backpressure: self.backpressure, repairs: 0 };
+        let report = now.since(&self.reported);
+        self.reported = now;
         report
     }
 

@@ -128,6 +128,18 @@ impl Negotiated {
     }
 }
 
+impl Negotiated {
+    /// Lowers the block size after negotiation (flow control: path MTU, loss, memory) and
+    /// keeps the OACK in step. Only a block size the client asked for can change: without
+    /// the option the transfer is RFC 1350's 512 bytes.
+    pub fn lower_blksize(&mut self, b: u16) {
+        if let Some(entry) = self.oack.iter_mut().find(|(k, _)| k == "blksize") {
+            self.blksize = b.clamp(MIN_BLKSIZE, self.blksize);
+            entry.1 = self.blksize.to_string();
+        }
+    }
+}
+
 /// Negotiates the options of a request against the server's limits. `file_size` is the size
 /// reported for `tsize` in a read request (None when it is unknown, then `tsize` is not
 /// acknowledged). The `multicast` option is not handled here: the multicast layer adds its
@@ -223,6 +235,18 @@ mod tests {
         let w = negotiate(&parse(&opts(&[("tsize", "777")])).unwrap(), &Limits::default(), None, true);
         assert_eq!(w.tsize, Some(777));
         assert_eq!(w.oack, opts(&[("tsize", "777")]));
+    }
+
+    #[test]
+    fn lowering_blksize_updates_the_oack_only_when_asked() {
+        let mut n = negotiate(&parse(&opts(&[("blksize", "8192")])).unwrap(), &Limits::default(), None, false);
+        n.lower_blksize(1468);
+        assert_eq!((n.blksize, n.oack.clone()), (1468, opts(&[("blksize", "1468")])));
+        n.lower_blksize(9000);
+        assert_eq!(n.blksize, 1468);
+        let mut d = negotiate(&parse(&[]).unwrap(), &Limits::default(), None, false);
+        d.lower_blksize(100);
+        assert_eq!((d.blksize, d.oack.len()), (512, 0));
     }
 
     #[test]
