@@ -33,6 +33,7 @@ pub struct Multicast {
     pub enabled: bool,
     pub range: String,
     pub port: u16,
+    pub tid_port_base: u16,
     pub interface: String,
     pub ttl: u32,
     pub start_delay_ms: u64,
@@ -254,6 +255,18 @@ impl Settings {
         };
         if m.port == 0 {
             return bad("multicast.port", "must be 1..=65535".into());
+        }
+        let group_ports = (m.tid_port_base as u32, m.tid_port_base as u32 + multicast_pool.1.saturating_sub(1));
+        if m.tid_port_base == 0 || group_ports.1 > 65535 {
+            return bad("multicast.tid_port_base", format!("ports {}..={} do not fit", group_ports.0, group_ports.1));
+        }
+        if let Some((lo, hi)) = tid_port_range {
+            if (lo as u32) <= group_ports.1 && group_ports.0 <= hi as u32 {
+                return bad("multicast.tid_port_base", format!("group ports {}..={} overlap server.tid_port_range {lo}-{hi}", group_ports.0, group_ports.1));
+            }
+        }
+        if (group_ports.0..=group_ports.1).contains(&(m.port as u32)) {
+            return bad("multicast.tid_port_base", format!("group ports {}..={} include multicast.port {}", group_ports.0, group_ports.1, m.port));
         }
         let multicast_interface = if m.interface.trim().is_empty() {
             None

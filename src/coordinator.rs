@@ -14,20 +14,31 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use tftpcast_proto::multicast::GroupConfig;
-use tftpcast_proto::packet::Mode;
+use tftpcast_proto::cluster::StreamKey;
 use tracing::{info, info_span, warn};
 
-use crate::file_cache::FileKey;
 use crate::group::{EndGroup, GroupSession, GroupSpec, Join};
 use crate::pacing::Pacing;
 use crate::state::DumpState;
 
-/// Identity of a stream: same key, same bytes in the same blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct GroupKey {
-    pub file: FileKey,
-    pub blksize: u16,
-    pub mode: Mode,
+/// Identity of a stream: same key, same bytes in the same blocks, on every node (content
+/// hash, not modification time).
+pub type GroupKey = StreamKey;
+
+/// Where a group is looked up: the stream and the address clients sent their requests to
+/// (RFC 2090 clients accept the group's packets only from that address).
+type Lookup = (GroupKey, IpAddr);
+
+/// The pool slot a stream prefers: a hash of its identity, so every node that starts the same
+/// stream picks the same group address and transfer port, and two nodes that start it at the
+/// same moment create the same group (see the cluster issue).
+fn preferred_slot(key: &GroupKey, slots: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = key.sha256.iter().copied().chain(key.size.to_be_bytes()).chain(key.blksize.to_be_bytes()).chain([key.netascii as u8]);
+    for b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % slots.max(1) as u64) as u32
 }
 
 /// Multicast settings, validated.
@@ -36,6 +47,9 @@ pub struct MulticastPolicy {
     pub pool_base: Ipv4Addr,
     pub pool_size: u32,
     pub port: u16,
+    /// Group transfer sockets use port `tid_port_base + slot` (slot: the address's index in
+    /// the pool), so a group's identity follows from its address.
+    pub tid_port_base: u16,
     pub interface: Option<Ipv4Addr>,
     pub ttl: u32,
     pub start_delay: Duration,
@@ -45,7 +59,6 @@ pub struct MulticastPolicy {
     pub min_timeout: Duration,
     pub max_timeout: Duration,
     pub master_retries: u32,
-    pub tid_port_range: Option<(u16, u16)>,
     pub lease_every: Duration,
 }
 
@@ -90,6 +103,7 @@ pub struct GroupProgress {
 
 struct Entry {
     key: GroupKey,
+    local: IpAddr,
     session: Addr<GroupSession>,
     group: SocketAddrV4,
     tid: SocketAddr,
@@ -106,7 +120,7 @@ pub struct Coordinator {
     next_arbiter: usize,
     next_id: u64,
     groups: HashMap<u64, Entry>,
-    by_key: HashMap<GroupKey, u64>,
+    by_key: HashMap<Lookup, u64>,
     in_use: HashSet<Ipv4Addr>,
     started_total: u64,
     fallbacks: u64,
@@ -128,19 +142,30 @@ impl Coordinator {
         }
     }
 
-    /// A free group address; the network and broadcast addresses of the range are skipped.
-    fn allocate(&mut self) -> Option<Ipv4Addr> {
-        let base = u32::from(self.policy.pool_base);
+    /// Usable pool slots: the network and broadcast addresses of a range are skipped.
+    fn slots(&self) -> (u32, u32) {
         let size = self.policy.pool_size;
-        let (first, last) = if size > 2 { (1, size - 1) } else { (0, size) };
-        (first..last).map(|i| Ipv4Addr::from(base + i)).find(|a| !self.in_use.contains(a))
+        if size > 2 {
+            (1, size - 2)
+        } else {
+            (0, size)
+        }
+    }
+
+    /// The group address and slot for `key`: its preferred slot, or the next free one.
+    fn allocate(&self, key: &GroupKey) -> Option<(Ipv4Addr, u32)> {
+        let (first, count) = self.slots();
+        let base = u32::from(self.policy.pool_base);
+        let start = preferred_slot(key, count);
+        (0..count).map(|i| first + (start + i) % count).map(|slot| (Ipv4Addr::from(base + slot), slot)).find(|(a, _)| !self.in_use.contains(a))
     }
 
     fn start_group(&mut self, m: &MulticastRequest, ctx: &mut Context<Self>) -> Result<u64, String> {
         let IpAddr::V4(local) = m.local else { return Err("multicast needs IPv4".into()) };
-        let addr = self.allocate().ok_or("multicast address pool exhausted")?;
-        let socket = crate::net::bind_group(local, self.policy.tid_port_range, self.policy.interface, self.policy.ttl)
-            .map_err(|e| format!("cannot open group socket: {e}"))?;
+        let (addr, slot) = self.allocate(&m.key).ok_or("multicast address pool exhausted")?;
+        let port = self.policy.tid_port_base.checked_add(slot as u16).ok_or("group port out of range")?;
+        let socket = crate::net::bind_group(local, Some((port, port)), self.policy.interface, self.policy.ttl)
+            .map_err(|e| format!("cannot open group socket on port {port}: {e}"))?;
         let tid = socket.local_addr().map_err(|e| e.to_string())?;
         let group = SocketAddrV4::new(addr, self.policy.port);
         let id = self.next_id;
@@ -160,9 +185,9 @@ impl Coordinator {
         let span = info_span!(
             "group",
             group = %group,
-            file = %m.key.file.path,
+            file = %m.key.path,
             tid = tid.port(),
-            mode = m.key.mode.as_str(),
+            mode = if m.key.netascii { "netascii" } else { "octet" },
             blksize = m.key.blksize,
         );
         span.in_scope(|| {
@@ -188,15 +213,15 @@ impl Coordinator {
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let session = GroupSession::start_in_arbiter(arbiter, move |_| GroupSession::new(spec));
         self.in_use.insert(addr);
-        self.groups.insert(id, Entry { key: m.key.clone(), session, group, tid, joins: 0, started: now, block: 0, members: 0 });
-        self.by_key.insert(m.key.clone(), id);
+        self.groups.insert(id, Entry { key: m.key.clone(), local: m.local, session, group, tid, joins: 0, started: now, block: 0, members: 0 });
+        self.by_key.insert((m.key.clone(), m.local), id);
         self.started_total += 1;
         Ok(id)
     }
 
     fn end(&mut self, id: u64) {
         if let Some(e) = self.groups.remove(&id) {
-            self.by_key.remove(&e.key);
+            self.by_key.remove(&(e.key, e.local));
             self.in_use.remove(e.group.ip());
             e.session.do_send(EndGroup);
         }
@@ -210,14 +235,14 @@ impl Actor for Coordinator {
 impl Handler<MulticastRequest> for Coordinator {
     type Result = Result<Joined, String>;
     fn handle(&mut self, m: MulticastRequest, ctx: &mut Context<Self>) -> Self::Result {
-        let existing = self.by_key.get(&m.key).copied();
+        let existing = self.by_key.get(&(m.key.clone(), m.local)).copied();
         let (id, new_group) = match existing {
             Some(id) => (id, false),
             None => match self.start_group(&m, ctx) {
                 Ok(id) => (id, true),
                 Err(e) => {
                     self.fallbacks += 1;
-                    warn!(client = %m.client, file = %m.key.file.path, reason = %e, "multicast not possible: serving by unicast");
+                    warn!(client = %m.client, file = %m.key.path, reason = %e, "multicast not possible: serving by unicast");
                     return Err(e);
                 }
             },
@@ -254,7 +279,7 @@ impl Handler<DumpState> for Coordinator {
         let groups: Vec<String> = self
             .groups
             .values()
-            .map(|e| format!("{}:{}@{} block={} members={} age_s={}", e.key.file.path, e.group, e.tid, e.block, e.members, e.started.elapsed().as_secs()))
+            .map(|e| format!("{}:{}@{} block={} members={} age_s={}", e.key.path, e.group, e.tid, e.block, e.members, e.started.elapsed().as_secs()))
             .collect();
         info!(
             target: "state",
@@ -270,5 +295,24 @@ impl Handler<DumpState> for Coordinator {
         for e in self.groups.values() {
             e.session.do_send(m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> GroupKey {
+        GroupKey { sha256: [b; 32], size: 1000, blksize: 1428, netascii: false, path: format!("f{b}") }
+    }
+
+    #[test]
+    fn preferred_slot_is_stable_and_spread() {
+        assert_eq!(preferred_slot(&key(1), 254), preferred_slot(&key(1), 254));
+        let distinct: HashSet<u32> = (0..50).map(|b| preferred_slot(&key(b), 254)).collect();
+        assert!(distinct.len() > 30, "{} distinct slots for 50 keys", distinct.len());
+        let mut k = key(1);
+        k.path = "elsewhere".into();
+        assert_eq!(preferred_slot(&k, 254), preferred_slot(&key(1), 254), "the path does not change the slot");
     }
 }

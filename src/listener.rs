@@ -285,7 +285,7 @@ impl Listener {
         }
         // The group's window is the server's; a windowsize asked for does not apply to it.
         let options: Vec<(String, String)> = n.oack.iter().filter(|(k, _)| k != "windowsize").cloned().collect();
-        let key = GroupKey { file: ready.key.clone(), blksize: n.blksize, mode: req.mode };
+        let key = GroupKey { sha256: ready.key.sha256, size: data.len() as u64, blksize: n.blksize, netascii: req.mode == Mode::Netascii, path: ready.key.path.clone() };
         let coordinator = self.coordinator.clone().expect("multicast enabled");
         self.pending.insert(peer);
         coordinator

@@ -6,6 +6,7 @@
 //! `Instant`s in and pull datagrams and deadlines out, so every rule is testable with a
 //! virtual clock.
 
+pub mod cluster;
 pub mod flow;
 pub mod multicast;
 pub mod netascii;
