@@ -1,23 +1,39 @@
-//! coordinator: the node's table of active multicast groups.
+//! coordinator: the table of active multicast groups, on this node and across the cluster.
 //!
 //! Every multicast request goes through here, so "is this file already being multicast?"
 //! and "start a group" happen in one step of one actor: two requests for the same file can
-//! never start two groups. A group is keyed by the file's identity (path, size, mtime and
-//! content hash: a file changed on disk is a different key and never mixes into a running
-//! group) plus block size and mode. The coordinator owns the pool of group addresses, so two
-//! concurrent groups never share one. The cluster issue feeds the same table from peers.
+//! never start two groups on a node. A group is keyed by the content identity of its stream
+//! (SHA-256, size, block size, mode): a file changed on disk is a different key and never
+//! mixes into a running group, and the key is equal on every node holding the same bytes.
+//! The coordinator owns the pool of group addresses, so concurrent groups never share one.
+//!
+//! # Cluster
+//! Coordinators tell each other, through the membership layer, the complete list of groups
+//! they own (on every change and every second). With that table:
+//! - a request that reaches this node for a stream another node is multicasting is
+//!   **enrolled** there: the owner adds the member and sends its OACK from the group's
+//!   transfer socket (the shared service address and the group's port);
+//! - every node binds the transfer socket of every group it knows of and **relays** what
+//!   clients send to it to the owner, since the router may hash a member to any node;
+//! - a group's address and port follow from a hash of its key, so two nodes starting the same
+//!   stream at the same moment create the same group; when they learn of each other the
+//!   node with the larger id **hands its members over** and becomes a relay;
+//! - when a node dies, the alive node with the smallest id **takes over** its groups: same
+//!   address and port, members as last announced; the oldest is made master and asks for
+//!   what it lacks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
+use tftpcast_proto::cluster::{GroupInfo, MemberInfo, Message as ClusterMessage, NodeId, StreamKey};
 use tftpcast_proto::multicast::GroupConfig;
-use tftpcast_proto::cluster::StreamKey;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
-use crate::group::{EndGroup, GroupSession, GroupSpec, Join};
+use crate::file_cache::{FileCache, FileRequest};
+use crate::group::{BecomeRelay, EndGroup, GroupSession, GroupSpec, Incoming, Join, TakeOver};
 use crate::pacing::Pacing;
 use crate::state::DumpState;
 
@@ -25,13 +41,8 @@ use crate::state::DumpState;
 /// hash, not modification time).
 pub type GroupKey = StreamKey;
 
-/// Where a group is looked up: the stream and the address clients sent their requests to
-/// (RFC 2090 clients accept the group's packets only from that address).
-type Lookup = (GroupKey, IpAddr);
-
 /// The pool slot a stream prefers: a hash of its identity, so every node that starts the same
-/// stream picks the same group address and transfer port, and two nodes that start it at the
-/// same moment create the same group (see the cluster issue).
+/// stream picks the same group address and transfer port.
 fn preferred_slot(key: &GroupKey, slots: u32) -> u32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let bytes = key.sha256.iter().copied().chain(key.size.to_be_bytes()).chain(key.blksize.to_be_bytes()).chain([key.netascii as u8]);
@@ -39,6 +50,11 @@ fn preferred_slot(key: &GroupKey, slots: u32) -> u32 {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h % slots.max(1) as u64) as u32
+}
+
+/// Which of two nodes keeps a group both started: the smaller id, on every node alike.
+fn wins(a: &str, b: &str) -> bool {
+    a < b
 }
 
 /// Multicast settings, validated.
@@ -62,6 +78,30 @@ pub struct MulticastPolicy {
     pub lease_every: Duration,
 }
 
+/// A message for peer coordinators; `to: None` is every live member.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Outbound {
+    pub to: Option<NodeId>,
+    pub msg: ClusterMessage,
+}
+
+/// What the membership layer tells the coordinator.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum PeerEvent {
+    Up { node: NodeId },
+    Down { node: NodeId },
+    Message { from: NodeId, msg: ClusterMessage },
+}
+
+/// This node's identity in the cluster and the way out to its peers.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub node_id: NodeId,
+    pub out: Recipient<Outbound>,
+}
+
 /// A client asks for a file with the `multicast` option.
 #[derive(Message)]
 #[rtype(result = "Result<Joined, String>")]
@@ -76,11 +116,13 @@ pub struct MulticastRequest {
     pub options: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Joined {
     pub group: SocketAddrV4,
     pub tid: SocketAddr,
     pub new_group: bool,
+    /// The node that owns the group (None: this node).
+    pub owner: Option<NodeId>,
 }
 
 /// A group has no member left. `joins` is how many joins it had seen, so a join already on
@@ -92,53 +134,94 @@ pub struct GroupIdle {
     pub joins: u64,
 }
 
-/// Periodic progress of a group, for the table and the state dump.
+/// Periodic progress of an owned group, for the table, the announcements and the dump.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct GroupProgress {
     pub id: u64,
     pub block: u64,
-    pub members: usize,
+    pub started: bool,
+    pub members: Vec<MemberInfo>,
+}
+
+/// A client packet reached a relay socket: forward it to the group's owner.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayOut {
+    pub tid: SocketAddr,
+    pub client: SocketAddr,
+    pub packet: Vec<u8>,
 }
 
 struct Entry {
     key: GroupKey,
-    local: IpAddr,
     session: Addr<GroupSession>,
     group: SocketAddrV4,
     tid: SocketAddr,
+    /// None: this node owns the group; Some: it relays for that node.
+    owner: Option<NodeId>,
     joins: u64,
-    started: Instant,
+    created: Instant,
     block: u64,
-    members: usize,
+    started: bool,
+    members: Vec<MemberInfo>,
 }
 
 pub struct Coordinator {
     policy: MulticastPolicy,
     pacing: Addr<Pacing>,
+    files: Addr<FileCache>,
+    cluster: Option<ClusterLink>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     next_id: u64,
     groups: HashMap<u64, Entry>,
-    by_key: HashMap<Lookup, u64>,
-    in_use: HashSet<Ipv4Addr>,
+    by_tid: HashMap<SocketAddr, u64>,
+    /// The last table each peer announced.
+    remote: HashMap<NodeId, Vec<GroupInfo>>,
+    alive: BTreeSet<NodeId>,
+    seq: u64,
+    dirty: bool,
     started_total: u64,
     fallbacks: u64,
+    enrolled_remote: u64,
+    relayed: u64,
+    takeovers: u64,
+    handovers: u64,
 }
 
 impl Coordinator {
-    pub fn new(policy: MulticastPolicy, pacing: Addr<Pacing>, arbiters: Vec<ArbiterHandle>) -> Self {
+    pub fn new(policy: MulticastPolicy, pacing: Addr<Pacing>, files: Addr<FileCache>, cluster: Option<ClusterLink>, arbiters: Vec<ArbiterHandle>) -> Self {
         Coordinator {
             policy,
             pacing,
+            files,
+            cluster,
             arbiters,
             next_arbiter: 0,
             next_id: 1,
             groups: HashMap::new(),
-            by_key: HashMap::new(),
-            in_use: HashSet::new(),
+            by_tid: HashMap::new(),
+            remote: HashMap::new(),
+            alive: BTreeSet::new(),
+            seq: 0,
+            dirty: false,
             started_total: 0,
             fallbacks: 0,
+            enrolled_remote: 0,
+            relayed: 0,
+            takeovers: 0,
+            handovers: 0,
+        }
+    }
+
+    fn node_id(&self) -> &str {
+        self.cluster.as_ref().map(|c| c.node_id.as_str()).unwrap_or("")
+    }
+
+    fn send(&self, to: Option<NodeId>, msg: ClusterMessage) {
+        if let Some(c) = &self.cluster {
+            c.out.do_send(Outbound { to, msg });
         }
     }
 
@@ -152,58 +235,56 @@ impl Coordinator {
         }
     }
 
+    /// Addresses in use by groups anywhere in the cluster, other than those of `key`.
+    fn taken(&self, key: &GroupKey) -> HashSet<Ipv4Addr> {
+        let local = self.groups.values().filter(|e| &e.key != key).map(|e| *e.group.ip());
+        let remote = self.remote.values().flatten().filter(|g| &g.key != key).map(|g| *g.group.ip());
+        local.chain(remote).collect()
+    }
+
     /// The group address and slot for `key`: its preferred slot, or the next free one.
     fn allocate(&self, key: &GroupKey) -> Option<(Ipv4Addr, u32)> {
         let (first, count) = self.slots();
         let base = u32::from(self.policy.pool_base);
         let start = preferred_slot(key, count);
-        (0..count).map(|i| first + (start + i) % count).map(|slot| (Ipv4Addr::from(base + slot), slot)).find(|(a, _)| !self.in_use.contains(a))
+        let taken = self.taken(key);
+        (0..count).map(|i| first + (start + i) % count).map(|slot| (Ipv4Addr::from(base + slot), slot)).find(|(a, _)| !taken.contains(a))
     }
 
-    fn start_group(&mut self, m: &MulticastRequest, ctx: &mut Context<Self>) -> Result<u64, String> {
-        let IpAddr::V4(local) = m.local else { return Err("multicast needs IPv4".into()) };
-        let (addr, slot) = self.allocate(&m.key).ok_or("multicast address pool exhausted")?;
-        let port = self.policy.tid_port_base.checked_add(slot as u16).ok_or("group port out of range")?;
-        let socket = crate::net::bind_group(local, Some((port, port)), self.policy.interface, self.policy.ttl)
-            .map_err(|e| format!("cannot open group socket on port {port}: {e}"))?;
-        let tid = socket.local_addr().map_err(|e| e.to_string())?;
-        let group = SocketAddrV4::new(addr, self.policy.port);
-        let id = self.next_id;
-        self.next_id += 1;
-        let now = Instant::now();
-        let cfg = GroupConfig {
+    fn group_config(&self, group: SocketAddrV4, blksize: u16, start_at: Instant) -> GroupConfig {
+        GroupConfig {
             group,
-            blksize: m.key.blksize,
+            blksize,
             window: self.policy.window,
             timeout: self.policy.timeout,
             min_timeout: self.policy.min_timeout,
             max_timeout: self.policy.max_timeout,
             master_retries: self.policy.master_retries,
-            start_at: now + self.policy.start_delay,
+            start_at,
             start_min_clients: self.policy.start_min_clients,
-        };
+        }
+    }
+
+    /// Starts a group session (owner with `owner_of`, else relay) on the group's socket.
+    fn spawn_session(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, ctx: &mut Context<Self>) -> Result<u64, String> {
+        let IpAddr::V4(local) = tid.ip() else { return Err("multicast needs IPv4".into()) };
+        let socket = crate::net::bind_group(local, Some((tid.port(), tid.port())), self.policy.interface, self.policy.ttl)
+            .map_err(|e| format!("cannot open group socket {tid}: {e}"))?;
+        let tid = socket.local_addr().map_err(|e| e.to_string())?;
+        let id = self.next_id;
+        self.next_id += 1;
         let span = info_span!(
             "group",
             group = %group,
-            file = %m.key.path,
+            file = %key.path,
             tid = tid.port(),
-            mode = if m.key.netascii { "netascii" } else { "octet" },
-            blksize = m.key.blksize,
+            mode = if key.netascii { "netascii" } else { "octet" },
+            blksize = key.blksize,
         );
-        span.in_scope(|| {
-            info!(
-                size = m.data.len(),
-                start_delay_ms = self.policy.start_delay.as_millis() as u64,
-                start_min_clients = self.policy.start_min_clients,
-                window = self.policy.window,
-                "group created: waiting for the start delay"
-            )
-        });
         let spec = GroupSpec {
             id,
             socket,
-            cfg,
-            data: m.data.clone(),
+            owner: owner_of,
             span,
             pacing: self.pacing.clone(),
             coordinator: ctx.address(),
@@ -212,30 +293,202 @@ impl Coordinator {
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let session = GroupSession::start_in_arbiter(arbiter, move |_| GroupSession::new(spec));
-        self.in_use.insert(addr);
-        self.groups.insert(id, Entry { key: m.key.clone(), local: m.local, session, group, tid, joins: 0, started: now, block: 0, members: 0 });
-        self.by_key.insert((m.key.clone(), m.local), id);
+        self.groups.insert(
+            id,
+            Entry { key: key.clone(), session, group, tid, owner: relay_for, joins: 0, created: Instant::now(), block: 0, started: false, members: Vec::new() },
+        );
+        self.by_tid.insert(tid, id);
+        Ok(id)
+    }
+
+    fn start_group(&mut self, m: &MulticastRequest, ctx: &mut Context<Self>) -> Result<u64, String> {
+        let (addr, slot) = self.allocate(&m.key).ok_or("multicast address pool exhausted")?;
+        let port = self.policy.tid_port_base.checked_add(slot as u16).ok_or("group port out of range")?;
+        let group = SocketAddrV4::new(addr, self.policy.port);
+        let cfg = self.group_config(group, m.key.blksize, Instant::now() + self.policy.start_delay);
+        let id = self.spawn_session(&m.key, group, SocketAddr::new(m.local, port), Some((cfg, m.data.clone())), None, ctx)?;
+        let _g = info_span!("group", group = %group, file = %m.key.path, tid = port).entered();
+        info!(
+            size = m.data.len(),
+            start_delay_ms = self.policy.start_delay.as_millis() as u64,
+            start_min_clients = self.policy.start_min_clients,
+            window = self.policy.window,
+            "group created: waiting for the start delay"
+        );
         self.started_total += 1;
+        self.dirty = true;
         Ok(id)
     }
 
     fn end(&mut self, id: u64) {
         if let Some(e) = self.groups.remove(&id) {
-            self.by_key.remove(&(e.key, e.local));
-            self.in_use.remove(e.group.ip());
+            self.by_tid.remove(&e.tid);
             e.session.do_send(EndGroup);
+            if e.owner.is_none() {
+                self.dirty = true;
+            }
         }
+    }
+
+    fn owned_table(&self) -> Vec<GroupInfo> {
+        self.groups
+            .values()
+            .filter(|e| e.owner.is_none())
+            .map(|e| GroupInfo { key: e.key.clone(), group: e.group, tid: e.tid, block: e.block, members: e.members.clone(), started: e.started })
+            .collect()
+    }
+
+    fn announce(&mut self, to: Option<NodeId>) {
+        if self.cluster.is_none() {
+            return;
+        }
+        self.seq += 1;
+        self.dirty = false;
+        self.send(to, ClusterMessage::Groups { seq: self.seq, groups: self.owned_table() });
+    }
+
+    /// Brings this node's groups in line with what `from` announced.
+    fn reconcile(&mut self, from: &NodeId, ctx: &mut Context<Self>) {
+        let me = self.node_id().to_string();
+        let theirs = self.remote.get(from).cloned().unwrap_or_default();
+        for g in &theirs {
+            match self.by_tid.get(&g.tid).copied() {
+                Some(id) => {
+                    let e = self.groups.get_mut(&id).expect("indexed");
+                    match &e.owner {
+                        None if e.key == g.key && wins(from, &me) => {
+                            // Both started this stream at once; the other node keeps it.
+                            e.owner = Some(from.clone());
+                            self.handovers += 1;
+                            info!(group = %g.group, file = %g.key.path, winner = %from, "start race lost: handing members over");
+                            let (session, key, winner) = (e.session.clone(), g.key.clone(), from.clone());
+                            session
+                                .send(BecomeRelay)
+                                .into_actor(self)
+                                .map(move |res, act, _| {
+                                    for (client, options) in res.unwrap_or_default() {
+                                        act.send(Some(winner.clone()), ClusterMessage::Enroll { key: key.clone(), client, options });
+                                    }
+                                })
+                                .spawn(ctx);
+                            self.dirty = true;
+                        }
+                        None => {} // we keep it; the other node hands over to us
+                        Some(owner) if owner != from => e.owner = Some(from.clone()),
+                        Some(_) => {}
+                    }
+                }
+                None => {
+                    // Relay for it: the router may send its members' packets here.
+                    match self.spawn_session(&g.key, g.group, g.tid, None, Some(from.clone()), ctx) {
+                        Ok(_) => debug!(group = %g.group, tid = %g.tid, owner = %from, "relaying for a peer's group"),
+                        Err(e) => debug!(group = %g.group, tid = %g.tid, error = %e, "cannot relay for a peer's group"),
+                    }
+                }
+            }
+        }
+        // Relays for groups the peer no longer announces end with them.
+        let gone: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, e)| e.owner.as_ref() == Some(from) && !theirs.iter().any(|g| g.tid == e.tid))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.end(id);
+        }
+    }
+
+    /// `node` died: the alive node with the smallest id continues its groups.
+    fn node_down(&mut self, node: &NodeId, ctx: &mut Context<Self>) {
+        let groups = self.remote.remove(node).unwrap_or_default();
+        let me = self.node_id().to_string();
+        let successor = self.alive.iter().next().filter(|n| wins(n, &me)).cloned().unwrap_or(me.clone());
+        for g in groups {
+            if successor != me {
+                if let Some(id) = self.by_tid.get(&g.tid) {
+                    if let Some(e) = self.groups.get_mut(id) {
+                        e.owner = Some(successor.clone());
+                    }
+                }
+                continue;
+            }
+            self.take_over(node, g, ctx);
+        }
+    }
+
+    fn take_over(&mut self, dead: &NodeId, g: GroupInfo, ctx: &mut Context<Self>) {
+        self.takeovers += 1;
+        warn!(group = %g.group, file = %g.key.path, dead = %dead, members = g.members.len(), block = g.block, "owner died: taking the group over");
+        let dead = dead.clone();
+        self.files
+            .send(FileRequest { name: g.key.path.clone().into_bytes() })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let data = match res {
+                    Ok(Ok(ready)) if ready.key.sha256 == g.key.sha256 => {
+                        if g.key.netascii {
+                            let mut enc = tftpcast_proto::netascii::Encoder::new();
+                            let mut out = Vec::new();
+                            enc.fill(&ready.data, &mut out, usize::MAX);
+                            Bytes::from(out)
+                        } else {
+                            ready.data
+                        }
+                    }
+                    _ => {
+                        warn!(group = %g.group, file = %g.key.path, "cannot take over: this node lacks the same file");
+                        return;
+                    }
+                };
+                let cfg = act.group_config(g.group, g.key.blksize, Instant::now());
+                let members: Vec<(SocketAddr, Vec<(String, String)>)> = g.members.iter().map(|m| (m.client, m.options.clone())).collect();
+                let id = match act.by_tid.get(&g.tid).copied() {
+                    Some(id) => id,
+                    None => match act.spawn_session(&g.key, g.group, g.tid, None, Some(dead.clone()), ctx) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            warn!(group = %g.group, error = %e, "cannot take over");
+                            return;
+                        }
+                    },
+                };
+                let e = act.groups.get_mut(&id).expect("just found");
+                e.owner = None;
+                e.members = g.members.clone();
+                e.session.do_send(TakeOver { cfg, data, members });
+                act.dirty = true;
+            })
+            .spawn(ctx);
     }
 }
 
 impl Actor for Coordinator {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.cluster.is_some() {
+            // Changes go out within 50 ms; the whole table every second covers lost datagrams.
+            ctx.run_interval(Duration::from_millis(50), |act, _| {
+                if act.dirty {
+                    act.announce(None);
+                }
+            });
+            ctx.run_interval(Duration::from_secs(1), |act, _| act.announce(None));
+        }
+    }
 }
 
 impl Handler<MulticastRequest> for Coordinator {
     type Result = Result<Joined, String>;
     fn handle(&mut self, m: MulticastRequest, ctx: &mut Context<Self>) -> Self::Result {
-        let existing = self.by_key.get(&(m.key.clone(), m.local)).copied();
+        // A group for this stream on this address, owned here or relayed for a peer.
+        let existing = self.groups.iter().find(|(_, e)| e.key == m.key && e.tid.ip() == m.local).map(|(id, _)| *id);
+        let existing = existing.or_else(|| {
+            // A peer's group we do not relay yet (its socket could not be bound earlier).
+            let (owner, g) = self.remote.iter().flat_map(|(n, gs)| gs.iter().map(move |g| (n.clone(), g.clone()))).find(|(_, g)| g.key == m.key && g.tid.ip() == m.local)?;
+            self.spawn_session(&g.key, g.group, g.tid, None, Some(owner), ctx).ok()
+        });
         let (id, new_group) = match existing {
             Some(id) => (id, false),
             None => match self.start_group(&m, ctx) {
@@ -249,15 +502,22 @@ impl Handler<MulticastRequest> for Coordinator {
         };
         let e = self.groups.get_mut(&id).expect("group in table");
         e.joins += 1;
-        e.session.do_send(Join { client: m.client, options: m.options });
-        Ok(Joined { group: e.group, tid: e.tid, new_group })
+        let joined = Joined { group: e.group, tid: e.tid, new_group, owner: e.owner.clone() };
+        match e.owner.clone() {
+            None => e.session.do_send(Join { client: m.client, options: m.options }),
+            Some(owner) => {
+                self.enrolled_remote += 1;
+                self.send(Some(owner), ClusterMessage::Enroll { key: m.key, client: m.client, options: m.options });
+            }
+        }
+        Ok(joined)
     }
 }
 
 impl Handler<GroupIdle> for Coordinator {
     type Result = ();
     fn handle(&mut self, m: GroupIdle, _: &mut Context<Self>) {
-        if matches!(self.groups.get(&m.id), Some(e) if e.joins == m.joins) {
+        if matches!(self.groups.get(&m.id), Some(e) if e.joins == m.joins && e.owner.is_none()) {
             self.end(m.id);
         }
     }
@@ -267,8 +527,63 @@ impl Handler<GroupProgress> for Coordinator {
     type Result = ();
     fn handle(&mut self, m: GroupProgress, _: &mut Context<Self>) {
         if let Some(e) = self.groups.get_mut(&m.id) {
+            if e.members != m.members || e.started != m.started {
+                self.dirty = true;
+            }
             e.block = m.block;
+            e.started = m.started;
             e.members = m.members;
+        }
+    }
+}
+
+impl Handler<RelayOut> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, m: RelayOut, _: &mut Context<Self>) {
+        let owner = self.by_tid.get(&m.tid).and_then(|id| self.groups.get(id)).and_then(|e| e.owner.clone());
+        if let Some(owner) = owner {
+            self.relayed += 1;
+            self.send(Some(owner), ClusterMessage::Relay { tid: m.tid, client: m.client, packet: m.packet });
+        }
+    }
+}
+
+impl Handler<PeerEvent> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, ev: PeerEvent, ctx: &mut Context<Self>) {
+        match ev {
+            PeerEvent::Up { node } => {
+                self.alive.insert(node.clone());
+                self.announce(Some(node));
+            }
+            PeerEvent::Down { node } => {
+                self.alive.remove(&node);
+                self.node_down(&node, ctx);
+            }
+            PeerEvent::Message { from, msg } => match msg {
+                ClusterMessage::Groups { groups, .. } => {
+                    self.alive.insert(from.clone());
+                    self.remote.insert(from.clone(), groups);
+                    self.reconcile(&from, ctx);
+                }
+                ClusterMessage::Enroll { key, client, options } => {
+                    let owned = self.groups.values_mut().find(|e| e.key == key && e.owner.is_none());
+                    match owned {
+                        Some(e) => {
+                            e.joins += 1;
+                            e.session.do_send(Join { client, options });
+                        }
+                        None => debug!(from = %from, client = %client, file = %key.path, "enrollment for a group this node does not own"),
+                    }
+                }
+                ClusterMessage::Relay { tid, client, packet } => {
+                    if let Some(e) = self.by_tid.get(&tid).and_then(|id| self.groups.get(id)) {
+                        if e.owner.is_none() {
+                            e.session.do_send(Incoming { client, packet });
+                        }
+                    }
+                }
+            },
         }
     }
 }
@@ -279,16 +594,34 @@ impl Handler<DumpState> for Coordinator {
         let groups: Vec<String> = self
             .groups
             .values()
-            .map(|e| format!("{}:{}@{} block={} members={} age_s={}", e.key.path, e.group, e.tid, e.block, e.members, e.started.elapsed().as_secs()))
+            .map(|e| {
+                format!(
+                    "{} {}@{} owner={} block={} members={} age_s={}",
+                    e.key.path,
+                    e.group,
+                    e.tid,
+                    e.owner.as_deref().unwrap_or("self"),
+                    e.block,
+                    e.members.len(),
+                    e.created.elapsed().as_secs()
+                )
+            })
             .collect();
+        let remote: usize = self.remote.values().map(|g| g.len()).sum();
         info!(
             target: "state",
             actor = "coordinator",
-            members = 1,
-            groups_active = self.groups.len(),
+            node = self.node_id(),
+            members = ?self.alive,
+            groups_owned = self.groups.values().filter(|e| e.owner.is_none()).count(),
+            groups_relayed = self.groups.values().filter(|e| e.owner.is_some()).count(),
+            groups_remote = remote,
             groups_started = self.started_total,
             fallbacks = self.fallbacks,
-            addresses_in_use = self.in_use.len(),
+            enrolled_remote = self.enrolled_remote,
+            relayed = self.relayed,
+            takeovers = self.takeovers,
+            handovers = self.handovers,
             groups = ?groups,
             "state"
         );
@@ -314,5 +647,11 @@ mod tests {
         let mut k = key(1);
         k.path = "elsewhere".into();
         assert_eq!(preferred_slot(&k, 254), preferred_slot(&key(1), 254), "the path does not change the slot");
+    }
+
+    #[test]
+    fn the_smaller_id_wins_on_every_node() {
+        assert!(wins("node-a", "node-b"));
+        assert!(!wins("node-b", "node-a"));
     }
 }

@@ -1,33 +1,51 @@
-//! group: the session actor of one multicast group (RFC 2090).
+//! group: the session actor of one multicast group transfer socket (RFC 2090).
 //!
-//! Like a unicast session it owns a socket and a proto state machine
-//! (`tftpcast_proto::multicast::Group`): OACKs to members and DATA to the group both leave
-//! from this one socket, as RFC 2090 clients require. It paces itself with a lease from
-//! `pacing`, reports progress to the `coordinator`, and tells it when no member is left; the
-//! coordinator decides when the group ends (a join may be on its way).
+//! In **owner** mode it holds the group's state machine (`tftpcast_proto::multicast::Group`):
+//! OACKs to members and DATA to the group both leave from its one socket, as RFC 2090 clients
+//! require; it paces itself with a lease from `pacing`, reports progress to the
+//! `coordinator`, and says when no member is left (the coordinator ends the group, since a
+//! join may be on its way).
+//!
+//! In a cluster every node binds the transfer socket of every group it knows of, because the
+//! router may hash a member's packets to any node. On a node that does not own the group the
+//! actor is in **relay** mode: it hands each packet to the coordinator, which forwards it to
+//! the owner. A relay becomes the owner when the owner dies (`TakeOver`), and an owner hands
+//! its members over and becomes a relay when it loses a start race (`BecomeRelay`).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
+use tftpcast_proto::cluster::MemberInfo;
 use tftpcast_proto::multicast::{Event, Group, GroupConfig, Output};
 use tftpcast_proto::pacing::TokenBucket;
 use tftpcast_proto::packet;
 use tracing::{info, warn, Span};
 
-use crate::coordinator::{Coordinator, GroupIdle, GroupProgress};
+use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
 use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+
+/// Options of a member's OACK besides `multicast`.
+pub type Options = Vec<(String, String)>;
 
 /// A client joins (or asks again to join) the group.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
     pub client: SocketAddr,
-    pub options: Vec<(String, String)>,
+    pub options: Options,
+}
+
+/// A packet a member sent to this group's socket on another node, relayed here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Incoming {
+    pub client: SocketAddr,
+    pub packet: Vec<u8>,
 }
 
 /// The coordinator ends the group.
@@ -35,11 +53,25 @@ pub struct Join {
 #[rtype(result = "()")]
 pub struct EndGroup;
 
+/// Another node owns this group now: stop sending, return the members for it to enroll.
+#[derive(Message)]
+#[rtype(result = "Vec<(SocketAddr, Options)>")]
+pub struct BecomeRelay;
+
+/// The owner died: this node continues the group with the members it announced.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TakeOver {
+    pub cfg: GroupConfig,
+    pub data: Bytes,
+    pub members: Vec<(SocketAddr, Options)>,
+}
+
 pub struct GroupSpec {
     pub id: u64,
     pub socket: UdpSocket,
-    pub cfg: GroupConfig,
-    pub data: Bytes,
+    /// Some: owner of a new group with this configuration and data. None: relay.
+    pub owner: Option<(GroupConfig, Bytes)>,
     pub span: Span,
     pub pacing: Addr<Pacing>,
     pub coordinator: Addr<Coordinator>,
@@ -48,8 +80,10 @@ pub struct GroupSpec {
 
 pub struct GroupSession {
     id: u64,
-    group: Group<SocketAddr>,
-    dest: SocketAddr,
+    /// None while relaying for another node.
+    group: Option<Group<SocketAddr>>,
+    dest: Option<SocketAddr>,
+    tid: SocketAddr,
     file_len: u64,
     raw: Option<UdpSocket>,
     sock: Option<SharedSocket>,
@@ -65,16 +99,28 @@ pub struct GroupSession {
     reported: Report,
     unicast_bytes: u64,
     backpressure: u64,
+    relayed: u64,
 }
+
+/// Group ids share the pacing table with session ids; this bit keeps them apart.
+const GROUP_ID_BIT: u64 = 1 << 63;
 
 impl GroupSession {
     pub fn new(spec: GroupSpec) -> Self {
-        let dest = SocketAddr::V4(spec.cfg.group);
-        let file_len = spec.data.len() as u64;
+        let tid = spec.socket.local_addr().expect("bound socket");
+        let (group, dest, file_len) = match spec.owner {
+            Some((cfg, data)) => {
+                let dest = SocketAddr::V4(cfg.group);
+                let len = data.len() as u64;
+                (Some(Group::new(cfg, data)), Some(dest), len)
+            }
+            None => (None, None, 0),
+        };
         GroupSession {
             id: spec.id,
-            group: Group::new(spec.cfg, spec.data),
+            group,
             dest,
+            tid,
             file_len,
             raw: Some(spec.socket),
             sock: None,
@@ -90,17 +136,18 @@ impl GroupSession {
             reported: Report::default(),
             unicast_bytes: 0,
             backpressure: 0,
+            relayed: 0,
         }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        let Some(sock) = self.sock.clone() else { return };
+        let (Some(sock), Some(dest)) = (self.sock.clone(), self.dest) else { return };
         while !self.blocked {
             let now = Instant::now();
             if self.bucket.ready_at(now).is_some() {
                 break;
             }
-            let Some(out) = self.group.poll_transmit(now) else { break };
+            let Some(out) = self.group.as_mut().and_then(|g| g.poll_transmit(now)) else { break };
             match out {
                 Output::ToClient { to, packet } => {
                     self.unicast_bytes += packet.len() as u64;
@@ -112,12 +159,12 @@ impl GroupSession {
                 }
                 Output::ToGroup(t) => {
                     self.bucket.consume(t.len() as u64);
-                    match udp::send_transmit(sock.get_ref(), &t, self.dest) {
+                    match udp::send_transmit(sock.get_ref(), &t, dest) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             self.blocked = true;
                             self.backpressure += 1;
-                            ctx.spawn(udp::send_when_writable(sock.clone(), t, self.dest).into_actor(self).map(|_, act, ctx| {
+                            ctx.spawn(udp::send_when_writable(sock.clone(), t, dest).into_actor(self).map(|_, act, ctx| {
                                 act.blocked = false;
                                 act.flush(ctx);
                             }));
@@ -136,7 +183,8 @@ impl GroupSession {
 
     fn log_events(&mut self) {
         let _g = self.span.enter();
-        while let Some(ev) = self.group.poll_event() {
+        let Some(g) = self.group.as_mut() else { return };
+        while let Some(ev) = g.poll_event() {
             match ev {
                 Event::Joined { client, master, members } => info!(client = %client, master, members, "member joined"),
                 Event::Started { members, early } => {
@@ -148,22 +196,22 @@ impl GroupSession {
                     }
                 }
                 Event::MasterChanged { from, to, .. } => {
-                    info!(from = ?from, to = %to, block = self.group.current_block(), members = self.group.members(), "master changed")
+                    info!(from = ?from, to = %to, block = g.current_block(), members = g.members(), "master changed")
                 }
-                Event::MemberDone { client } => info!(client = %client, members_left = self.group.members(), "member finished"),
-                Event::MemberLost { client, reason } => warn!(client = %client, reason, members_left = self.group.members(), "member dropped"),
-                Event::Empty => {
-                    self.coordinator.do_send(GroupIdle { id: self.id, joins: self.group.stats().joins });
-                }
+                Event::MemberDone { client } => info!(client = %client, members_left = g.members(), "member finished"),
+                Event::MemberLost { client, reason } => warn!(client = %client, reason, members_left = g.members(), "member dropped"),
+                Event::Empty => self.coordinator.do_send(GroupIdle { id: self.id, joins: g.stats().joins }),
             }
         }
     }
 
     fn rearm(&mut self, ctx: &mut Context<Self>) {
         let pace = self.bucket.ready_at(Instant::now());
-        if let Some(want) = earliest(self.group.poll_timeout(), pace) {
+        if let Some(want) = earliest(self.group.as_ref().and_then(|g| g.poll_timeout()), pace) {
             self.timer.arm(ctx, want, |act, ctx| {
-                act.group.handle_timeout(Instant::now());
+                if let Some(g) = act.group.as_mut() {
+                    g.handle_timeout(Instant::now());
+                }
                 act.flush(ctx);
             });
         }
@@ -171,7 +219,8 @@ impl GroupSession {
 
     /// What happened since the previous report: repairs and re-masters count as loss.
     fn report(&mut self) -> Report {
-        let st = self.group.stats();
+        let Some(g) = self.group.as_ref() else { return Report::default() };
+        let st = g.stats();
         let now = Report {
             bytes: st.data_bytes + self.unicast_bytes,
             retransmits: st.retransmits,
@@ -185,8 +234,10 @@ impl GroupSession {
     }
 
     fn renew(&mut self, ctx: &mut Context<Self>) {
+        let Some(g) = self.group.as_ref() else { return };
+        let members = g.member_list().into_iter().map(|(client, master, options)| MemberInfo { client, master, options }).collect();
+        self.coordinator.do_send(GroupProgress { id: self.id, block: g.current_block(), started: g.started(), members });
         let report = self.report();
-        self.coordinator.do_send(GroupProgress { id: self.id, block: self.group.current_block(), members: self.group.members() });
         self.pacing
             .send(pacing::Renew { id: self.id | GROUP_ID_BIT, report })
             .into_actor(self)
@@ -200,10 +251,32 @@ impl GroupSession {
             })
             .spawn(ctx);
     }
-}
 
-/// Group ids share the pacing table with session ids; this bit keeps them apart.
-const GROUP_ID_BIT: u64 = 1 << 63;
+    fn log_end(&mut self, why: &'static str) {
+        let span = self.span.clone();
+        let _g = span.enter();
+        let Some(g) = self.group.as_ref() else { return };
+        let st = g.stats();
+        let ratio = st.data_bytes as f64 / self.file_len.max(1) as f64;
+        info!(
+            duration_ms = self.created.elapsed().as_millis() as u64,
+            sending_ms = self.started_at.map(|t| t.elapsed().as_millis() as u64),
+            data_bytes = st.data_bytes,
+            wire_ratio = format!("{ratio:.3}"),
+            data_packets = st.data_packets,
+            retransmits = st.retransmits,
+            unexpected = st.unexpected,
+            unexpected_retransmits = st.unexpected_retransmits,
+            remasters = st.remasters,
+            members_done = st.members_done,
+            members_lost = st.members_lost,
+            why,
+            "group ended"
+        );
+        let report = self.report();
+        self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report });
+    }
+}
 
 impl AsMut<Timer> for GroupSession {
     fn as_mut(&mut self) -> &mut Timer {
@@ -242,34 +315,27 @@ impl Actor for GroupSession {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        let span = self.span.clone();
-        let _g = span.enter();
-        let st = self.group.stats();
-        let ratio = st.data_bytes as f64 / self.file_len.max(1) as f64;
-        info!(
-            duration_ms = self.created.elapsed().as_millis() as u64,
-            sending_ms = self.started_at.map(|t| t.elapsed().as_millis() as u64),
-            data_bytes = st.data_bytes,
-            wire_ratio = format!("{ratio:.3}"),
-            data_packets = st.data_packets,
-            retransmits = st.retransmits,
-            unexpected = st.unexpected,
-            unexpected_retransmits = st.unexpected_retransmits,
-            remasters = st.remasters,
-            members_done = st.members_done,
-            members_lost = st.members_lost,
-            "group ended"
-        );
-        let report = self.report();
-        self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report });
+        if self.group.is_some() {
+            self.log_end("ended");
+        } else {
+            self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report: Report::default() });
+        }
     }
 }
 
 impl StreamHandler<Datagram> for GroupSession {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
-        if let Ok(p) = packet::decode(&d.data) {
-            self.group.handle(Instant::now(), d.meta.from, &p);
-            self.flush(ctx);
+        match self.group.as_mut() {
+            Some(g) => {
+                if let Ok(p) = packet::decode(&d.data) {
+                    g.handle(Instant::now(), d.meta.from, &p);
+                    self.flush(ctx);
+                }
+            }
+            None => {
+                self.relayed += 1;
+                self.coordinator.do_send(RelayOut { tid: self.tid, client: d.meta.from, packet: d.data.to_vec() });
+            }
         }
     }
 
@@ -281,8 +347,20 @@ impl StreamHandler<Datagram> for GroupSession {
 impl Handler<Join> for GroupSession {
     type Result = ();
     fn handle(&mut self, m: Join, ctx: &mut Context<Self>) {
-        self.group.join(Instant::now(), m.client, m.options);
-        self.flush(ctx);
+        if let Some(g) = self.group.as_mut() {
+            g.join(Instant::now(), m.client, m.options);
+            self.flush(ctx);
+        }
+    }
+}
+
+impl Handler<Incoming> for GroupSession {
+    type Result = ();
+    fn handle(&mut self, m: Incoming, ctx: &mut Context<Self>) {
+        if let (Some(g), Ok(p)) = (self.group.as_mut(), packet::decode(&m.packet)) {
+            g.handle(Instant::now(), m.client, &p);
+            self.flush(ctx);
+        }
     }
 }
 
@@ -293,20 +371,51 @@ impl Handler<EndGroup> for GroupSession {
     }
 }
 
+impl Handler<BecomeRelay> for GroupSession {
+    type Result = MessageResult<BecomeRelay>;
+    fn handle(&mut self, _: BecomeRelay, _: &mut Context<Self>) -> Self::Result {
+        let members = self.group.as_mut().map(|g| g.drain_members()).unwrap_or_default();
+        self.log_end("handed over to the node that won the start race");
+        self.group = None;
+        self.dest = None;
+        MessageResult(members)
+    }
+}
+
+impl Handler<TakeOver> for GroupSession {
+    type Result = ();
+    fn handle(&mut self, m: TakeOver, ctx: &mut Context<Self>) {
+        self.dest = Some(SocketAddr::V4(m.cfg.group));
+        self.file_len = m.data.len() as u64;
+        self.reported = Report::default();
+        self.unicast_bytes = 0;
+        let mut g = Group::new(m.cfg, m.data);
+        g.take_over(Instant::now(), m.members);
+        self.group = Some(g);
+        self.started_at = Some(Instant::now());
+        self.flush(ctx);
+    }
+}
+
 impl Handler<DumpState> for GroupSession {
     type Result = ();
     fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
         let _g = self.span.enter();
-        let st = self.group.stats();
+        let Some(g) = self.group.as_ref() else {
+            info!(target: "state", actor = "group", role = "relay", relayed = self.relayed, "state");
+            return;
+        };
+        let st = g.stats();
         info!(
             target: "state",
             actor = "group",
-            started = self.group.started(),
-            block = self.group.current_block(),
-            blocks = self.group.total_blocks(),
-            members = self.group.members(),
-            master = ?self.group.master(),
-            timeout_ms = self.group.timeout().as_millis() as u64,
+            role = "owner",
+            started = g.started(),
+            block = g.current_block(),
+            blocks = g.total_blocks(),
+            members = g.members(),
+            master = ?g.master(),
+            timeout_ms = g.timeout().as_millis() as u64,
             data_bytes = st.data_bytes,
             retransmits = st.retransmits,
             unexpected = st.unexpected,

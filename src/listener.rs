@@ -296,7 +296,7 @@ impl Listener {
                 match res {
                     Ok(Ok(j)) => {
                         act.counters.multicast_joins += 1;
-                        info!(peer = %peer, file = %ready.key.path, group = %j.group, tid = %j.tid, new_group = j.new_group, "multicast request joined group");
+                        info!(peer = %peer, file = %ready.key.path, group = %j.group, tid = %j.tid, new_group = j.new_group, owner = j.owner.as_deref().unwrap_or("self"), "multicast request joined group");
                     }
                     _ => {
                         act.counters.multicast_fallbacks += 1;

@@ -118,6 +118,8 @@ async fn serve(v: Validated) -> u8 {
                 lease_every: Duration::from_millis(s.pacing.lease_ms),
             },
             pacing.clone(),
+            files.clone(),
+            None,
             handles.clone(),
         )
         .start()

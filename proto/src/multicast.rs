@@ -201,6 +201,37 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.members.is_empty()
     }
 
+    /// Members in join order: (client, is master, OACK options), for announcements.
+    pub fn member_list(&self) -> Vec<(C, bool, Vec<(String, String)>)> {
+        self.members.iter().map(|m| (m.id, m.role == Role::Master, m.options.clone())).collect()
+    }
+
+    /// Hands every member over (to another node's group) and leaves this group empty and
+    /// silent: it sends nothing more.
+    pub fn drain_members(&mut self) -> Vec<(C, Vec<(String, String)>)> {
+        self.deadline = None;
+        self.out.clear();
+        self.master_pending = false;
+        self.members.drain(..).map(|m| (m.id, m.options)).collect()
+    }
+
+    /// Takes over a group whose owner died: the members (in join order) already know the
+    /// group, since its address and transfer port are unchanged. Sending starts at once: the
+    /// oldest member is made master and asks for what it lacks.
+    pub fn take_over(&mut self, now: Instant, members: Vec<(C, Vec<(String, String)>)>) {
+        for (id, options) in members {
+            if !self.is_member(&id) {
+                self.members.push_back(Member { id, role: Role::Passive, options });
+            }
+        }
+        self.started = true;
+        if let Some(first) = self.members.front().map(|m| m.id) {
+            if self.master().is_none() {
+                self.promote(now, first, true, None);
+            }
+        }
+    }
+
     pub fn poll_event(&mut self) -> Option<Event<C>> {
         self.events.pop_front()
     }
@@ -687,6 +718,24 @@ mod tests {
         let Some(Output::ToClient { to: 9, packet }) = g.poll_transmit(t0) else { panic!() };
         assert!(matches!(decode(&packet), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
         assert_eq!(g.members(), 1);
+    }
+
+    #[test]
+    fn take_over_promotes_the_oldest_member_which_gets_its_holes() {
+        let t0 = Instant::now();
+        let data = file(20_000);
+        let mut g: Group<Client> = Group::new(cfg(t0 + Duration::from_secs(5), 4), Bytes::from(data.clone()));
+        g.take_over(t0, vec![(7, vec![]), (8, vec![])]);
+        assert!(g.started());
+        let Some(Output::ToClient { to: 7, packet }) = g.poll_transmit(t0) else { panic!("OACK to the oldest member") };
+        assert_eq!(mc_flag(&packet), Some(true));
+        // Member 7 had blocks 1..=10: it asks for 11, and DATA resumes there without delay.
+        g.handle(t0, 7, &Packet::Ack(10));
+        let Some(Output::ToGroup(Transmit::Data { block: 11, .. })) = g.poll_transmit(t0) else { panic!("block 11") };
+        let drained = g.drain_members();
+        assert_eq!(drained.iter().map(|m| m.0).collect::<Vec<_>>(), vec![7, 8]);
+        assert!(g.poll_transmit(t0).is_none());
+        assert_eq!(g.poll_timeout(), None);
     }
 
     #[test]
