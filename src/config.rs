@@ -24,7 +24,29 @@ pub struct Settings {
     pub files: Files,
     pub pacing: Pacing,
     pub multicast: Multicast,
+    pub cluster: Cluster,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub node_id: String,
+    pub listen: String,
+    pub advertise: String,
+    pub peers: Vec<String>,
+    pub key: String,
+    pub key_file: String,
+}
+
+/// The cluster settings, parsed; present only when `cluster.listen` is set.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    pub key: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +133,10 @@ pub struct Overrides {
     pub multicast_port: Option<u16>,
     pub multicast_interface: Option<String>,
     pub start_delay_ms: Option<u64>,
+    pub node_id: Option<String>,
+    pub cluster_listen: Option<String>,
+    pub advertise: Option<String>,
+    pub peers: Vec<String>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -122,6 +148,7 @@ pub struct Validated {
     /// First address and size of the multicast range.
     pub multicast_pool: (std::net::Ipv4Addr, u32),
     pub multicast_interface: Option<std::net::Ipv4Addr>,
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl Settings {
@@ -142,7 +169,7 @@ impl Settings {
             let Some(rest) = k.strip_prefix("TFTPCAST_") else { continue };
             let Some((section, key)) = rest.split_once("__") else { continue };
             let path = format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            b = if path == "server.listen" {
+            b = if path == "server.listen" || path == "cluster.peers" {
                 let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
                 b.set_override(path, list)
             } else {
@@ -180,6 +207,18 @@ impl Settings {
         }
         if let Some(v) = o.start_delay_ms {
             b = set(b, "multicast.start_delay_ms", v.into())?;
+        }
+        if let Some(v) = &o.node_id {
+            b = set(b, "cluster.node_id", v.clone().into())?;
+        }
+        if let Some(v) = &o.cluster_listen {
+            b = set(b, "cluster.listen", v.clone().into())?;
+        }
+        if let Some(v) = &o.advertise {
+            b = set(b, "cluster.advertise", v.clone().into())?;
+        }
+        if !o.peers.is_empty() {
+            b = set(b, "cluster.peers", o.peers.clone().into())?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -285,13 +324,63 @@ impl Settings {
         if m.master_retries == 0 {
             return bad("multicast.master_retries", "must be at least 1".into());
         }
+        let cluster = self.cluster_settings()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface })
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster })
+    }
+}
+
+impl Settings {
+    fn cluster_settings(&self) -> Result<Option<ClusterSettings>, ConfigError> {
+        let c = &self.cluster;
+        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
+        if c.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        let Ok(listen) = c.listen.trim().parse::<SocketAddr>() else { return bad("cluster.listen", format!("{:?} is not ADDR:PORT", c.listen)) };
+        let advertise = if c.advertise.trim().is_empty() {
+            if listen.ip().is_unspecified() {
+                return bad("cluster.advertise", "needed when cluster.listen is a wildcard address".into());
+            }
+            listen
+        } else {
+            match c.advertise.trim().parse() {
+                Ok(a) => a,
+                Err(_) => return bad("cluster.advertise", format!("{:?} is not ADDR:PORT", c.advertise)),
+            }
+        };
+        let mut peers = Vec::new();
+        for p in &c.peers {
+            match p.trim().parse() {
+                Ok(a) => peers.push(a),
+                Err(_) => return bad("cluster.peers", format!("{p:?} is not ADDR:PORT")),
+            }
+        }
+        let key = if !c.key_file.trim().is_empty() {
+            match std::fs::read(c.key_file.trim()) {
+                Ok(k) => k.trim_ascii().to_vec(),
+                Err(e) => return bad("cluster.key_file", format!("cannot read {}: {e}", c.key_file)),
+            }
+        } else {
+            c.key.as_bytes().to_vec()
+        };
+        if key.len() < 16 {
+            return bad("cluster.key", "a cluster needs a shared key of at least 16 bytes (TFTPCAST_CLUSTER__KEY or cluster.key_file)".into());
+        }
+        let node_id = if c.node_id.trim().is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+        } else {
+            c.node_id.trim().to_string()
+        };
+        if node_id.is_empty() || node_id.len() > 64 {
+            return bad("cluster.node_id", "must be 1 to 64 characters".into());
+        }
+        Ok(Some(ClusterSettings { node_id, listen, advertise, peers, key }))
     }
 }
 
@@ -357,6 +446,20 @@ mod tests {
         }
         let o = Overrides { root: Some(r.path().join("missing")), ..Default::default() };
         assert!(Settings::load(None, vec![], &o).unwrap_err().to_string().contains("server.root"));
+    }
+
+    #[test]
+    fn cluster_needs_a_key_and_parses_peers() {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), cluster_listen: Some("127.0.0.1:7946".into()), peers: vec!["127.0.0.1:7947".into()], ..Default::default() };
+        let e = Settings::load(None, vec![], &o).unwrap_err().to_string();
+        assert!(e.contains("cluster.key"), "{e}");
+        let env = vec![("TFTPCAST_CLUSTER__KEY".to_string(), "0123456789abcdef-secret".to_string())];
+        let v = Settings::load(None, env, &o).unwrap();
+        let c = v.cluster.unwrap();
+        assert_eq!(c.peers, vec!["127.0.0.1:7947".parse().unwrap()]);
+        assert_eq!(c.advertise, c.listen);
+        assert!(Settings::load(None, vec![], &Overrides { root: Some(r.path().into()), ..Default::default() }).unwrap().cluster.is_none());
     }
 
     #[test]

@@ -33,6 +33,7 @@ use tftpcast_proto::multicast::GroupConfig;
 use tracing::{debug, info, info_span, warn};
 
 use crate::file_cache::{FileCache, FileRequest};
+use crate::membership::ClusterEvent;
 use crate::group::{BecomeRelay, EndGroup, GroupSession, GroupSpec, Incoming, Join, TakeOver};
 use crate::pacing::Pacing;
 use crate::state::DumpState;
@@ -84,15 +85,6 @@ pub struct MulticastPolicy {
 pub struct Outbound {
     pub to: Option<NodeId>,
     pub msg: ClusterMessage,
-}
-
-/// What the membership layer tells the coordinator.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub enum PeerEvent {
-    Up { node: NodeId },
-    Down { node: NodeId },
-    Message { from: NodeId, msg: ClusterMessage },
 }
 
 /// This node's identity in the cluster and the way out to its peers.
@@ -548,32 +540,39 @@ impl Handler<RelayOut> for Coordinator {
     }
 }
 
-impl Handler<PeerEvent> for Coordinator {
+impl Handler<ClusterEvent> for Coordinator {
     type Result = ();
-    fn handle(&mut self, ev: PeerEvent, ctx: &mut Context<Self>) {
+    fn handle(&mut self, ev: ClusterEvent, ctx: &mut Context<Self>) {
         match ev {
-            PeerEvent::Up { node } => {
+            ClusterEvent::Up { node, .. } => {
                 self.alive.insert(node.clone());
                 self.announce(Some(node));
             }
-            PeerEvent::Down { node } => {
+            ClusterEvent::Down { node } => {
                 self.alive.remove(&node);
                 self.node_down(&node, ctx);
             }
-            PeerEvent::Message { from, msg } => match msg {
+            ClusterEvent::Message { from, msg } => match msg {
                 ClusterMessage::Groups { groups, .. } => {
                     self.alive.insert(from.clone());
                     self.remote.insert(from.clone(), groups);
                     self.reconcile(&from, ctx);
                 }
                 ClusterMessage::Enroll { key, client, options } => {
-                    let owned = self.groups.values_mut().find(|e| e.key == key && e.owner.is_none());
-                    match owned {
-                        Some(e) => {
+                    let entry = self.groups.values_mut().filter(|e| e.key == key).min_by_key(|e| e.owner.is_some());
+                    match entry {
+                        Some(e) if e.owner.is_none() => {
                             e.joins += 1;
                             e.session.do_send(Join { client, options });
                         }
-                        None => debug!(from = %from, client = %client, file = %key.path, "enrollment for a group this node does not own"),
+                        // This node handed the group over meanwhile: pass the member on.
+                        Some(e) => {
+                            let owner = e.owner.clone();
+                            if owner.as_ref() != Some(&from) {
+                                self.send(owner, ClusterMessage::Enroll { key, client, options });
+                            }
+                        }
+                        None => debug!(from = %from, client = %client, file = %key.path, "enrollment for a group this node does not know"),
                     }
                 }
                 ClusterMessage::Relay { tid, client, packet } => {

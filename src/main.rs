@@ -19,6 +19,7 @@ mod file_cache;
 mod group;
 mod listener;
 mod logging;
+mod membership;
 mod net;
 mod node;
 mod pacing;
@@ -77,6 +78,19 @@ struct ServeArgs {
     /// Delay before a new multicast group sends, in ms [multicast.start_delay_ms].
     #[arg(long, value_name = "N")]
     start_delay_ms: Option<u64>,
+    /// This node's name in the cluster [cluster.node_id].
+    #[arg(long, value_name = "NAME")]
+    node_id: Option<String>,
+    /// UDP address for cluster traffic; enables the cluster [cluster.listen].
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_listen: Option<String>,
+    /// Address peers reach this node at [cluster.advertise].
+    #[arg(long, value_name = "ADDR:PORT")]
+    advertise: Option<String>,
+    /// A seed peer, repeatable [cluster.peers]. The key comes from TFTPCAST_CLUSTER__KEY or
+    /// cluster.key_file, never from a flag.
+    #[arg(long = "peer", value_name = "ADDR:PORT")]
+    peers: Vec<String>,
     /// Log format: text or json [log.format].
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
@@ -97,6 +111,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         multicast_port: args.multicast_port,
         multicast_interface: args.multicast_interface,
         start_delay_ms: args.start_delay_ms,
+        node_id: args.node_id,
+        cluster_listen: args.cluster_listen,
+        advertise: args.advertise,
+        peers: args.peers,
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,

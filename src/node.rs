@@ -16,7 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::Validated;
-use crate::coordinator::{Coordinator, MulticastPolicy};
+use crate::coordinator::{ClusterLink, Coordinator, MulticastPolicy};
+use crate::membership::{Leave, Membership, MembershipConfig};
 use crate::file_cache::{FileCache, FileCacheConfig};
 use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
 use crate::pacing::{Pacing, PacingPolicy, Subscribe};
@@ -98,10 +99,10 @@ async fn serve(v: Validated) -> u8 {
         max_sessions_per_client: s.limits.max_sessions_per_client,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
     };
-    let coordinator = s.multicast.enabled.then(|| {
+    let mut membership: Option<Addr<Membership>> = None;
+    let coordinator = if s.multicast.enabled {
         let m = &s.multicast;
-        Coordinator::new(
-            MulticastPolicy {
+        let policy = MulticastPolicy {
                 pool_base: v.multicast_pool.0,
                 pool_size: v.multicast_pool.1,
                 port: m.port,
@@ -116,14 +117,40 @@ async fn serve(v: Validated) -> u8 {
                 max_timeout: s.transfer.max_timeout(),
                 master_retries: m.master_retries,
                 lease_every: Duration::from_millis(s.pacing.lease_ms),
-            },
-            pacing.clone(),
-            files.clone(),
-            None,
-            handles.clone(),
-        )
-        .start()
-    });
+            };
+        let (pacing, files, handles) = (pacing.clone(), files.clone(), handles.clone());
+        let mut failed = None;
+        let addr = Coordinator::create(|ctx| {
+            let link = v.cluster.as_ref().and_then(|c| {
+                let mut mc = MembershipConfig::new(c.node_id.clone(), c.listen, c.key.clone());
+                mc.advertise = c.advertise;
+                mc.seeds = c.peers.clone();
+                match Membership::new(mc, ctx.address().recipient()) {
+                    Ok(mem) => {
+                        info!(node = %c.node_id, listen = %mem.local_addr(), advertise = %mem.advertise(), peers = ?c.peers, "joining the cluster");
+                        let mem = mem.start();
+                        membership = Some(mem.clone());
+                        Some(ClusterLink { node_id: c.node_id.clone(), out: mem.recipient() })
+                    }
+                    Err(e) => {
+                        failed = Some(format!("cannot join the cluster on {}: {e}", c.listen));
+                        None
+                    }
+                }
+            });
+            Coordinator::new(policy, pacing, files, link, handles)
+        });
+        if let Some(e) = failed {
+            error!("{e}");
+            return 1;
+        }
+        Some(addr)
+    } else {
+        if v.cluster.is_some() {
+            warn!("cluster settings ignored: the cluster shares multicast groups and multicast.enabled is false");
+        }
+        None
+    };
     let admission = Rc::new(RefCell::new(Admission::default()));
     let mut listeners = Vec::new();
     for sock in sockets {
@@ -146,9 +173,13 @@ async fn serve(v: Validated) -> u8 {
         let files = files.clone();
         let pacing = pacing.clone();
         let coordinator = coordinator.clone();
+        let membership = membership.clone();
         move || {
             if let Some(c) = &coordinator {
                 c.do_send(DumpState);
+            }
+            if let Some(m) = &membership {
+                m.do_send(DumpState);
             }
             for l in &listeners {
                 l.do_send(DumpState);
@@ -198,6 +229,10 @@ async fn serve(v: Validated) -> u8 {
             _ = term.recv() => { warn!(active, "second signal: exiting now"); break; }
             _ = int.recv() => { warn!(active, "second signal: exiting now"); break; }
         }
+    }
+    if let Some(m) = &membership {
+        // Peers learn at once that this node is gone, instead of detecting a failure.
+        let _ = m.send(Leave).await;
     }
     for a in arbiters {
         a.stop();

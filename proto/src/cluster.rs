@@ -258,7 +258,11 @@ mod tests {
             },
             Envelope::App {
                 from: "node-d".into(),
-                msg: Message::Relay { tid, client: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 9), packet: vec![0, 4, 0, 1] },
+                msg: Message::Relay {
+                    tid,
+                    client: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 9),
+                    packet: vec![0, 4, 0, 1],
+                },
             },
         ]
     }
