@@ -118,10 +118,13 @@ pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
     grow_receive_buffer(&sock, args);
 
     let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let mut cfg = ReceiverConfig::new(args.remote_file.as_bytes(), match args.mode {
-        TransferMode::Octet => Mode::Octet,
-        TransferMode::Netascii => Mode::Netascii,
-    });
+    let mut cfg = ReceiverConfig::new(
+        args.remote_file.as_bytes(),
+        match args.mode {
+            TransferMode::Octet => Mode::Octet,
+            TransferMode::Netascii => Mode::Netascii,
+        },
+    );
     cfg.blksize = args.blksize;
     cfg.windowsize = args.windowsize;
     cfg.timeout = base;
@@ -200,11 +203,11 @@ fn drive(
         let wait = (deadline - now).max(Duration::from_millis(1));
         // Re-arm the socket timeout only when it is off by more than an eighth: waking a
         // little late costs nothing, a system call per datagram does.
-        let off = read_timeout.map_or(true, |t| {
-            let diff = if t > wait { t - wait } else { wait - t };
-            diff > wait / 8
-        });
-        if off {
+        let stale = match read_timeout {
+            None => true,
+            Some(t) => t.max(wait) - t.min(wait) > wait / 8,
+        };
+        if stale {
             sock.set_read_timeout(Some(wait)).map_err(io_err("setting the socket timeout"))?;
             read_timeout = Some(wait);
         }
@@ -293,7 +296,8 @@ fn local_name(remote: &str) -> Option<&str> {
 
 impl Output {
     fn open(args: &GetArgs) -> Result<Output, ClientError> {
-        let from_remote = || local_name(&args.remote_file).ok_or_else(|| ClientError::NoLocalName(args.remote_file.clone()));
+        let from_remote =
+            || local_name(&args.remote_file).ok_or_else(|| ClientError::NoLocalName(args.remote_file.clone()));
         let dest = match &args.output {
             Some(p) if p.as_os_str() == "-" => {
                 return Ok(Output::Stdout(BufWriter::with_capacity(64 << 10, io::stdout().lock())))

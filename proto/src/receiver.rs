@@ -456,7 +456,8 @@ impl Receiver {
             State::Receiving => {}
         }
         if data.len() > self.blksize as usize {
-            let why = format!("DATA block {block} carries {} bytes, more than the block size {}", data.len(), self.blksize);
+            let why =
+                format!("DATA block {block} carries {} bytes, more than the block size {}", data.len(), self.blksize);
             self.abort(ErrorCode::IllegalOperation, &why);
             return;
         }
@@ -756,7 +757,10 @@ mod tests {
             let t = drain(&mut r);
             assert_eq!(t.len(), 1, "{case:?}");
             assert_eq!(error_code(&t[0]), ErrorCode::OptionRefused, "{case:?}");
-            assert!(matches!(r.outcome(), Some(ReceiverOutcome::Aborted { code: ErrorCode::OptionRefused, .. })), "{case:?}");
+            assert!(
+                matches!(r.outcome(), Some(ReceiverOutcome::Aborted { code: ErrorCode::OptionRefused, .. })),
+                "{case:?}"
+            );
             assert!(r.is_done());
         }
         // An OACK to a request without options is refused as well.
@@ -1100,7 +1104,8 @@ mod tests {
                     if self.sender.is_some() {
                         return; // a retransmitted RRQ; the transfer is already running
                     }
-                    let opts: Vec<_> = req.options.into_iter().filter(|(k, _)| !self.ignores.contains(&k.as_str())).collect();
+                    let opts: Vec<_> =
+                        req.options.into_iter().filter(|(k, _)| !self.ignores.contains(&k.as_str())).collect();
                     let asked = options::parse(&opts).expect("receiver sent invalid options");
                     let source = match req.mode {
                         Mode::Octet => Source::octet(self.file.clone()),
@@ -1128,6 +1133,15 @@ mod tests {
         }
     }
 
+    /// How the server half behaves.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct ServerKind {
+        ignores: &'static [&'static str],
+        adaptive: Option<(Duration, Duration)>,
+    }
+
+    const PLAIN: ServerKind = ServerKind { ignores: &[], adaptive: None };
+
     struct Run {
         got: Vec<u8>,
         receiver: Receiver,
@@ -1141,8 +1155,7 @@ mod tests {
     fn drive_bounded(
         rcfg: ReceiverConfig,
         file: &[u8],
-        ignores: &'static [&'static str],
-        adaptive: Option<(Duration, Duration)>,
+        server: ServerKind,
         c2s: Netem,
         s2c: Netem,
         seed: u64,
@@ -1151,7 +1164,13 @@ mod tests {
         let t0 = Instant::now();
         let mut now = t0;
         let mut rx = Receiver::new(now, rcfg);
-        let mut srv = Server { file: Bytes::copy_from_slice(file), limits: Limits::default(), ignores, sender: None, adaptive };
+        let mut srv = Server {
+            file: Bytes::copy_from_slice(file),
+            limits: Limits::default(),
+            ignores: server.ignores,
+            sender: None,
+            adaptive: server.adaptive,
+        };
         let mut up = Path::new(c2s, seed);
         let mut down = Path::new(s2c, seed.wrapping_mul(31).wrapping_add(7));
         let mut got = Vec::new();
@@ -1172,17 +1191,21 @@ mod tests {
                     down.send(now, buf.clone());
                 }
             }
-            let sender_done = srv.sender.as_ref().map_or(true, |s| s.is_done());
-            let rx_ok = rx.outcome().map_or(false, |o| o.is_success());
+            let sender_done = match &srv.sender {
+                Some(s) => s.is_done(),
+                None => true,
+            };
+            let rx_ok = rx.outcome().is_some_and(|o| o.is_success());
             // A failed receiver stops at once; a complete one lingers while the sender may
             // still retransmit the final block.
             if rx.is_done() && (!rx_ok || sender_done) {
                 break;
             }
-            let next = [up.next_at(), down.next_at(), rx.poll_timeout(), srv.sender.as_ref().and_then(|s| s.poll_timeout())]
-                .into_iter()
-                .flatten()
-                .min();
+            let next =
+                [up.next_at(), down.next_at(), rx.poll_timeout(), srv.sender.as_ref().and_then(|s| s.poll_timeout())]
+                    .into_iter()
+                    .flatten()
+                    .min();
             let Some(next) = next else { break };
             now = now.max(next);
             while let Some(d) = down.pop_due(now) {
@@ -1216,8 +1239,13 @@ mod tests {
     fn assert_delivered(run: &Run, file: &[u8]) {
         assert_eq!(run.receiver.outcome(), Some(&ReceiverOutcome::Complete));
         assert_eq!(run.sender_outcome, Some(Outcome::Complete));
-        assert!(run.got == file, "delivered {} bytes, want {} (first difference at {:?})", run.got.len(), file.len(),
-            run.got.iter().zip(file).position(|(a, b)| a != b));
+        assert!(
+            run.got == file,
+            "delivered {} bytes, want {} (first difference at {:?})",
+            run.got.len(),
+            file.len(),
+            run.got.iter().zip(file).position(|(a, b)| a != b)
+        );
         assert_eq!(run.receiver.stats().bytes_delivered, file.len() as u64);
     }
 
@@ -1237,12 +1265,26 @@ mod tests {
 
     #[test]
     fn loopback_clean_link() {
-        for (len, blk, win) in [(0, None, None), (1, None, None), (511, None, None), (512, None, None), (513, None, None),
-            (100_000, Some(1428), Some(8)), (100_000, Some(1024), None)]
-        {
+        for (len, blk, win) in [
+            (0, None, None),
+            (1, None, None),
+            (511, None, None),
+            (512, None, None),
+            (513, None, None),
+            (100_000, Some(1428), Some(8)),
+            (100_000, Some(1024), None),
+        ] {
             let file = text(len, len as u64);
             for mode in [Mode::Octet, Mode::Netascii] {
-                let run = drive_bounded(rcfg(mode, blk, win), &file, &[], None, Netem::default(), Netem::default(), 1, step_budget(len, 8));
+                let run = drive_bounded(
+                    rcfg(mode, blk, win),
+                    &file,
+                    PLAIN,
+                    Netem::default(),
+                    Netem::default(),
+                    1,
+                    step_budget(len, 8),
+                );
                 assert_delivered(&run, &file);
                 assert_eq!(run.receiver.stats().retransmits, 0);
                 let wire = if mode == Mode::Octet { len as u64 } else { crate::netascii::encoded_len(&file) };
@@ -1255,10 +1297,14 @@ mod tests {
     fn loopback_lossy_link_octet_and_netascii() {
         for seed in 0..8u64 {
             let file = text(50_000 + seed as usize * 777, seed);
-            for (mode, blk, win) in [(Mode::Octet, Some(512), Some(1)), (Mode::Octet, Some(1428), Some(8)),
-                (Mode::Netascii, None, None), (Mode::Netascii, Some(700), Some(16))]
-            {
-                let run = drive_bounded(rcfg(mode, blk, win), &file, &[], None, LOSSY, LOSSY, seed, step_budget(file.len(), 8));
+            for (mode, blk, win) in [
+                (Mode::Octet, Some(512), Some(1)),
+                (Mode::Octet, Some(1428), Some(8)),
+                (Mode::Netascii, None, None),
+                (Mode::Netascii, Some(700), Some(16)),
+            ] {
+                let run =
+                    drive_bounded(rcfg(mode, blk, win), &file, PLAIN, LOSSY, LOSSY, seed, step_budget(file.len(), 8));
                 assert_delivered(&run, &file);
             }
         }
@@ -1267,11 +1313,27 @@ mod tests {
     #[test]
     fn loopback_server_ignoring_windowsize_or_everything() {
         let file = text(20_000, 3);
-        let run = drive_bounded(rcfg(Mode::Octet, Some(1428), Some(8)), &file, &["windowsize"], None, LOSSY, LOSSY, 3, 1_000_000);
+        let run = drive_bounded(
+            rcfg(Mode::Octet, Some(1428), Some(8)),
+            &file,
+            ServerKind { ignores: &["windowsize"], adaptive: None },
+            LOSSY,
+            LOSSY,
+            3,
+            1_000_000,
+        );
         assert_delivered(&run, &file);
         assert_eq!((run.receiver.blksize(), run.receiver.windowsize()), (1428, 1));
         let all = &["windowsize", "blksize", "tsize", "timeout"];
-        let run = drive_bounded(rcfg(Mode::Octet, Some(1428), Some(8)), &file, all, None, LOSSY, LOSSY, 3, 1_000_000);
+        let run = drive_bounded(
+            rcfg(Mode::Octet, Some(1428), Some(8)),
+            &file,
+            ServerKind { ignores: all, adaptive: None },
+            LOSSY,
+            LOSSY,
+            3,
+            1_000_000,
+        );
         assert_delivered(&run, &file);
         assert!(!run.receiver.options_acknowledged());
         assert_eq!(run.receiver.tsize(), None);
@@ -1282,15 +1344,31 @@ mod tests {
         let file: Vec<u8> = (0..(70_000u32 * 8 + 3)).map(|i| (i % 251) as u8).collect();
         let budget = step_budget(file.len(), 8);
         for win in [1u16, 16] {
-            let run = drive_bounded(rcfg(Mode::Octet, Some(8), Some(win)), &file, &[], None, Netem::default(), Netem::default(), 1, budget);
+            let run = drive_bounded(
+                rcfg(Mode::Octet, Some(8), Some(win)),
+                &file,
+                PLAIN,
+                Netem::default(),
+                Netem::default(),
+                1,
+                budget,
+            );
             assert_delivered(&run, &file);
             assert_eq!(run.receiver.blocks_received(), 70_001);
             let lossy = Netem { loss: 2, duplicate: 2, reorder: 2 };
-            let run = drive_bounded(rcfg(Mode::Octet, Some(8), Some(win)), &file, &[], None, lossy, lossy, 9, budget);
+            let run = drive_bounded(rcfg(Mode::Octet, Some(8), Some(win)), &file, PLAIN, lossy, lossy, 9, budget);
             assert_delivered(&run, &file);
         }
         let text = text(560_000, 5);
-        let run = drive_bounded(rcfg(Mode::Netascii, Some(8), Some(4)), &text, &[], None, Netem::default(), Netem::default(), 1, budget);
+        let run = drive_bounded(
+            rcfg(Mode::Netascii, Some(8), Some(4)),
+            &text,
+            PLAIN,
+            Netem::default(),
+            Netem::default(),
+            1,
+            budget,
+        );
         assert!(run.receiver.blocks_received() > 65_536);
         assert_delivered(&run, &text);
     }
@@ -1298,13 +1376,21 @@ mod tests {
     #[test]
     fn loopback_window_recovery_stays_efficient() {
         let file = text(1_000_000, 1);
-        let clean = drive_bounded(rcfg(Mode::Octet, Some(1428), Some(32)), &file, &[], None, Netem::default(), Netem::default(), 1, 1_000_000);
+        let clean = drive_bounded(
+            rcfg(Mode::Octet, Some(1428), Some(32)),
+            &file,
+            PLAIN,
+            Netem::default(),
+            Netem::default(),
+            1,
+            1_000_000,
+        );
         assert_delivered(&clean, &file);
         // 23 windows of 32 blocks, 10 ms round trips, plus the request and option exchange.
         assert_eq!(clean.elapsed, Duration::from_millis(235));
         assert_eq!(clean.receiver.stats().acks_sent, 23);
         let lossy = Netem { loss: 1, ..Netem::default() };
-        let run = drive_bounded(rcfg(Mode::Octet, Some(1428), Some(32)), &file, &[], None, lossy, lossy, 1, 1_000_000);
+        let run = drive_bounded(rcfg(Mode::Octet, Some(1428), Some(32)), &file, PLAIN, lossy, lossy, 1, 1_000_000);
         assert_delivered(&run, &file);
         // Losses cost a window or a timeout each; they must not start a cascade of restarts
         // (which showed as ten times as many duplicates and twice the time).
@@ -1317,13 +1403,13 @@ mod tests {
         let dead = Netem { loss: 100, ..Netem::default() };
         let mut c = rcfg(Mode::Octet, None, None);
         c.max_retries = 4;
-        let run = drive_bounded(c, b"abc", &[], None, dead, Netem::default(), 1, 10_000);
+        let run = drive_bounded(c, b"abc", PLAIN, dead, Netem::default(), 1, 10_000);
         assert_eq!(run.receiver.outcome(), Some(&ReceiverOutcome::TimedOut { retries: 4 }));
         assert_eq!(run.elapsed, Duration::from_secs(1 + 2 + 4 + 4 + 4));
         // Replies lost instead: the sender exists, the receiver still gives up.
         let mut c = rcfg(Mode::Octet, None, None);
         c.max_retries = 4;
-        let run = drive_bounded(c, b"abc", &[], None, Netem::default(), dead, 1, 10_000);
+        let run = drive_bounded(c, b"abc", PLAIN, Netem::default(), dead, 1, 10_000);
         assert!(matches!(run.receiver.outcome(), Some(ReceiverOutcome::TimedOut { .. })));
     }
 
@@ -1331,7 +1417,7 @@ mod tests {
     #[should_panic(expected = "livelock")]
     fn drive_bounded_reports_livelock() {
         let file = vec![0u8; 100_000];
-        drive_bounded(rcfg(Mode::Octet, None, None), &file, &[], None, Netem::default(), Netem::default(), 1, 50);
+        drive_bounded(rcfg(Mode::Octet, None, None), &file, PLAIN, Netem::default(), Netem::default(), 1, 50);
     }
 
     proptest! {
@@ -1353,14 +1439,20 @@ mod tests {
             let netem = Netem { loss, duplicate, reorder };
             let ignores: &'static [&'static str] = if ignore_window { &["windowsize"] } else { &[] };
             let adaptive = adaptive.then_some((Duration::from_millis(10), Duration::from_secs(4)));
-            let run = drive_bounded(rcfg(mode, blk, win), &file, ignores, adaptive, netem, netem, seed, step_budget(file.len(), 8));
+            let server = ServerKind { ignores, adaptive };
+            let budget = step_budget(file.len(), 8);
+            let run = drive_bounded(rcfg(mode, blk, win), &file, server, netem, netem, seed, budget);
             prop_assert_eq!(run.receiver.outcome(), Some(&ReceiverOutcome::Complete));
             prop_assert_eq!(&run.got, &file);
-            prop_assert!(run.steps < step_budget(file.len(), 8));
+            prop_assert!(run.steps < budget);
         }
 
         #[test]
-        fn arbitrary_packets_never_panic(packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..40), blk in 8u16..64, win in 1u16..8) {
+        fn arbitrary_packets_never_panic(
+            packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..40),
+            blk in 8u16..64,
+            win in 1u16..8,
+        ) {
             let now = Instant::now();
             let mut c = rcfg(Mode::Netascii, Some(blk), Some(win));
             c.request_timeout_option = Some(2);
