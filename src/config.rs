@@ -62,6 +62,8 @@ pub struct Multicast {
     pub start_min_clients: usize,
     pub window: u16,
     pub master_retries: u32,
+    pub slow_master_repairs: u32,
+    pub lone_member_unicast: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -76,6 +76,8 @@ pub struct MulticastPolicy {
     pub min_timeout: Duration,
     pub max_timeout: Duration,
     pub master_retries: u32,
+    pub slow_master_repairs: u32,
+    pub lone_member_unicast: bool,
     pub lease_every: Duration,
 }
 
@@ -254,6 +256,8 @@ impl Coordinator {
             master_retries: self.policy.master_retries,
             start_at,
             start_min_clients: self.policy.start_min_clients,
+            slow_master_repairs: self.policy.slow_master_repairs,
+            lone_member_unicast: self.policy.lone_member_unicast,
         }
     }
 

@@ -157,7 +157,12 @@ impl GroupSession {
                         warn!(client = %to, error = %e, "cannot send to member");
                     }
                 }
-                Output::ToGroup(t) => {
+                Output::ToGroup(_) | Output::ToMember { .. } => {
+                    let (t, dest) = match out {
+                        Output::ToGroup(t) => (t, dest),
+                        Output::ToMember { to, data } => (data, to),
+                        Output::ToClient { .. } => unreachable!(),
+                    };
                     self.bucket.consume(t.len() as u64);
                     match udp::send_transmit(sock.get_ref(), &t, dest) {
                         Ok(()) => {}
@@ -200,6 +205,9 @@ impl GroupSession {
                 }
                 Event::MemberDone { client } => info!(client = %client, members_left = g.members(), "member finished"),
                 Event::MemberLost { client, reason } => warn!(client = %client, reason, members_left = g.members(), "member dropped"),
+                Event::MasterDemoted { client, repairs } => {
+                    info!(client = %client, repairs, block = g.current_block(), "slow master moved to the back of the queue")
+                }
                 Event::Empty => self.coordinator.do_send(GroupIdle { id: self.id, joins: g.stats().joins }),
             }
         }
@@ -270,6 +278,8 @@ impl GroupSession {
             remasters = st.remasters,
             members_done = st.members_done,
             members_lost = st.members_lost,
+            demotions = st.demotions,
+            unicast_data_packets = st.unicast_data_packets,
             why,
             "group ended"
         );

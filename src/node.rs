@@ -116,6 +116,8 @@ async fn serve(v: Validated) -> u8 {
                 min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
                 max_timeout: s.transfer.max_timeout(),
                 master_retries: m.master_retries,
+                slow_master_repairs: m.slow_master_repairs,
+                lone_member_unicast: m.lone_member_unicast,
                 lease_every: Duration::from_millis(s.pacing.lease_ms),
             };
         let (pacing, files, handles) = (pacing.clone(), files.clone(), handles.clone());

@@ -61,6 +61,11 @@ pub struct GroupConfig {
     pub start_at: Instant,
     /// ...unless this many clients have joined (0: wait for `start_at`).
     pub start_min_clients: usize,
+    /// A master that loses this many blocks in one tenure hands the lead to the next member
+    /// and goes to the back of the queue (0: never).
+    pub slow_master_repairs: u32,
+    /// When one member is left, send it DATA by unicast instead of flooding the group.
+    pub lone_member_unicast: bool,
 }
 
 /// A datagram the group wants sent.
@@ -70,6 +75,8 @@ pub enum Output<C> {
     ToClient { to: C, packet: Vec<u8> },
     /// DATA to the multicast group, from the group's socket.
     ToGroup(Transmit),
+    /// DATA to one member by unicast, from the group's socket (the last member left).
+    ToMember { to: C, data: Transmit },
 }
 
 /// Something worth a log line.
@@ -80,6 +87,8 @@ pub enum Event<C> {
     MasterChanged { from: Option<C>, to: C, resend_oack: bool },
     MemberDone { client: C },
     MemberLost { client: C, reason: &'static str },
+    /// A master that kept losing blocks was moved to the back of the queue.
+    MasterDemoted { client: C, repairs: u32 },
     /// No member left: the group may end.
     Empty,
 }
@@ -94,6 +103,10 @@ enum Role {
 struct Member<C> {
     id: C,
     role: Role,
+    /// Blocks lost while master, this tenure.
+    repairs: u32,
+    /// Demoted for losing too much: led only when no one else can.
+    slow: bool,
     /// Options of this member's OACK, without `multicast`.
     options: Vec<(String, String)>,
 }
@@ -111,6 +124,9 @@ pub struct GroupStats {
     pub members_done: u64,
     pub members_lost: u64,
     pub joins: u64,
+    pub demotions: u64,
+    /// DATA packets sent by unicast to a lone member.
+    pub unicast_data_packets: u64,
 }
 
 /// One multicast group.
@@ -221,7 +237,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     pub fn take_over(&mut self, now: Instant, members: Vec<(C, Vec<(String, String)>)>) {
         for (id, options) in members {
             if !self.is_member(&id) {
-                self.members.push_back(Member { id, role: Role::Passive, options });
+                self.members.push_back(Member { id, role: Role::Passive, repairs: 0, slow: false, options });
             }
         }
         self.started = true;
@@ -256,7 +272,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             return;
         }
         self.stats.joins += 1;
-        let m = Member { id: client, role: Role::Passive, options };
+        let m = Member { id: client, role: Role::Passive, repairs: 0, slow: false, options };
         self.members.push_back(m);
         if self.master().is_none() {
             self.promote(now, client, false, None);
@@ -277,6 +293,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     fn promote(&mut self, now: Instant, client: C, remaster: bool, from: Option<C>) {
         for m in self.members.iter_mut() {
             m.role = if m.id == client { Role::Master } else { Role::Passive };
+            if m.id == client {
+                m.repairs = 0;
+            }
         }
         let m = self.members.iter().find(|m| m.id == client).unwrap();
         // A member being promoted already knows the group: its OACK carries only multicast.
@@ -313,7 +332,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         }
         if was_master {
             self.master_pending = false;
-            if let Some(next) = self.members.front().map(|m| m.id) {
+            if let Some(next) = self.next_master() {
                 self.promote(now, next, true, Some(client));
             } else {
                 self.deadline = None;
@@ -323,6 +342,45 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             self.deadline = None;
             self.events.push_back(Event::Empty);
         }
+    }
+
+    /// The member to lead next: the oldest one not demoted, else the oldest.
+    fn next_master(&self) -> Option<C> {
+        self.members.iter().find(|m| m.role == Role::Passive && !m.slow).or_else(|| self.members.iter().find(|m| m.role == Role::Passive)).map(|m| m.id)
+    }
+
+    /// The master lost another block. A master on a bad link clocks the whole group at its
+    /// pace; past `slow_master_repairs` losses in one tenure it goes to the back of the
+    /// queue (it gets its holes later, when it leads again or is alone) and the next member
+    /// leads. Returns whether the master changed.
+    fn master_struggles(&mut self, now: Instant) -> bool {
+        let limit = self.cfg.slow_master_repairs;
+        let Some(pos) = self.members.iter().position(|m| m.role == Role::Master) else { return false };
+        self.members[pos].repairs += 1;
+        if limit == 0 || self.members[pos].repairs < limit {
+            return false;
+        }
+        let Some(next) = self.members.iter().find(|m| m.role == Role::Passive && !m.slow).map(|m| m.id) else { return false };
+        let mut m = self.members.remove(pos).expect("position");
+        m.slow = true;
+        m.role = Role::Passive;
+        let id = m.id;
+        self.members.push_back(m);
+        let demote = packet::Packet::Oack(vec![("multicast".to_string(), oack_value(self.cfg.group, false))]).to_vec();
+        self.out.push_back(Output::ToClient { to: id, packet: demote });
+        self.stats.demotions += 1;
+        self.events.push_back(Event::MasterDemoted { client: id, repairs: limit });
+        self.promote(now, next, true, Some(id));
+        true
+    }
+
+    /// Where DATA goes: the group, or the last member by unicast.
+    fn data_output(&mut self, t: Transmit) -> Output<C> {
+        if self.cfg.lone_member_unicast && self.members.len() == 1 {
+            self.stats.unicast_data_packets += 1;
+            return Output::ToMember { to: self.members[0].id, data: t };
+        }
+        Output::ToGroup(t)
     }
 
     /// Feeds a packet that arrived on the group's socket from `from`.
@@ -367,7 +425,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             self.arm(now);
         } else if n == self.base && self.next > n + 1 {
             // The master still lacks block n+1 although later ones went out: a hole.
-            self.unexpected(now);
+            if !self.master_struggles(now) {
+                self.unexpected(now);
+            }
         } else {
             self.stats.unexpected += 1;
         }
@@ -387,7 +447,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.stats.unexpected_retransmits += 1;
         self.stats.retransmits += 1;
         let t = self.data_packet(block);
-        self.out.push_back(Output::ToGroup(t));
+        let o = self.data_output(t);
+        self.out.push_back(o);
     }
 
     fn data_packet(&mut self, index: u64) -> Transmit {
@@ -437,6 +498,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             };
             self.out.push_back(Output::ToClient { to: master, packet: pkt });
         } else {
+            if self.master_struggles(now) {
+                return;
+            }
             // Go back to the master's request and resend the window.
             self.next = self.base + 1;
             self.rtt_probe = None;
@@ -474,7 +538,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
         }
         self.last_sent = Some(index);
-        Some(Output::ToGroup(self.data_packet(index)))
+        let t = self.data_packet(index);
+        Some(self.data_output(t))
     }
 }
 
@@ -497,6 +562,8 @@ mod tests {
             master_retries: 3,
             start_at,
             start_min_clients: 0,
+            slow_master_repairs: 0,
+            lone_member_unicast: false,
         }
     }
 
@@ -515,6 +582,8 @@ mod tests {
         master: bool,
         last: Option<u64>,
         alive: bool,
+        done_at: Option<Instant>,
+        elapsed: Option<Duration>,
     }
 
     impl Sim {
@@ -541,16 +610,37 @@ mod tests {
         }
     }
 
-    /// Drives a group with simulated clients until it is empty. `loss` drops DATA for one
-    /// client with the given seed-driven probability (percent), `kill` makes a client go
-    /// silent once `kill_at` blocks have been sent, `late` joins after that many DATA packets.
-    fn drive(data: &[u8], clients: u32, window: u16, loss: u64, kill: Option<(Client, u64)>, late: Option<(Client, u64)>) -> (Group<Client>, Vec<Sim>) {
+    /// A simulated run. `loss` gives each client's DATA loss in percent (seeded, so runs
+    /// repeat), `kill` makes a client go silent once that many DATA packets were sent,
+    /// `late` joins a client after that many.
+    struct Scenario {
+        clients: u32,
+        window: u16,
+        loss: fn(Client) -> u64,
+        kill: Option<(Client, u64)>,
+        late: Option<(Client, u64)>,
+        slow_master_repairs: u32,
+        lone_member_unicast: bool,
+    }
+
+    impl Default for Scenario {
+        fn default() -> Self {
+            Scenario { clients: 4, window: 4, loss: |_| 0, kill: None, late: None, slow_master_repairs: 0, lone_member_unicast: false }
+        }
+    }
+
+    /// Drives a group with simulated clients until it is empty; returns the group and the
+    /// clients, each with the virtual time it had the whole file.
+    fn drive(data: &[u8], sc: Scenario) -> (Group<Client>, Vec<Sim>) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut g = Group::new(cfg(t0 + Duration::from_millis(200), window), Bytes::copy_from_slice(data));
-        let mut sims: Vec<Sim> = (0..clients).map(|_| Sim { alive: true, ..Default::default() }).collect();
-        for c in 0..clients {
-            if late.map(|l| l.0) != Some(c) {
+        let mut c = cfg(t0 + Duration::from_millis(200), sc.window);
+        c.slow_master_repairs = sc.slow_master_repairs;
+        c.lone_member_unicast = sc.lone_member_unicast;
+        let mut g = Group::new(c, Bytes::copy_from_slice(data));
+        let mut sims: Vec<Sim> = (0..sc.clients).map(|_| Sim { alive: true, ..Default::default() }).collect();
+        for c in 0..sc.clients {
+            if sc.late.map(|l| l.0) != Some(c) {
                 g.join(now, c, vec![("blksize".into(), "512".into())]);
             }
         }
@@ -562,7 +652,7 @@ mod tests {
             assert!(steps < 1_000_000, "livelock");
             let mut acks: Vec<(Client, u16)> = Vec::new();
             while let Some(o) = g.poll_transmit(now) {
-                match o {
+                let (only, block, payload) = match o {
                     Output::ToClient { to, packet } => {
                         if let Some(m) = mc_flag(&packet) {
                             let s = &mut sims[to as usize];
@@ -571,37 +661,42 @@ mod tests {
                                 acks.push((to, s.ack()));
                             }
                         }
+                        continue;
                     }
-                    Output::ToGroup(Transmit::Data { block, payload }) => {
-                        sent += 1;
-                        for (c, s) in sims.iter_mut().enumerate() {
-                            if !s.alive || !g.is_member(&(c as u32)) {
-                                continue;
-                            }
-                            rng ^= rng << 13;
-                            rng ^= rng >> 7;
-                            rng ^= rng << 17;
-                            if rng % 100 < loss {
-                                continue;
-                            }
-                            if payload.len() < 512 {
-                                s.last = Some(block as u64);
-                            }
-                            s.blocks.insert(block as u64, payload.clone());
-                            if s.master {
-                                acks.push((c as u32, s.ack()));
-                            }
-                        }
+                    Output::ToGroup(Transmit::Data { block, payload }) => (None, block, payload),
+                    Output::ToMember { to, data: Transmit::Data { block, payload } } => (Some(to), block, payload),
+                    _ => unreachable!(),
+                };
+                sent += 1;
+                for (c, s) in sims.iter_mut().enumerate() {
+                    let c = c as u32;
+                    if !s.alive || !g.is_member(&c) || only.is_some_and(|o| o != c) {
+                        continue;
                     }
-                    Output::ToGroup(_) => unreachable!(),
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if rng % 100 < (sc.loss)(c) {
+                        continue;
+                    }
+                    if payload.len() < 512 {
+                        s.last = Some(block as u64);
+                    }
+                    s.blocks.insert(block as u64, payload.clone());
+                    if s.done_at.is_none() && s.last.is_some_and(|l| s.first_hole() > l) {
+                        s.done_at = Some(now);
+                    }
+                    if s.master {
+                        acks.push((c, s.ack()));
+                    }
                 }
             }
-            if let Some((c, at)) = kill {
+            if let Some((c, at)) = sc.kill {
                 if sent >= at {
                     sims[c as usize].alive = false;
                 }
             }
-            if let Some((c, at)) = late {
+            if let Some((c, at)) = sc.late {
                 if sent >= at && !g.is_member(&c) && sims[c as usize].blocks.is_empty() {
                     g.join(now, c, vec![]);
                     continue;
@@ -617,6 +712,9 @@ mod tests {
                 }
             }
         }
+        for s in sims.iter_mut() {
+            s.elapsed = s.done_at.map(|t| t - t0);
+        }
         (g, sims)
     }
 
@@ -627,7 +725,7 @@ mod tests {
     #[test]
     fn eight_clients_get_the_file_sent_once() {
         let data = file(300_000);
-        let (g, sims) = drive(&data, 8, 8, 0, None, None);
+        let (g, sims) = drive(&data, Scenario { clients: 8, window: 8, ..Default::default() });
         assert!(sims.iter().all(|s| s.complete(&data, 512)));
         let st = g.stats();
         assert_eq!(st.members_done, 8);
@@ -639,7 +737,7 @@ mod tests {
     #[test]
     fn late_joiner_gets_the_blocks_it_missed() {
         let data = file(200_000);
-        let (g, sims) = drive(&data, 4, 4, 0, None, Some((3, 200)));
+        let (g, sims) = drive(&data, Scenario { late: Some((3, 200)), ..Default::default() });
         assert!(sims.iter().all(|s| s.complete(&data, 512)));
         let repairs = g.stats().retransmits;
         assert!((190..=260).contains(&repairs), "{repairs} repairs for ~200 missed blocks");
@@ -648,7 +746,7 @@ mod tests {
     #[test]
     fn killed_master_is_replaced_and_others_finish() {
         let data = file(200_000);
-        let (g, sims) = drive(&data, 4, 4, 0, Some((0, 150)), None);
+        let (g, sims) = drive(&data, Scenario { kill: Some((0, 150)), ..Default::default() });
         assert!(sims[1..].iter().all(|s| s.complete(&data, 512)));
         assert!(!sims[0].complete(&data, 512));
         assert_eq!(g.stats().members_lost, 1);
@@ -658,9 +756,32 @@ mod tests {
     #[test]
     fn everyone_finishes_under_loss() {
         let data = file(150_000);
-        let (g, sims) = drive(&data, 6, 8, 10, None, None);
+        let (g, sims) = drive(&data, Scenario { clients: 6, window: 8, loss: |_| 10, ..Default::default() });
         assert!(sims.iter().all(|s| s.complete(&data, 512)));
         assert_eq!(g.stats().members_done, 6);
+    }
+
+    /// One client behind 10% loss leads first. Without the slow-master rule the group moves
+    /// at its pace; with it the client is demoted and the others finish much sooner, while it
+    /// still gets everything (alone at the end, by unicast).
+    #[test]
+    fn a_lossy_master_is_demoted_and_does_not_hold_the_others_back() {
+        let data = file(400_000);
+        let lossy = |c: Client| if c == 0 { 10 } else { 0 };
+        let run = |repairs: u32| drive(&data, Scenario { clients: 5, window: 8, loss: lossy, slow_master_repairs: repairs, lone_member_unicast: true, ..Default::default() });
+        let (g_off, off) = run(0);
+        let (g_on, on) = run(8);
+        assert!(off.iter().chain(on.iter()).all(|s| s.complete(&data, 512)));
+        let others = |sims: &[Sim]| sims[1..].iter().map(|s| s.elapsed.unwrap()).max().unwrap();
+        let clean = drive(&data, Scenario { clients: 4, window: 8, ..Default::default() }).1.iter().map(|s| s.elapsed.unwrap()).max().unwrap();
+        assert!(g_on.stats().demotions >= 1);
+        assert_eq!(g_off.stats().demotions, 0);
+        assert!(others(&on) < others(&off), "demotion must help: {:?} vs {:?}", others(&on), others(&off));
+        // The bound: the others finish within the loss-free time plus the demotion cost
+        // (8 losses, each at most one timeout) plus slack for the first RTT estimates.
+        let bound = clean + Duration::from_millis(500) * 8 + Duration::from_secs(1);
+        assert!(others(&on) <= bound, "others took {:?}, bound {:?} (clean run {:?})", others(&on), bound, clean);
+        assert!(g_on.stats().unicast_data_packets > 0, "the lossy client's repairs went by unicast once it was alone");
     }
 
     #[test]
