@@ -252,7 +252,7 @@ impl GroupSession {
             .map(|res, act, ctx| {
                 if let Ok(lease) = res {
                     if lease.rate != act.bucket.rate() {
-                        act.bucket.set_rate(Instant::now(), lease.rate);
+                        act.bucket.set_rate_auto(Instant::now(), lease.rate);
                         act.rearm(ctx);
                     }
                 }
@@ -273,6 +273,7 @@ impl GroupSession {
             wire_ratio = format!("{ratio:.3}"),
             data_packets = st.data_packets,
             retransmits = st.retransmits,
+            retransmitted_bytes = st.retransmitted_bytes,
             unexpected = st.unexpected,
             unexpected_retransmits = st.unexpected_retransmits,
             remasters = st.remasters,
@@ -316,7 +317,7 @@ impl Actor for GroupSession {
             .into_actor(self)
             .map(|res, act, ctx| {
                 if let Ok(lease) = res {
-                    act.bucket.set_rate(Instant::now(), lease.rate);
+                    act.bucket.set_rate_auto(Instant::now(), lease.rate);
                 }
                 act.flush(ctx);
             })

@@ -161,7 +161,7 @@ impl Session {
             .map(|res, act, ctx| {
                 if let Ok(lease) = res {
                     if lease.rate != act.bucket.rate() {
-                        act.bucket.set_rate(Instant::now(), lease.rate);
+                        act.bucket.set_rate_auto(Instant::now(), lease.rate);
                         act.rearm(ctx);
                     }
                 }
@@ -199,7 +199,7 @@ impl Actor for Session {
             .into_actor(self)
             .map(|res, act, ctx| {
                 if let Ok(lease) = res {
-                    act.bucket.set_rate(Instant::now(), lease.rate);
+                    act.bucket.set_rate_auto(Instant::now(), lease.rate);
                 }
                 act.flush(ctx);
             })
@@ -221,6 +221,7 @@ impl Actor for Session {
                 duration_ms = elapsed.as_millis() as u64,
                 mbps = format!("{mbps:.1}"),
                 retransmits = stats.retransmits,
+                retransmitted_bytes = stats.retransmitted_bytes,
                 packets = stats.packets_sent,
                 "transfer complete"
             ),

@@ -117,6 +117,7 @@ pub struct GroupStats {
     pub data_bytes: u64,
     /// DATA packets for blocks sent before (repairs, timeouts, unexpected packets).
     pub retransmits: u64,
+    pub retransmitted_bytes: u64,
     pub unexpected: u64,
     pub unexpected_retransmits: u64,
     pub timeouts: u64,
@@ -447,6 +448,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.stats.unexpected_retransmits += 1;
         self.stats.retransmits += 1;
         let t = self.data_packet(block);
+        self.stats.retransmitted_bytes += t.len() as u64;
         let o = self.data_output(t);
         self.out.push_back(o);
     }
@@ -531,6 +533,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.next += 1;
         if index <= self.high_water {
             self.stats.retransmits += 1;
+            let blk = self.cfg.blksize as u64;
+            self.stats.retransmitted_bytes += 4 + (self.data.len() as u64).saturating_sub((index - 1) * blk).min(blk);
         } else {
             self.high_water = index;
             if self.rtt_probe.is_none() {

@@ -38,6 +38,13 @@ impl TokenBucket {
         self.rate = rate;
     }
 
+    /// Sets the rate with the burst that suits it (see [`burst_for`]).
+    pub fn set_rate_auto(&mut self, now: Instant, rate: Rate) {
+        self.set_rate(now, rate);
+        self.burst = burst_for(rate);
+        self.balance = self.balance.min(self.burst as i64);
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last);
         self.last = now.max(self.last);
@@ -72,6 +79,13 @@ impl TokenBucket {
     }
 }
 
+/// The burst a rate allows: 2 ms worth of it, at least a few datagrams and at most 1 MiB.
+/// Small enough that a window of blocks is spread out when the rate was cut after loss, large
+/// enough that a timer wheel with millisecond resolution does not itself cap the rate.
+pub fn burst_for(rate: Rate) -> u64 {
+    rate.map(|r| (r / 500).clamp(4096, 1 << 20)).unwrap_or(1 << 20)
+}
+
 /// The rate one session may use: an equal share of the node cap, bounded by the per-session
 /// cap. Unused shares are not redistributed here; sessions that cannot use their share
 /// simply send less, and the node total stays under the cap.
@@ -97,6 +111,20 @@ mod tests {
             assert_eq!(b.ready_at(now), None);
             b.consume(65000);
         }
+    }
+
+    #[test]
+    fn burst_follows_rate() {
+        assert_eq!(burst_for(Some(2_500_000)), 5000);
+        assert_eq!(burst_for(Some(100_000)), 4096);
+        assert_eq!(burst_for(Some(10_000_000_000)), 1 << 20);
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, None, 1 << 20);
+        b.set_rate_auto(t0, Some(2_500_000));
+        b.consume(1432 * 16);
+        // A 16-block window at 20 Mbit/s leaves over about 9 ms, not at once.
+        let wait = b.ready_at(t0).unwrap() - t0;
+        assert!(wait > Duration::from_millis(5) && wait < Duration::from_millis(10), "{wait:?}");
     }
 
     #[test]

@@ -193,6 +193,8 @@ pub struct SenderStats {
     pub bytes_sent: u64,
     /// DATA/OACK packets sent more than once.
     pub retransmits: u64,
+    /// Bytes of those packets.
+    pub retransmitted_bytes: u64,
     pub timeouts: u64,
     pub duplicate_acks: u64,
     /// ACKs for blocks never sent or long acknowledged: ignored.
@@ -459,15 +461,16 @@ impl Sender {
         }
         let index = self.next;
         self.next += 1;
+        let payload = self.source.block(index, self.cfg.blksize);
         if index <= self.high_water {
             self.stats.retransmits += 1;
+            self.stats.retransmitted_bytes += 4 + payload.len() as u64;
         } else {
             self.high_water = index;
             if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((index, now, true));
             }
         }
-        let payload = self.source.block(index, self.cfg.blksize);
         self.count(4 + payload.len());
         Some(Transmit::Data { block: index as u16, payload })
     }
