@@ -112,6 +112,7 @@ pub struct Pacing {
     pub ceiling_mbps: u64,
     pub increase_mbps: u64,
     pub decrease_pct: u64,
+    pub loss_threshold_pct: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,6 +282,9 @@ impl Settings {
         }
         if p.increase_mbps == 0 {
             return bad("pacing.increase_mbps", "must be at least 1".into());
+        }
+        if p.loss_threshold_pct > 100 {
+            return bad("pacing.loss_threshold_pct", "must be 0..=100".into());
         }
         if !(1..=99).contains(&p.decrease_pct) {
             return bad("pacing.decrease_pct", "must be 1..=99".into());

@@ -119,8 +119,8 @@ pub struct Joined {
     pub owner: Option<NodeId>,
 }
 
-/// A group has no member left. `joins` is how many joins it had seen, so a join already on
-/// its way keeps it alive.
+/// A group has no member left. `joins` is how many join messages it had received (repeated
+/// requests included), so a join already on its way keeps it alive.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct GroupIdle {

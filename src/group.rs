@@ -100,6 +100,8 @@ pub struct GroupSession {
     unicast_bytes: u64,
     backpressure: u64,
     relayed: u64,
+    /// Join messages received (repeats included), matched by the coordinator's count.
+    join_requests: u64,
 }
 
 /// Group ids share the pacing table with session ids; this bit keeps them apart.
@@ -137,6 +139,7 @@ impl GroupSession {
             unicast_bytes: 0,
             backpressure: 0,
             relayed: 0,
+            join_requests: 0,
         }
     }
 
@@ -208,7 +211,7 @@ impl GroupSession {
                 Event::MasterDemoted { client, repairs } => {
                     info!(client = %client, repairs, block = g.current_block(), "slow master moved to the back of the queue")
                 }
-                Event::Empty => self.coordinator.do_send(GroupIdle { id: self.id, joins: g.stats().joins }),
+                Event::Empty => self.coordinator.do_send(GroupIdle { id: self.id, joins: self.join_requests }),
             }
         }
     }
@@ -231,7 +234,9 @@ impl GroupSession {
         let st = g.stats();
         let now = Report {
             bytes: st.data_bytes + self.unicast_bytes,
-            retransmits: st.retransmits,
+            packets: st.data_packets,
+            // Blocks a late joiner asks for are not loss; only what the path lost counts.
+            retransmits: st.loss_retransmits,
             timeouts: st.timeouts,
             backpressure: self.backpressure,
             repairs: st.remasters,
@@ -358,6 +363,7 @@ impl StreamHandler<Datagram> for GroupSession {
 impl Handler<Join> for GroupSession {
     type Result = ();
     fn handle(&mut self, m: Join, ctx: &mut Context<Self>) {
+        self.join_requests += 1;
         if let Some(g) = self.group.as_mut() {
             g.join(Instant::now(), m.client, m.options);
             self.flush(ctx);

@@ -69,6 +69,7 @@ async fn serve(v: Validated) -> u8 {
             ceiling_mbps: s.pacing.ceiling_mbps,
             increase_mbps: s.pacing.increase_mbps,
             decrease_pct: s.pacing.decrease_pct,
+            loss_threshold_pct: s.pacing.loss_threshold_pct,
             cache_cap_bytes: s.files.cache_max_bytes,
         },
         Some(files.clone()),

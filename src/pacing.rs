@@ -83,6 +83,7 @@ pub struct PacingPolicy {
     pub ceiling_mbps: u64,
     pub increase_mbps: u64,
     pub decrease_pct: u64,
+    pub loss_threshold_pct: u64,
     pub cache_cap_bytes: u64,
 }
 
@@ -142,6 +143,7 @@ impl Pacing {
             100 - p.decrease_pct.min(99),
             Duration::from_millis(100),
         )
+        .with_loss_threshold(p.loss_threshold_pct)
     }
 
     fn lease(&self, id: u64) -> Lease {

@@ -147,7 +147,7 @@ impl Session {
     /// What happened since the previous report.
     fn report(&mut self) -> Report {
         let st = self.sender.stats();
-        let now = Report { bytes: st.bytes_sent, retransmits: st.retransmits, timeouts: st.timeouts, backpressure: self.backpressure, repairs: 0 };
+        let now = Report { bytes: st.bytes_sent, packets: st.packets_sent, retransmits: st.retransmits, timeouts: st.timeouts, backpressure: self.backpressure, repairs: 0 };
         let report = now.since(&self.reported);
         self.reported = now;
         report

@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 pub struct Signals {
     /// Bytes sent in the interval.
     pub bytes: u64,
-    /// Packets sent again (timeouts, partial windows, repair requests).
+    /// Datagrams sent in the interval.
+    pub packets: u64,
+    /// Datagrams sent again because the path lost something: after a timeout, for the rest
+    /// of a window the client did not get, for a hole a multicast master reports. Blocks a
+    /// late multicast joiner asks for are not loss and are not counted here.
     pub retransmits: u64,
     pub timeouts: u64,
     /// Times the socket's send queue was full (EAGAIN/ENOBUFS).
     pub backpressure: u64,
-    /// Multicast: blocks requested again by a master, re-master events.
+    /// Multicast: masters replaced (informational).
     pub repairs: u64,
 }
 
@@ -32,6 +36,7 @@ impl Signals {
     pub fn since(&self, earlier: &Signals) -> Signals {
         Signals {
             bytes: self.bytes.saturating_sub(earlier.bytes),
+            packets: self.packets.saturating_sub(earlier.packets),
             retransmits: self.retransmits.saturating_sub(earlier.retransmits),
             timeouts: self.timeouts.saturating_sub(earlier.timeouts),
             backpressure: self.backpressure.saturating_sub(earlier.backpressure),
@@ -39,8 +44,12 @@ impl Signals {
         }
     }
 
-    pub fn lossy(&self) -> bool {
-        self.retransmits > 0 || self.timeouts > 0 || self.backpressure > 0 || self.repairs > 0
+    /// Congestion, as opposed to the random loss of a noisy link: a full send queue, or more
+    /// than `threshold_pct` of the interval's datagrams sent again. Slowing down does not help
+    /// against random loss (it only makes each loss cost more time), so a few percent of
+    /// retransmissions leave the rate alone; a queue overflowing drops whole bursts.
+    pub fn lossy(&self, threshold_pct: u64) -> bool {
+        self.backpressure > 0 || (self.retransmits > 0 && self.retransmits * 100 >= threshold_pct * self.packets.max(1))
     }
 }
 
@@ -54,6 +63,8 @@ pub struct Aimd {
     step: u64,
     /// Multiplier on loss, in percent (50 = halve).
     beta_pct: u64,
+    /// Share of datagrams sent again above which an interval counts as congested.
+    loss_threshold_pct: u64,
     /// No second decrease within this long of the first: one loss event per round trip.
     hold: Duration,
     last_decrease: Option<Instant>,
@@ -73,7 +84,14 @@ impl Aimd {
     pub fn new(floor: u64, ceiling: u64, step: u64, beta_pct: u64, hold: Duration) -> Self {
         let floor = floor.max(1);
         let ceiling = ceiling.max(floor);
-        Aimd { rate: ceiling, floor, ceiling, step: step.max(1), beta_pct: beta_pct.clamp(1, 99), hold, last_decrease: None }
+        Aimd { rate: ceiling, floor, ceiling, step: step.max(1), beta_pct: beta_pct.clamp(1, 99), loss_threshold_pct: 0, hold, last_decrease: None }
+    }
+
+    /// Intervals with fewer retransmissions than this percentage of datagrams are not
+    /// congestion (default 0: any retransmission is).
+    pub fn with_loss_threshold(mut self, pct: u64) -> Self {
+        self.loss_threshold_pct = pct;
+        self
     }
 
     pub fn rate(&self) -> u64 {
@@ -91,7 +109,7 @@ impl Aimd {
     /// use would change nothing).
     pub fn on_report(&mut self, now: Instant, interval: Duration, s: &Signals) -> Change {
         let from = self.rate;
-        if s.lossy() {
+        if s.lossy(self.loss_threshold_pct) {
             if let Some(t) = self.last_decrease {
                 if now.saturating_duration_since(t) < self.hold {
                     return Change::Unchanged;
@@ -203,6 +221,18 @@ mod tests {
             a.on_report(now, 100 * MS, &clean);
         }
         assert_eq!(a.rate(), 15_000_000);
+    }
+
+    #[test]
+    fn random_loss_under_the_threshold_leaves_the_rate_alone() {
+        let t0 = Instant::now();
+        let mut a = aimd().with_loss_threshold(10);
+        let noisy = Signals { bytes: 1_000_000, packets: 700, retransmits: 35, ..Default::default() };
+        assert!(!matches!(a.on_report(t0, 100 * MS, &noisy), Change::Decreased { .. }));
+        let burst = Signals { bytes: 1_000_000, packets: 700, retransmits: 140, ..Default::default() };
+        assert!(matches!(a.on_report(t0 + 200 * MS, 100 * MS, &burst), Change::Decreased { .. }));
+        let full_queue = Signals { bytes: 1_000_000, packets: 700, backpressure: 1, ..Default::default() };
+        assert!(matches!(a.on_report(t0 + 400 * MS, 100 * MS, &full_queue), Change::Decreased { .. }));
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct GroupStats {
     /// DATA packets for blocks sent before (repairs, timeouts, unexpected packets).
     pub retransmits: u64,
     pub retransmitted_bytes: u64,
+    /// The part of `retransmits` caused by loss (timeouts, holes the master reports), as
+    /// opposed to blocks a late joiner asks for.
+    pub loss_retransmits: u64,
     pub unexpected: u64,
     pub unexpected_retransmits: u64,
     pub timeouts: u64,
@@ -153,6 +156,8 @@ pub struct Group<C: Copy + Eq + std::fmt::Debug> {
     rto: Rto,
     rtt_probe: Option<(u64, Instant)>,
     last_unexpected_retransmit: Option<Instant>,
+    /// Blocks up to here, sent again after a timeout, are loss retransmissions.
+    loss_resend_until: u64,
     out: VecDeque<Output<C>>,
     events: VecDeque<Event<C>>,
     stats: GroupStats,
@@ -180,6 +185,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             retries: 0,
             rtt_probe: None,
             last_unexpected_retransmit: None,
+            loss_resend_until: 0,
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: GroupStats::default(),
@@ -397,7 +403,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             (Packet::Error { .. }, _) => self.remove(now, from, false, "client sent an error"),
             (Packet::Ack(n), _) if *n as u64 >= self.last => self.remove(now, from, true, ""),
             (Packet::Ack(n), Role::Master) => self.on_master_ack(now, *n as u64),
-            _ => self.unexpected(now),
+            _ => {
+                self.unexpected(now);
+            }
         }
     }
 
@@ -426,22 +434,23 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             self.arm(now);
         } else if n == self.base && self.next > n + 1 {
             // The master still lacks block n+1 although later ones went out: a hole.
-            if !self.master_struggles(now) {
-                self.unexpected(now);
+            if !self.master_struggles(now) && self.unexpected(now) {
+                self.stats.loss_retransmits += 1;
             }
         } else {
             self.stats.unexpected += 1;
         }
     }
 
-    /// Retransmits the most recent DATA, at most once per round-trip estimate.
-    fn unexpected(&mut self, now: Instant) {
+    /// Retransmits the most recent DATA, at most once per round-trip estimate. Returns
+    /// whether it did.
+    fn unexpected(&mut self, now: Instant) -> bool {
         self.stats.unexpected += 1;
-        let Some(block) = self.last_sent.map(|b| if self.base + 1 < b && self.base < self.high_water { self.base + 1 } else { b }) else { return };
+        let Some(block) = self.last_sent.map(|b| if self.base + 1 < b && self.base < self.high_water { self.base + 1 } else { b }) else { return false };
         let interval = self.rto.srtt().unwrap_or(self.cfg.min_timeout).max(self.cfg.min_timeout);
         if let Some(t) = self.last_unexpected_retransmit {
             if now.saturating_duration_since(t) < interval {
-                return;
+                return false;
             }
         }
         self.last_unexpected_retransmit = Some(now);
@@ -451,6 +460,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.stats.retransmitted_bytes += t.len() as u64;
         let o = self.data_output(t);
         self.out.push_back(o);
+        true
     }
 
     fn data_packet(&mut self, index: u64) -> Transmit {
@@ -505,6 +515,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
             // Go back to the master's request and resend the window.
             self.next = self.base + 1;
+            self.loss_resend_until = self.high_water.min(self.base + self.cfg.window.max(1) as u64);
             self.rtt_probe = None;
         }
         self.arm(now);
@@ -531,8 +542,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         }
         let index = self.next;
         self.next += 1;
+        // The timer runs from the last transmission (pacing may spread a window out).
+        self.arm(now);
         if index <= self.high_water {
             self.stats.retransmits += 1;
+            if index <= self.loss_resend_until {
+                self.stats.loss_retransmits += 1;
+            }
             let blk = self.cfg.blksize as u64;
             self.stats.retransmitted_bytes += 4 + (self.data.len() as u64).saturating_sub((index - 1) * blk).min(blk);
         } else {

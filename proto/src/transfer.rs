@@ -462,6 +462,9 @@ impl Sender {
         let index = self.next;
         self.next += 1;
         let payload = self.source.block(index, self.cfg.blksize);
+        // The timer runs from the last transmission: when pacing spreads a window out, its
+        // tail must not be declared lost before it has even left.
+        self.arm(now);
         if index <= self.high_water {
             self.stats.retransmits += 1;
             self.stats.retransmitted_bytes += 4 + payload.len() as u64;
