@@ -14,9 +14,11 @@
 //!   OACK contents and wire bytes that real clients do not expose.
 //! - [`Lab`]: the network-namespace lab of DESIGN.md section 6 (bridge, server and client
 //!   namespaces on a private /24), deleted on drop even when a test panics; `add_loss` adds
-//!   random input loss with nftables.
+//!   random input loss with nftables. Every namespace routes 224.0.0.0/4 through its veth, so
+//!   multicast stays in the lab; `in_ns`/`spawn_in_ns` run test code (sockets) inside one.
 //!
-//! Traffic goes only to 127.0.0.0/8 or to the lab namespaces' own addresses.
+//! Traffic goes only to 127.0.0.0/8 or, inside lab namespaces, to their addresses and to
+//! multicast groups routed through the lab's veths.
 #![allow(dead_code)]
 
 use std::fmt;
@@ -578,8 +580,20 @@ impl Server {
 
     /// Like [`Server::start`], inside network namespace `netns` when given.
     pub fn start_in(netns: Option<&str>, root: &Path, args: &[&str]) -> Server {
+        Server::start_in_env(netns, root, args, &[])
+    }
+
+    /// Like [`Server::start_in`], with environment variables `env` set for the server (the
+    /// test's own `TFTPCAST_*` variables are still removed; these are added after). in.tftpd
+    /// ignores them.
+    pub fn start_in_env(
+        netns: Option<&str>,
+        root: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         match server_kind() {
-            ServerKind::Tftpcast => Server::start_tftpcast(netns, root, args),
+            ServerKind::Tftpcast => Server::start_tftpcast(netns, root, args, env),
             ServerKind::Hpa(path) => Server::start_hpa(&path, netns, root, args),
         }
     }
@@ -595,11 +609,18 @@ impl Server {
         }
     }
 
-    fn spawn(mut cmd: Command, kind: ServerKind) -> (Server, mpsc::Receiver<String>) {
+    fn spawn(
+        mut cmd: Command,
+        kind: ServerKind,
+        env: &[(&str, &str)],
+    ) -> (Server, mpsc::Receiver<String>) {
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("TFTPCAST_") {
                 cmd.env_remove(k);
             }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         cmd.env("RUST_BACKTRACE", "1");
         let what = format!("{cmd:?}");
@@ -628,7 +649,12 @@ impl Server {
         (server, rx)
     }
 
-    fn start_tftpcast(netns: Option<&str>, root: &Path, args: &[&str]) -> Server {
+    fn start_tftpcast(
+        netns: Option<&str>,
+        root: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut cmd = Server::command(netns, Path::new(tftpcast_bin()));
         cmd.arg("serve")
             .arg("--root")
@@ -640,7 +666,7 @@ impl Server {
             want = 1;
         }
         cmd.args(args);
-        let (mut server, rx) = Server::spawn(cmd, ServerKind::Tftpcast);
+        let (mut server, rx) = Server::spawn(cmd, ServerKind::Tftpcast, env);
         let deadline = Instant::now() + LISTEN_TIMEOUT;
         while server.addrs.len() < want {
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -718,7 +744,7 @@ impl Server {
             cmd.arg("-c");
         }
         cmd.arg("-a").arg(addr.to_string()).arg(root);
-        let (mut server, _rx) = Server::spawn(cmd, ServerKind::Hpa(path.to_path_buf()));
+        let (mut server, _rx) = Server::spawn(cmd, ServerKind::Hpa(path.to_path_buf()), &[]);
         server.addrs.push(addr);
         // in.tftpd logs nothing useful to stderr: probe it (loopback) or give it a moment.
         let deadline = Instant::now() + LISTEN_TIMEOUT;
@@ -1466,15 +1492,10 @@ impl Lab {
             run_ok(ip_cmd().args(["-n", ns, "link", "set", "v0", "up"]));
             run_ok(ip_cmd().args(["-n", ns, "link", "set", "lo", "up"]));
         }
-        run_ok(ip_cmd().args([
-            "-n",
-            &lab.server,
-            "route",
-            "add",
-            "224.0.0.0/4",
-            "dev",
-            "v0",
-        ]));
+        // Multicast leaves (server) and is received (clients) through the lab's veth.
+        for ns in std::iter::once(&lab.server).chain(&lab.clients) {
+            run_ok(ip_cmd().args(["-n", ns, "route", "add", "224.0.0.0/4", "dev", "v0"]));
+        }
         lab
     }
 
@@ -1491,6 +1512,48 @@ impl Lab {
         let mut c = ip_cmd();
         c.args(["netns", "exec", ns]).arg(program).args(args);
         c
+    }
+
+    /// Runs `f` on a new thread that first enters network namespace `ns` (`setns(2)` acts on
+    /// the calling thread only), so sockets it opens live in that namespace. Returns the thread;
+    /// a panic in `f` (or a failed `setns`) surfaces from `join`.
+    pub fn spawn_in_ns<T, F>(&self, ns: &str, f: F) -> JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        use std::os::fd::AsRawFd;
+        let path = Path::new("/var/run/netns").join(ns);
+        thread::Builder::new()
+            .name(format!("in-ns-{ns}"))
+            .spawn(move || {
+                let file = fs::File::open(&path)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+                drop(file);
+                f()
+            })
+            .expect("spawn thread")
+    }
+
+    /// [`Lab::spawn_in_ns`] and wait for the result (panics in `f` propagate).
+    pub fn in_ns<T, F>(&self, ns: &str, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        match self.spawn_in_ns(ns, f).join() {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e),
+        }
     }
 
     /// Drops `percent`% of the UDP packets arriving in `ns` (nftables, input hook), counting them.

@@ -1,0 +1,1387 @@
+//! RFC 2090 multicast with real atftp clients, each in its own network namespace of the lab
+//! (DESIGN.md sections 6 and 7): atftp's multicast client binds the group port without
+//! SO_REUSEADDR, so one namespace holds one such client.
+//!
+//! atftp silently falls back to unicast when an OACK lacks `multicast`, so a fetch that
+//! succeeds proves nothing by itself: these tests count, with nftables in the server's
+//! namespace, the UDP bytes the server sends to 224.0.0.0/4 and in all, and read the group's
+//! `group ended` summary from the server's JSON log.
+//!
+//! The eight-client tests print `REPORT` lines (wire ratios, wall times against one and against
+//! eight unicast clients in the same lab); run with `--nocapture` to see them. A failing test
+//! writes the server's whole log to a file in the temporary directory and names it.
+//!
+//! Needs root: fails in CI without it, is skipped locally.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::*;
+
+/// Every transfer of these tests, whatever the file, ends within this (the 40 MiB ones too).
+const FETCH_LIMIT: Duration = Duration::from_secs(90);
+/// The start delay the tests give a new group (`--start-delay-ms`).
+const START_DELAY_MS: u64 = 1500;
+/// How long after its last member the group may take to log `group ended`.
+const END_LIMIT: Duration = Duration::from_secs(15);
+/// IPv4 + UDP header bytes of one packet (no IP options).
+const IP_UDP: u64 = 28;
+/// The TFTP DATA header.
+const DATA_HDR: u64 = 4;
+/// Unicast bytes a group may send per member besides DATA: OACKs (first, repeated, and the
+/// promotion OACK) and error packets are well under this.
+const PER_MEMBER_ALLOWANCE: u64 = 2048;
+
+// ---------------------------------------------------------------------------------------------
+// Clients.
+// ---------------------------------------------------------------------------------------------
+
+/// atftp asking for RFC 2090 multicast at block size 1428 (the 40 MiB file needs fewer than
+/// 65536 blocks: atftp does not roll block numbers over in multicast mode).
+fn atftp_mc(extra: &[&'static str]) -> Client {
+    let mut options = vec!["multicast", "blksize 1428"];
+    options.extend_from_slice(extra);
+    Client::Atftp { options }
+}
+
+/// The same atftp without the multicast option: the unicast reference.
+fn atftp_unicast() -> Client {
+    Client::Atftp {
+        options: vec!["blksize 1428"],
+    }
+}
+
+fn file_len(fx: &Fixture, name: &str) -> usize {
+    fs::metadata(fx.path(name)).unwrap().len() as usize
+}
+
+/// SHA-256 of a fixture file, computed once per (fixture root, file).
+fn want_sha(fx: &Fixture, name: &str) -> [u8; 32] {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, [u8; 32]>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let path = fx.path(name);
+    if let Some(h) = cache.lock().unwrap().get(&path) {
+        return *h;
+    }
+    let h = fx.sha(name);
+    cache.lock().unwrap().insert(path, h);
+    h
+}
+
+fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
+/// A client fetch running in the background, in its own process group (so it can be killed
+/// as a whole: `ip netns exec` execs the client, and the group covers anything it forks).
+struct Fetch {
+    label: String,
+    ns: String,
+    client: Client,
+    out: PathBuf,
+    what: String,
+    child: Option<ChildGuard>,
+    stdout: Option<mpsc::Receiver<Vec<u8>>>,
+    stderr: Option<mpsc::Receiver<Vec<u8>>>,
+    started: Instant,
+    /// Exit status, when it was noticed, and whether the time limit killed it.
+    exited: Option<(Option<std::process::ExitStatus>, Instant, bool)>,
+}
+
+impl Fetch {
+    /// Starts `client` in client namespace `i` of `lab`, fetching `remote` into a fresh file.
+    fn start(
+        lab: &Lab,
+        fx: &Fixture,
+        i: usize,
+        client: &Client,
+        server: SocketAddr,
+        remote: &str,
+    ) -> Fetch {
+        let ns = lab.clients[i].clone();
+        let out = fx.out(&format!("c{i}-{remote}"));
+        let mut cmd = client.command(Some(&ns), server, remote, &out);
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("{cmd:?}");
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdout = reader(child.stdout.take().unwrap());
+        let stderr = reader(child.stderr.take().unwrap());
+        Fetch {
+            label: format!("c{i}"),
+            ns,
+            client: client.clone(),
+            out,
+            what,
+            child: Some(ChildGuard(child)),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            started,
+            exited: None,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").0.id() as i32
+    }
+
+    fn running(&mut self) -> bool {
+        !self.poll()
+    }
+
+    /// Bytes written to the output file so far.
+    fn written(&self) -> u64 {
+        fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// For failure messages: the run so far if the client has exited, else how far it got.
+    fn describe(&mut self) -> String {
+        if self.child.is_some() && self.poll() {
+            let r = self.wait(Instant::now());
+            format!("{} exited early after {:.2?}:\n{r}", self.label, r.elapsed)
+        } else {
+            format!(
+                "{} is running, {} bytes written",
+                self.label,
+                self.written()
+            )
+        }
+    }
+
+    /// SIGKILLs the process group (only while its leader, our child, has not been reaped, so
+    /// the group id cannot have been reused).
+    fn kill_group(&mut self) {
+        if self.running() {
+            // SAFETY: kill(2) on the process group our own live child leads.
+            unsafe {
+                libc::kill(-self.pid(), libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Notes the exit (and its instant) if the client has exited; true once it has.
+    fn poll(&mut self) -> bool {
+        if self.exited.is_some() {
+            return true;
+        }
+        let Some(guard) = self.child.as_mut() else {
+            return true;
+        };
+        match guard.0.try_wait() {
+            Ok(Some(st)) => {
+                self.exited = Some((Some(st), Instant::now(), false));
+                true
+            }
+            Ok(None) => false,
+            Err(e) => panic!("waiting for {}: {e}", self.what),
+        }
+    }
+
+    /// Waits until the client exits or `deadline` passes (then kills it); returns the run.
+    fn wait(&mut self, deadline: Instant) -> Run {
+        while !self.poll() {
+            if Instant::now() > deadline {
+                let guard = self.child.as_mut().expect("not reaped");
+                // SAFETY: our child is alive (not reaped), so it still leads its process group.
+                unsafe {
+                    libc::kill(-(guard.0.id() as i32), libc::SIGKILL);
+                }
+                let st = guard.0.wait().ok();
+                self.exited = Some((st, Instant::now(), true));
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.child = None;
+        let (status, at, timed_out) = self.exited.expect("exited");
+        let grab = |rx: Option<mpsc::Receiver<Vec<u8>>>| {
+            let bytes = rx
+                .and_then(|rx| rx.recv_timeout(Duration::from_secs(3)).ok())
+                .unwrap_or_default();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        Run {
+            what: self.what.clone(),
+            status,
+            stdout: grab(self.stdout.take()),
+            stderr: grab(self.stderr.take()),
+            elapsed: at.saturating_duration_since(self.started),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+/// Waits for every fetch (bounded by `limit` from now) and checks each got `remote`
+/// byte-exact. Panics listing every failure. Returns the runs in order.
+fn finish_all(fetches: &mut [Fetch], fx: &Fixture, remote: &str, limit: Duration) -> Vec<Run> {
+    let deadline = Instant::now() + limit;
+    let want = want_sha(fx, remote);
+    let len = file_len(fx, remote);
+    // Poll them all, so that each exit is timed when it happens.
+    while Instant::now() < deadline {
+        let mut all = true;
+        for f in fetches.iter_mut() {
+            all &= f.poll();
+        }
+        if all {
+            break;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut failures = Vec::new();
+    let mut runs = Vec::new();
+    for f in fetches.iter_mut() {
+        let r = f.wait(deadline);
+        let ctx = format!("{} (namespace {}) fetching {remote}", f.label, f.ns);
+        let (client, out) = (f.client.clone(), f.out.clone());
+        let check =
+            std::panic::catch_unwind(|| assert_fetched(&client, &r, &out, &want, len, &ctx));
+        if let Err(e) = check {
+            failures.push(
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{ctx}: {r}")),
+            );
+        }
+        runs.push(r);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} fetch(es) failed:\n{}",
+        failures.len(),
+        fetches.len(),
+        failures.join("\n\n")
+    );
+    runs
+}
+
+/// When the last of `fetches` exited (all must have been waited for).
+fn last_exit(fetches: &[Fetch]) -> Instant {
+    fetches
+        .iter()
+        .map(|f| f.exited.expect("waited for").1)
+        .max()
+        .expect("some fetches")
+}
+
+/// Polls until `cond` holds or `limit` passes; returns whether it held.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server and its log.
+// ---------------------------------------------------------------------------------------------
+
+fn start_server(lab: &Lab, fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let listen = SocketAddr::from((lab.server_ip(), 69)).to_string();
+    let delay = START_DELAY_MS.to_string();
+    let mut args = vec![
+        "--listen",
+        listen.as_str(),
+        "--start-delay-ms",
+        delay.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start_in_env(Some(&lab.server), &fx.root, &args, env);
+    assert_eq!(
+        server.addr().to_string(),
+        listen,
+        "listening event must name the bound address"
+    );
+    server
+}
+
+fn stop_server(mut server: Server) {
+    assert!(
+        server.is_running(),
+        "the server died\n{}",
+        server.log_tail(60)
+    );
+    server.stop_clean();
+    server.assert_logs_are_json();
+}
+
+/// Every JSON log event whose message is `msg`.
+fn events(server: &Server, msg: &str) -> Vec<Value> {
+    server
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"].as_str() == Some(msg))
+        .collect()
+}
+
+/// A field of an event, or of the span it was logged in.
+fn field<'a>(ev: &'a Value, key: &str) -> &'a Value {
+    let f = &ev["fields"][key];
+    if f.is_null() {
+        &ev["span"][key]
+    } else {
+        f
+    }
+}
+
+fn field_str(ev: &Value, key: &str) -> String {
+    match field(ev, key) {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn field_u64(ev: &Value, key: &str) -> u64 {
+    let f = field(ev, key);
+    f.as_u64()
+        .or_else(|| f.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("event has no numeric field `{key}`: {ev}"))
+}
+
+/// The IP address a `peer`/`client` field (`IP:PORT`) names.
+fn ip_of(ev: &Value, key: &str) -> Option<IpAddr> {
+    field_str(ev, key)
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+}
+
+/// `file` fields name the served path; compare by file name.
+fn names_file(ev: &Value, remote: &str) -> bool {
+    let f = field_str(ev, "file");
+    f == remote || f.ends_with(&format!("/{remote}"))
+}
+
+/// When an event was logged, as (date, seconds of the day): comparable with `<`.
+fn when(ev: &Value) -> (String, f64) {
+    let ts = ev["timestamp"]
+        .as_str()
+        .unwrap_or_else(|| panic!("event without timestamp: {ev}"));
+    let (date, time) = ts
+        .split_once('T')
+        .unwrap_or_else(|| panic!("odd timestamp {ts}"));
+    let secs = time
+        .trim_end_matches('Z')
+        .split(':')
+        .map(|p| {
+            p.parse::<f64>()
+                .unwrap_or_else(|_| panic!("odd timestamp {ts}"))
+        })
+        .fold(0.0, |acc, p| acc * 60.0 + p);
+    (date.to_string(), secs)
+}
+
+/// Waits (bounded) for the first event `msg` that satisfies `pred`.
+fn wait_event(server: &Server, msg: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut found = None;
+    let ok = wait_until(limit, || {
+        found = events(server, msg).into_iter().find(|e| pred(e));
+        found.is_some()
+    });
+    assert!(
+        ok,
+        "the server did not log `{msg}` within {limit:?}\n{}",
+        server.log_tail(80)
+    );
+    found.unwrap()
+}
+
+/// `multicast request joined group` events for `remote`.
+fn joins(server: &Server, remote: &str) -> Vec<Value> {
+    events(server, "multicast request joined group")
+        .into_iter()
+        .filter(|e| names_file(e, remote))
+        .collect()
+}
+
+/// Writes the server's whole log to a file in the temporary directory when the test fails
+/// (the harness prints only its tail).
+struct DumpOnPanic<'a>(&'a Server, &'a str);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let path = std::env::temp_dir().join(format!(
+                "tftpcast-{}-{}.log",
+                self.1,
+                std::process::id()
+            ));
+            if fs::write(&path, self.0.logs().join("\n")).is_ok() {
+                eprintln!("full server log: {}", path.display());
+            }
+        }
+    }
+}
+
+/// Starts client 0 and waits until the group has enrolled it as its master.
+fn start_master(lab: &Lab, fx: &Fixture, server: &Server, client: &Client, remote: &str) -> Fetch {
+    let ip = IpAddr::V4(lab.client_ip(0));
+    let f = Fetch::start(lab, fx, 0, client, server.addr(), remote);
+    let joined = wait_event(server, "member joined", Duration::from_secs(10), |e| {
+        ip_of(e, "client") == Some(ip)
+    });
+    assert_eq!(
+        field(&joined, "master").as_bool(),
+        Some(true),
+        "the first client of a group must be its master: {joined}"
+    );
+    f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bytes on the wire, counted by nftables in the server's namespace.
+// ---------------------------------------------------------------------------------------------
+
+const WIRE_TABLE: &str = "tcwire";
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Wire {
+    /// UDP packets/bytes (IP headers included) the server sent to 224.0.0.0/4.
+    mc_packets: u64,
+    mc_bytes: u64,
+    /// UDP packets/bytes the server sent to anything else (single clients).
+    uc_packets: u64,
+    uc_bytes: u64,
+}
+
+impl Wire {
+    /// Adds the counting table to the server's namespace (output hook: what the server sends).
+    fn install(lab: &Lab) {
+        let nft = tool("nft");
+        let ns = &lab.server;
+        let cmds: &[&[&str]] = &[
+            &["add", "table", "ip", WIRE_TABLE],
+            &["add", "counter", "ip", WIRE_TABLE, "mc_out"],
+            &["add", "counter", "ip", WIRE_TABLE, "uc_out"],
+            &[
+                "add",
+                "chain",
+                "ip",
+                WIRE_TABLE,
+                "out",
+                "{ type filter hook output priority 0 ; }",
+            ],
+            &[
+                "add",
+                "rule",
+                "ip",
+                WIRE_TABLE,
+                "out",
+                "ip",
+                "daddr",
+                "224.0.0.0/4",
+                "meta",
+                "l4proto",
+                "udp",
+                "counter",
+                "name",
+                "mc_out",
+            ],
+            &[
+                "add",
+                "rule",
+                "ip",
+                WIRE_TABLE,
+                "out",
+                "ip",
+                "daddr",
+                "!=",
+                "224.0.0.0/4",
+                "meta",
+                "l4proto",
+                "udp",
+                "counter",
+                "name",
+                "uc_out",
+            ],
+        ];
+        for c in cmds {
+            run_ok(&mut lab.exec(ns, &nft, c));
+        }
+    }
+
+    /// Both counters, from one listing.
+    fn read(lab: &Lab) -> Wire {
+        let r = run_ok(&mut lab.exec(
+            &lab.server,
+            tool("nft"),
+            &["list", "table", "ip", WIRE_TABLE],
+        ));
+        let counter = |name: &str| -> (u64, u64) {
+            let at = r
+                .stdout
+                .find(&format!("counter {name} {{"))
+                .unwrap_or_else(|| panic!("no counter {name} in nft output:\n{r}"));
+            let w: Vec<&str> = r.stdout[at..].split_whitespace().take(8).collect();
+            let get = |k: &str| {
+                w.windows(2)
+                    .find(|p| p[0] == k)
+                    .and_then(|p| p[1].parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no `{k}` for counter {name} in nft output:\n{r}"))
+            };
+            (get("packets"), get("bytes"))
+        };
+        let (mc_packets, mc_bytes) = counter("mc_out");
+        let (uc_packets, uc_bytes) = counter("uc_out");
+        Wire {
+            mc_packets,
+            mc_bytes,
+            uc_packets,
+            uc_bytes,
+        }
+    }
+
+    fn since(self, before: Wire) -> Wire {
+        Wire {
+            mc_packets: self.mc_packets - before.mc_packets,
+            mc_bytes: self.mc_bytes - before.mc_bytes,
+            uc_packets: self.uc_packets - before.uc_packets,
+            uc_bytes: self.uc_bytes - before.uc_bytes,
+        }
+    }
+
+    /// UDP payload sent to multicast groups (TFTP DATA packets, headers included).
+    fn mc_payload(&self) -> u64 {
+        self.mc_bytes - IP_UDP * self.mc_packets
+    }
+
+    /// File bytes carried by multicast DATA (payload without the TFTP DATA header).
+    fn mc_file_bytes(&self) -> u64 {
+        self.mc_payload() - DATA_HDR * self.mc_packets
+    }
+
+    /// UDP payload sent to single clients.
+    fn uc_payload(&self) -> u64 {
+        self.uc_bytes - IP_UDP * self.uc_packets
+    }
+
+    /// UDP payload the server sent, to groups and to single clients.
+    fn udp_payload(&self) -> u64 {
+        self.mc_payload() + self.uc_payload()
+    }
+
+    fn udp_packets(&self) -> u64 {
+        self.mc_packets + self.uc_packets
+    }
+}
+
+/// The multicast address every OACK `multicast=addr,port,mc` value must name: the server's
+/// default range.
+fn in_default_range(group: &str) -> bool {
+    group
+        .split(':')
+        .next()
+        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+        .is_some_and(|ip| ip.octets()[..3] == [239, 255, 68])
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Eight clients, one stream.
+// ---------------------------------------------------------------------------------------------
+
+fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool) {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    const N: usize = 8;
+    let fx = if big {
+        Fixture::new().with_big()
+    } else {
+        Fixture::new()
+    };
+    let size = file_len(&fx, remote) as u64;
+    let lab = Lab::new(prefix, N);
+    Wire::install(&lab);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let dump = DumpOnPanic(&server, prefix);
+    let mc = atftp_mc(&[]);
+
+    let t0 = Instant::now();
+    let mut fetches: Vec<Fetch> = (0..N)
+        .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), remote))
+        .collect();
+    let runs = finish_all(&mut fetches, &fx, remote, FETCH_LIMIT);
+    let mc_wall = last_exit(&fetches) - t0;
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, remote));
+    let wire = Wire::read(&lab);
+
+    let created: Vec<Value> = events(&server, "group created: waiting for the start delay")
+        .into_iter()
+        .filter(|e| names_file(e, remote))
+        .collect();
+    assert_eq!(
+        created.len(),
+        1,
+        "{N} clients asking at once must share ONE group, got {} `group created`\n{}",
+        created.len(),
+        server.log_tail(80)
+    );
+    let js = joins(&server, remote);
+    assert_eq!(
+        js.len(),
+        N,
+        "want {N} `multicast request joined group`\n{}",
+        server.log_tail(80)
+    );
+    let groups: Vec<String> = js.iter().map(|e| field_str(e, "group")).collect();
+    assert!(
+        groups.iter().all(|g| g == &groups[0]) && in_default_range(&groups[0]),
+        "every client must join the same group in 239.255.68.0/24: {groups:?}"
+    );
+    let new_groups = js
+        .iter()
+        .filter(|e| field(e, "new_group").as_bool() == Some(true))
+        .count();
+    assert_eq!(new_groups, 1, "exactly one join starts the group: {js:?}");
+    let mut peers: Vec<IpAddr> = js.iter().filter_map(|e| ip_of(e, "peer")).collect();
+    peers.sort();
+    peers.dedup();
+    assert_eq!(
+        peers.len(),
+        N,
+        "the joins must come from the {N} client namespaces: {js:?}"
+    );
+    assert_eq!(
+        field_u64(&ended, "members_done"),
+        N as u64,
+        "group ended: {ended}"
+    );
+    assert_eq!(field_u64(&ended, "members_lost"), 0, "group ended: {ended}");
+
+    let limit = size + size / 10;
+    let allowance = PER_MEMBER_ALLOWANCE * N as u64;
+    eprintln!(
+        "{remote}: multicast {} packets, {} payload bytes ({} file bytes); all UDP {} packets, {} payload bytes",
+        wire.mc_packets,
+        wire.mc_payload(),
+        wire.mc_file_bytes(),
+        wire.udp_packets(),
+        wire.udp_payload()
+    );
+    assert!(
+        wire.mc_file_bytes() >= size,
+        "only {} file bytes went to the group for a {size}-byte file: not (all) multicast: {wire:?}\n{ended}",
+        wire.mc_file_bytes()
+    );
+    assert!(
+        wire.mc_payload() <= limit,
+        "{} multicast payload bytes for a {size}-byte file: more than 1.1x: {wire:?}\n{ended}",
+        wire.mc_payload()
+    );
+    assert!(
+        wire.udp_payload() <= limit + allowance,
+        "the server sent {} UDP payload bytes in all for {N} clients of a {size}-byte file \
+         (limit 1.1x + {allowance}): {wire:?}\n{ended}",
+        wire.udp_payload()
+    );
+    assert_eq!(
+        field_u64(&ended, "data_bytes"),
+        wire.mc_payload(),
+        "the group's data_bytes must match the multicast payload counted on the wire: {wire:?}\n{ended}"
+    );
+
+    // The reference: one unicast client, same lab, same block size, nothing else running.
+    let before = Wire::read(&lab);
+    let out = fx.out("unicast-ref");
+    let uni = atftp_unicast().fetch(
+        Some(&lab.clients[0]),
+        server.addr(),
+        remote,
+        &out,
+        FETCH_LIMIT,
+    );
+    assert_fetched(
+        &atftp_unicast(),
+        &uni,
+        &out,
+        &want_sha(&fx, remote),
+        size as usize,
+        "unicast reference",
+    );
+    let uni_wire = Wire::read(&lab).since(before);
+    assert_eq!(
+        uni_wire.mc_packets, 0,
+        "the unicast reference must not use the group: {uni_wire:?}"
+    );
+
+    // And the same {N} clients at once by unicast: what the group saves.
+    let before = Wire::read(&lab);
+    let t1 = Instant::now();
+    let mut uc: Vec<Fetch> = (0..N)
+        .map(|i| Fetch::start(&lab, &fx, i, &atftp_unicast(), server.addr(), remote))
+        .collect();
+    finish_all(&mut uc, &fx, remote, FETCH_LIMIT);
+    let uc_wall = last_exit(&uc) - t1;
+    let uc_wire = Wire::read(&lab).since(before);
+    assert_eq!(
+        uc_wire.mc_packets, 0,
+        "unicast clients must not use a group: {uc_wire:?}"
+    );
+
+    let sending_ms = field(&ended, "sending_ms").as_u64().unwrap_or(0);
+    let slowest = runs.iter().map(|r| r.elapsed).max().unwrap();
+    let delay = Duration::from_millis(START_DELAY_MS);
+    let secs = |d: Duration| d.as_secs_f64();
+    eprintln!(
+        "REPORT {remote} ({size} bytes, blksize 1428, {N} clients):\n\
+         \x20 multicast: all {N} done in {mc_wall:.2?} (slowest {slowest:.2?}; start delay {delay:.2?}, group sending {sending_ms} ms); \
+         wire: multicast payload / file {:.4}, all UDP payload / file {:.4} (server wire_ratio {}); retransmits {}, unexpected {}\n\
+         \x20 one unicast client alone: {:.2?}, UDP payload / file {:.4}\n\
+         \x20 {N} unicast clients at once: all done in {uc_wall:.2?}, UDP payload / file {:.4}\n\
+         \x20 wall ratios: {N} mc / 1 uc = {:.2} ({:.2} without the start delay); {N} mc / {N} uc = {:.2} ({:.2} without the start delay)",
+        wire.mc_payload() as f64 / size as f64,
+        wire.udp_payload() as f64 / size as f64,
+        field_str(&ended, "wire_ratio"),
+        field_u64(&ended, "retransmits"),
+        field_u64(&ended, "unexpected"),
+        uni.elapsed,
+        uni_wire.udp_payload() as f64 / size as f64,
+        uc_wire.udp_payload() as f64 / size as f64,
+        secs(mc_wall) / secs(uni.elapsed),
+        secs(mc_wall.saturating_sub(delay)) / secs(uni.elapsed),
+        secs(mc_wall) / secs(uc_wall),
+        secs(mc_wall.saturating_sub(delay)) / secs(uc_wall),
+    );
+    drop(dump);
+    stop_server(server);
+}
+
+#[test]
+fn eight_atftp_clients_share_one_stream_1mib() {
+    eight_clients_share_one_stream("mc8s", ONE_MIB, false);
+}
+
+#[test]
+fn eight_atftp_clients_share_one_stream_40mib() {
+    eight_clients_share_one_stream("mc8b", BIG, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A late joiner.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn late_joiner_gets_the_whole_file() {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    let fx = Fixture::new().with_big();
+    let size = BIG_SIZE as u64;
+    let lab = Lab::new("mclate", 4);
+    Wire::install(&lab);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let dump = DumpOnPanic(&server, "late_joiner");
+    let mc = atftp_mc(&[]);
+    // Client 0 first, so that it is the master: its file then grows with the group's progress.
+    let mut fetches = vec![start_master(&lab, &fx, &server, &mc, BIG)];
+    fetches.extend((1..3).map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), BIG)));
+    let half = size / 2;
+    wait_until(FETCH_LIMIT, || {
+        fetches[0].written() >= half || !fetches[0].running()
+    });
+    let at = fetches[0].written();
+    assert!(
+        fetches[0].running() && at >= half,
+        "client 0 never had half of the file while running (it wrote {at} bytes); \
+         there was no running group to join late\n{}\n{}",
+        fetches[0].describe(),
+        server.log_tail(40)
+    );
+    fetches.push(Fetch::start(&lab, &fx, 3, &mc, server.addr(), BIG));
+    let late_ip = IpAddr::V4(lab.client_ip(3));
+    let join = wait_event(
+        &server,
+        "multicast request joined group",
+        Duration::from_secs(10),
+        |e| ip_of(e, "peer") == Some(late_ip),
+    );
+    finish_all(&mut fetches, &fx, BIG, FETCH_LIMIT);
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
+    let wire = Wire::read(&lab);
+
+    assert_eq!(
+        field(&join, "new_group").as_bool(),
+        Some(false),
+        "the late joiner must join the running group, not start another: {join}\n{}",
+        server.log_tail(60)
+    );
+    let js = joins(&server, BIG);
+    assert_eq!(js.len(), 4, "want 4 joins: {js:?}");
+    assert!(
+        js.iter()
+            .all(|e| field_str(e, "group") == field_str(&join, "group")),
+        "all four must be in one group: {js:?}"
+    );
+    let created = events(&server, "group created: waiting for the start delay");
+    assert_eq!(created.len(), 1, "one group only: {created:?}");
+    let started_at = events(&server, "group started after the start delay");
+    assert_eq!(
+        started_at.len(),
+        1,
+        "the group must have started before the late join"
+    );
+    assert_eq!(field_u64(&ended, "members_done"), 4, "group ended: {ended}");
+    assert_eq!(field_u64(&ended, "members_lost"), 0, "group ended: {ended}");
+    // The late joiner lacked the first half (at least): it must have been sent again once
+    // the late joiner was master: by multicast, or by unicast when it was the last member
+    // left (`multicast.lone_member_unicast`), and no more than once more.
+    let mc = wire.mc_file_bytes();
+    let resent = mc + wire.uc_payload() - size.min(mc);
+    eprintln!(
+        "late joiner started at {at} of {size} bytes of client 0; multicast file bytes {mc} ({:.3}x), unicast payload {}; {ended}",
+        mc as f64 / size as f64,
+        wire.uc_payload()
+    );
+    assert!(mc >= size, "{mc} file bytes multicast: the first pass did not go by multicast: {wire:?}\n{ended}");
+    assert!(
+        resent >= size * 4 / 10,
+        "{resent} bytes sent again: the late joiner's missing half was not sent again: {wire:?}\n{ended}"
+    );
+    assert!(
+        mc + wire.uc_payload() <= size * 21 / 10,
+        "{} bytes sent for a {size}-byte file: too much: {wire:?}\n{ended}",
+        mc + wire.uc_payload()
+    );
+    drop(dump);
+    stop_server(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The master dies.
+// ---------------------------------------------------------------------------------------------
+
+fn comm_of(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn killing_the_master_remasters_and_others_finish() {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    let fx = Fixture::new().with_big();
+    let size = BIG_SIZE as u64;
+    let lab = Lab::new("mckill", 4);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let mc = atftp_mc(&[]);
+    let dump = DumpOnPanic(&server, "kill_master");
+    let master_ip = IpAddr::V4(lab.client_ip(0));
+    let mut master = start_master(&lab, &fx, &server, &mc, BIG);
+    thread::sleep(Duration::from_millis(200));
+    let mut others: Vec<Fetch> = (1..4)
+        .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), BIG))
+        .collect();
+    let part = size * 3 / 10;
+    wait_until(FETCH_LIMIT, || {
+        master.written() >= part || !master.running()
+    });
+    let at = master.written();
+    assert!(
+        master.running() && at >= part,
+        "the master never had 30% of the file while running (it wrote {at} bytes)\n{}\n{}",
+        master.describe(),
+        server.log_tail(40)
+    );
+    assert_eq!(
+        comm_of(master.pid()),
+        "atftp",
+        "the process to kill must be atftp itself"
+    );
+    master.kill_group();
+    let killed = master.wait(Instant::now() + Duration::from_secs(5));
+    assert!(
+        !killed.success() && killed.status.and_then(|s| s.code()).is_none(),
+        "atftp should have died of SIGKILL: {killed}"
+    );
+    eprintln!("killed the master at {at} of {size} bytes");
+    finish_all(&mut others, &fx, BIG, FETCH_LIMIT);
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
+
+    let dropped = events(&server, "member dropped");
+    let master_dropped: Vec<&Value> = dropped
+        .iter()
+        .filter(|e| ip_of(e, "client") == Some(master_ip))
+        .collect();
+    assert_eq!(
+        master_dropped.len(),
+        1,
+        "the dead master must be dropped once: {dropped:?}\n{}",
+        server.log_tail(60)
+    );
+    let reason = field_str(master_dropped[0], "reason");
+    assert!(
+        reason.contains("master"),
+        "the drop's reason must say the master went silent: {reason:?}"
+    );
+    let changed = events(&server, "master changed");
+    assert!(
+        changed
+            .iter()
+            .any(|e| field_str(e, "from").contains(&master_ip.to_string())),
+        "a `master changed` must hand over from the dead master {master_ip}: {changed:?}\n{}",
+        server.log_tail(60)
+    );
+    assert!(field_u64(&ended, "remasters") >= 1, "group ended: {ended}");
+    assert_eq!(field_u64(&ended, "members_lost"), 1, "group ended: {ended}");
+    assert_eq!(field_u64(&ended, "members_done"), 3, "group ended: {ended}");
+    drop(dump);
+    stop_server(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Loss.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn all_finish_under_5_percent_loss() {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    const N: usize = 6;
+    let fx = Fixture::new();
+    let size = file_len(&fx, ONE_MIB) as u64;
+    let lab = Lab::new("mcloss", N);
+    for ns in &lab.clients {
+        lab.add_loss(ns, 5);
+    }
+    Wire::install(&lab);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let dump = DumpOnPanic(&server, "all_finish_under_5_percent_loss");
+    let mc = atftp_mc(&["timeout 1"]);
+    let mut fetches: Vec<Fetch> = (0..N)
+        .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), ONE_MIB))
+        .collect();
+    let runs = finish_all(&mut fetches, &fx, ONE_MIB, FETCH_LIMIT);
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| {
+        names_file(e, ONE_MIB)
+    });
+    let wire = Wire::read(&lab);
+    for ns in &lab.clients {
+        let d = lab.dropped(ns);
+        assert!(
+            d > 0,
+            "the loss rule in {ns} dropped nothing: the test proved nothing"
+        );
+    }
+    let js = joins(&server, ONE_MIB);
+    let mut peers: Vec<IpAddr> = js.iter().filter_map(|e| ip_of(e, "peer")).collect();
+    peers.sort();
+    peers.dedup();
+    assert_eq!(
+        peers.len(),
+        N,
+        "every client must have joined a group: {js:?}"
+    );
+    assert!(
+        wire.mc_file_bytes() >= size,
+        "the file did not go by multicast under loss: {wire:?}\n{ended}"
+    );
+    eprintln!(
+        "under 5% loss: {N} clients in {:.2?}; multicast payload / file {:.3}; {ended}",
+        runs.iter().map(|r| r.elapsed).max().unwrap(),
+        wire.mc_payload() as f64 / size as f64
+    );
+    drop(dump);
+    stop_server(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A flood of unexpected packets.
+// ---------------------------------------------------------------------------------------------
+
+struct Flood {
+    oack: Vec<(String, String)>,
+    from: SocketAddr,
+    sent: u32,
+    duration: Duration,
+}
+
+fn error_packet(code: u16, msg: &str) -> Vec<u8> {
+    let mut p = raw::ERROR.to_be_bytes().to_vec();
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(msg.as_bytes());
+    p.push(0);
+    p
+}
+
+fn udp_rcvbuf_errors(lab: &Lab) -> String {
+    let r = run(
+        &mut lab.exec(&lab.server, "cat", &["/proc/net/snmp"]),
+        CMD_LIMIT,
+    );
+    r.stdout
+        .lines()
+        .filter(|l| l.starts_with("Udp:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn unexpected_ack_flood_is_bounded() {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    const ACKS: u32 = 1000;
+    let fx = Fixture::new().with_big();
+    let size = BIG_SIZE as u64;
+    let lab = Lab::new("mcflood", 2);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let dump = DumpOnPanic(&server, "unexpected_ack_flood_is_bounded");
+    let mut master = Fetch::start(&lab, &fx, 0, &atftp_mc(&[]), server.addr(), BIG);
+    let master_join = wait_event(
+        &server,
+        "multicast request joined group",
+        Duration::from_secs(10),
+        |_| true,
+    );
+    wait_until(FETCH_LIMIT, || {
+        master.written() >= size / 10 || !master.running()
+    });
+    assert!(
+        master.running() && master.written() >= size / 10,
+        "the master never had 10% of the file while running\n{}\n{}",
+        master.describe(),
+        server.log_tail(40)
+    );
+
+    let server_addr = server.addr();
+    let flood = lab.in_ns(&lab.clients[1], move || {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let rrq = raw::rrq(
+            BIG.as_bytes(),
+            "octet",
+            &[("multicast", ""), ("blksize", "1428")],
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        sock.send_to(&rrq, server_addr).unwrap();
+        let mut buf = vec![0u8; 70000];
+        let (oack, from) = loop {
+            assert!(
+                Instant::now() < deadline,
+                "no OACK for the multicast RRQ within 5 s"
+            );
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) if from.ip() == server_addr.ip() => {
+                    let p = &buf[..n];
+                    match raw::opcode(p) {
+                        Some(raw::OACK) => break (raw::parse_oack(p), from),
+                        Some(raw::ERROR) => {
+                            panic!("the server refused the join: {:?}", raw::parse_error(p))
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    sock.send_to(&rrq, server_addr).unwrap();
+                }
+            }
+        };
+        let ack = raw::ack(3);
+        let t = Instant::now();
+        let mut sent = 0;
+        for _ in 0..ACKS {
+            if sock.send_to(&ack, from).is_ok() {
+                sent += 1;
+            }
+        }
+        let duration = t.elapsed();
+        sock.send_to(&error_packet(0, "leaving the group"), from)
+            .unwrap();
+        Flood {
+            oack,
+            from,
+            sent,
+            duration,
+        }
+    });
+
+    // The raw member was enrolled as a non-master by the group's own socket.
+    let mc_value = flood
+        .oack
+        .iter()
+        .find(|(k, _)| k == "multicast")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("the OACK lacks `multicast`: {:?}", flood.oack));
+    let parts: Vec<&str> = mc_value.split(',').collect();
+    assert_eq!(
+        parts.len(),
+        3,
+        "multicast OACK value must be addr,port,mc: {mc_value:?}"
+    );
+    assert_eq!(
+        format!("{}:{}", parts[0], parts[1]),
+        field_str(&master_join, "group"),
+        "the raw client must be put in the master's group: {mc_value:?} vs {master_join}"
+    );
+    assert_eq!(
+        parts[2], "0",
+        "a second member must not be master: {mc_value:?}"
+    );
+    // ...from the group's own transfer socket, the one its DATA leaves from.
+    assert_eq!(
+        flood.from.to_string(),
+        field_str(&master_join, "tid"),
+        "the OACK must come from the group's transfer socket: {master_join}"
+    );
+    assert_eq!(flood.sent, ACKS, "could not send every ACK");
+
+    let runs = finish_all(std::slice::from_mut(&mut master), &fx, BIG, FETCH_LIMIT);
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
+    let unexpected = field_u64(&ended, "unexpected");
+    let resent = field_u64(&ended, "unexpected_retransmits");
+    let bound = (flood.duration.as_millis() / 100) as u64 + 2;
+    eprintln!(
+        "flood: {ACKS} ACKs in {:.2?} to {}; group counted unexpected={unexpected}, \
+         unexpected_retransmits={resent} (bound {bound}); master done in {:.2?}\n{ended}",
+        flood.duration, flood.from, runs[0].elapsed
+    );
+    assert!(
+        unexpected >= ACKS as u64,
+        "the group counted {unexpected} unexpected packets for {ACKS} ACKs from a non-master \
+         (server namespace UDP counters:\n{})\n{ended}",
+        udp_rcvbuf_errors(&lab)
+    );
+    assert!(
+        resent <= bound,
+        "{resent} retransmissions for a flood of {ACKS} ACKs over {:.2?}: more than one per 100 ms (+2)\n{ended}",
+        flood.duration
+    );
+    let dropped = events(&server, "member dropped");
+    let raw_ip = IpAddr::V4(lab.client_ip(1));
+    assert!(
+        dropped.iter().any(|e| ip_of(e, "client") == Some(raw_ip)),
+        "the ERROR must take the raw member out of the group: {dropped:?}"
+    );
+    assert_eq!(field_u64(&ended, "members_done"), 1, "group ended: {ended}");
+    drop(dump);
+    stop_server(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Unicast next to a group.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unicast_clients_unaffected_while_a_group_runs() {
+    if !require_netns() || !require_tools(&["atftp", "tftp", "curl"]) {
+        return;
+    }
+    let fx = Fixture::new().with_big();
+    let size = BIG_SIZE as u64;
+    let lab = Lab::new("mcuni", 6);
+    Wire::install(&lab);
+    let server = start_server(&lab, &fx, &[], &[]);
+    let dump = DumpOnPanic(&server, "unicast_clients_unaffected_while_a_group_runs");
+    let mc = atftp_mc(&[]);
+    let mut group: Vec<Fetch> = (0..4)
+        .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), BIG))
+        .collect();
+    wait_until(FETCH_LIMIT, || {
+        group.iter().any(|f| f.written() >= size / 20) || !group[0].running()
+    });
+    assert!(
+        group[0].running() && group.iter().any(|f| f.written() >= size / 20),
+        "the group never had 5% of the file out while client 0 ran\n{}\n{}",
+        group[0].describe(),
+        server.log_tail(40)
+    );
+    let unicast_clients = [Client::hpa(), Client::Curl { args: vec![] }];
+    let before = Wire::read(&lab);
+    let mut unicast: Vec<Fetch> = unicast_clients
+        .iter()
+        .enumerate()
+        .map(|(k, c)| Fetch::start(&lab, &fx, 4 + k, c, server.addr(), ONE_MIB))
+        .collect();
+    let uni_runs = finish_all(&mut unicast, &fx, ONE_MIB, FETCH_LIMIT);
+    let during = Wire::read(&lab).since(before);
+    finish_all(&mut group, &fx, BIG, FETCH_LIMIT);
+    let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
+    let started = wait_event(
+        &server,
+        "group started after the start delay",
+        END_LIMIT,
+        |e| names_file(e, BIG),
+    );
+    let (group_from, group_to) = (when(&started), when(&ended));
+    for i in [4, 5] {
+        let ip = IpAddr::V4(lab.client_ip(i));
+        let start = events(&server, "transfer started")
+            .into_iter()
+            .find(|e| ip_of(e, "peer") == Some(ip) && names_file(e, ONE_MIB))
+            .unwrap_or_else(|| panic!("no `transfer started` for {ip}\n{}", server.log_tail(60)));
+        assert!(
+            group_from < when(&start) && when(&start) < group_to,
+            "the unicast transfer of {ip} did not start while the group was sending \
+             (group {group_from:?}..{group_to:?}, transfer {:?}): the test proved nothing",
+            when(&start)
+        );
+    }
+    // The same two clients with nothing else running, for comparison.
+    let alone: Vec<Run> = unicast_clients
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let out = fx.out("alone");
+            let r = c.fetch(
+                Some(&lab.clients[4 + k]),
+                server.addr(),
+                ONE_MIB,
+                &out,
+                FETCH_LIMIT,
+            );
+            assert_fetched(
+                c,
+                &r,
+                &out,
+                &want_sha(&fx, ONE_MIB),
+                file_len(&fx, ONE_MIB),
+                "alone",
+            );
+            r
+        })
+        .collect();
+
+    for i in [4, 5] {
+        let ip = IpAddr::V4(lab.client_ip(i));
+        let done = events(&server, "transfer complete");
+        assert!(
+            done.iter()
+                .any(|e| ip_of(e, "peer") == Some(ip) && names_file(e, ONE_MIB)),
+            "no unicast `transfer complete` for {ip}\n{}",
+            server.log_tail(60)
+        );
+        assert!(
+            !joins(&server, ONE_MIB)
+                .iter()
+                .any(|e| ip_of(e, "peer") == Some(ip)),
+            "{ip} asked no multicast but joined a group"
+        );
+    }
+    let created = events(&server, "group created: waiting for the start delay");
+    assert_eq!(created.len(), 1, "one group only: {created:?}");
+    assert_eq!(field_u64(&ended, "members_done"), 4, "group ended: {ended}");
+    let uni_bytes = during.uc_payload();
+    eprintln!(
+        "while the group ran: tftp-hpa {:.2?}, curl {:.2?} (alone afterwards: {:.2?}, {:.2?}); \
+         unicast payload {uni_bytes} bytes for 2 x {} (group multicast {} bytes meanwhile, {} packets)",
+        uni_runs[0].elapsed,
+        uni_runs[1].elapsed,
+        alone[0].elapsed,
+        alone[1].elapsed,
+        file_len(&fx, ONE_MIB),
+        during.mc_payload(),
+        during.mc_packets,
+    );
+    assert!(
+        uni_bytes >= 2 * file_len(&fx, ONE_MIB) as u64,
+        "the unicast clients' bytes did not go by unicast: {during:?}"
+    );
+    drop(dump);
+    stop_server(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Multicast switched off.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn multicast_disabled_serves_atftp_by_unicast() {
+    if !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    const N: usize = 2;
+    let fx = Fixture::new();
+    let size = file_len(&fx, ONE_MIB) as u64;
+    let lab = Lab::new("mcoff", N);
+    Wire::install(&lab);
+    let server = start_server(&lab, &fx, &[], &[("TFTPCAST_MULTICAST__ENABLED", "false")]);
+    let dump = DumpOnPanic(&server, "multicast_disabled_serves_atftp_by_unicast");
+    let mc = atftp_mc(&[]);
+    let mut fetches: Vec<Fetch> = (0..N)
+        .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), ONE_MIB))
+        .collect();
+    finish_all(&mut fetches, &fx, ONE_MIB, FETCH_LIMIT);
+    let wire = Wire::read(&lab);
+    assert_eq!(
+        wire.mc_packets, 0,
+        "multicast is disabled, yet the server sent to a group: {wire:?}"
+    );
+    assert!(
+        wire.udp_payload() >= N as u64 * size,
+        "{N} clients got {size} bytes each by unicast, yet the server sent less: {wire:?}"
+    );
+    assert!(
+        events(&server, "group created: waiting for the start delay").is_empty()
+            && joins(&server, ONE_MIB).is_empty(),
+        "multicast is disabled, yet a group was formed\n{}",
+        server.log_tail(40)
+    );
+    let wait = wait_until(Duration::from_secs(5), || {
+        events(&server, "transfer complete")
+            .iter()
+            .filter(|e| names_file(e, ONE_MIB))
+            .count()
+            >= N
+    });
+    assert!(
+        wait,
+        "want {N} unicast `transfer complete`\n{}",
+        server.log_tail(40)
+    );
+    // The clients did ask for multicast (else this proved nothing).
+    let asked = events(&server, "transfer started")
+        .iter()
+        .filter(|e| names_file(e, ONE_MIB) && field_str(e, "options").contains("multicast"))
+        .count();
+    assert_eq!(
+        asked,
+        N,
+        "the {N} atftp requests must carry the multicast option\n{}",
+        server.log_tail(40)
+    );
+    drop(dump);
+    stop_server(server);
+}
