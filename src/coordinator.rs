@@ -138,6 +138,11 @@ pub struct GroupProgress {
     pub members: Vec<MemberInfo>,
 }
 
+/// How many groups this node owns (shutdown waits for them).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct OwnedGroups;
+
 /// A client packet reached a relay socket: forward it to the group's owner.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -530,6 +535,13 @@ impl Handler<GroupProgress> for Coordinator {
             e.started = m.started;
             e.members = m.members;
         }
+    }
+}
+
+impl Handler<OwnedGroups> for Coordinator {
+    type Result = usize;
+    fn handle(&mut self, _: OwnedGroups, _: &mut Context<Self>) -> usize {
+        self.groups.values().filter(|e| e.owner.is_none()).count()
     }
 }
 

@@ -618,6 +618,13 @@ impl StreamHandler<Datagram> for Membership {
                 self.drain(ctx);
             }
             Ok(Envelope::App { from, msg }) => {
+                // The key proves the sender is a cluster member; the address proves which one:
+                // a message claiming another member's id from elsewhere is dropped.
+                if self.live.get(&from).map(|id| id.addr.ip()) != Some(d.meta.from.ip()) {
+                    self.stats.rejected += 1;
+                    debug!(from = %d.meta.from, claimed = %from, "application message from an address that is not the claimed member's");
+                    return;
+                }
                 self.stats.app_received += 1;
                 // The per-datagram path must not queue without bound: count what is dropped.
                 if self.events.try_send(ClusterEvent::Message { from, msg }).is_err() {
@@ -979,11 +986,15 @@ mod tests {
             cluster::encode(&Envelope::App { from: "b".into(), msg: groups(666) }, b"not the cluster key").unwrap();
         raw.send_to(&forged, nodes[0].at).unwrap();
         raw.send_to(b"garbage", nodes[0].at).unwrap();
-        // A genuine one from a key holder outside the membership is delivered (the key, not
-        // membership, authenticates): the path works, so the silence above means rejection.
-        let genuine = cluster::encode(&Envelope::App { from: "tool".into(), msg: groups(7) }, KEY).unwrap();
+        // With the key but claiming a node that is not a member: dropped too.
+        let stranger = cluster::encode(&Envelope::App { from: "tool".into(), msg: groups(8) }, KEY).unwrap();
+        raw.send_to(&stranger, nodes[0].at).unwrap();
+        // A genuine one, from a member's address (all nodes share 127.0.0.1 here), is
+        // delivered: the path works, so the silence above means rejection.
+        let genuine = cluster::encode(&Envelope::App { from: "b".into(), msg: groups(7) }, KEY).unwrap();
         raw.send_to(&genuine, nodes[0].at).unwrap();
-        assert!(nodes[0].until(Duration::from_secs(2), |s| got(s, "tool", &groups(7))).await);
+        assert!(nodes[0].until(Duration::from_secs(2), |s| got(s, "b", &groups(7))).await);
+        assert!(!nodes[0].messages().iter().any(|(_, m)| m == &groups(8)), "a non-member's message was delivered");
 
         for n in &mut nodes {
             n.settle(Duration::from_millis(200)).await;

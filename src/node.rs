@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::Validated;
-use crate::coordinator::{ClusterLink, Coordinator, MulticastPolicy};
+use crate::coordinator::{ClusterLink, Coordinator, MulticastPolicy, OwnedGroups};
 use crate::membership::{Leave, Membership, MembershipConfig};
 use crate::file_cache::{FileCache, FileCacheConfig};
 use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
@@ -218,6 +218,11 @@ async fn serve(v: Validated) -> u8 {
         let mut active = 0;
         for l in &listeners {
             active += l.send(ActiveSessions).await.unwrap_or(0);
+        }
+        // Multicast groups this node sends finish too; in a cluster, peers take over what is
+        // left when this node leaves.
+        if let Some(c) = &coordinator {
+            active += c.send(OwnedGroups).await.unwrap_or(0);
         }
         if active == 0 {
             info!("all transfers finished");

@@ -1029,9 +1029,31 @@ fn cluster_forms_and_rejects_a_wrong_key() {
         );
     }
 
-    // Control: the same kind of announcement sealed with the RIGHT key (claiming to come from
-    // n3) is taken by n1, which starts relaying the claimed group. So the datagrams above were
-    // well-formed, and only their key made the cluster drop them.
+    // With the RIGHT key but from the outsider's address while claiming to be n3: the key
+    // proves membership, the address proves which member, so n1 drops it.
+    let impostor_key = StreamKey {
+        sha256: [0x6b; 32],
+        size: 4343,
+        blksize: 1428,
+        netascii: false,
+        path: "forged-impersonation.bin".into(),
+    };
+    let sealed = cluster::encode(&forged_groups(&lab, "n3", impostor_key, 203), KEY.as_bytes())
+        .expect("encode impersonation");
+    let stop = Arc::new(AtomicBool::new(false));
+    let impostor = spray(&lab.node_ns(4), sealed, vec![targets[0]], Duration::from_millis(20), stop.clone());
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    impostor.join().expect("impostor thread");
+    let co = dump_state(&nodes[0], "coordinator");
+    assert!(
+        !field_str(&co, "groups").contains("forged-impersonation.bin"),
+        "n1 took a right-key announcement claiming n3 from another address: {co}"
+    );
+
+    // Control: the same kind of announcement sealed with the RIGHT key, sent from n3's own
+    // address, is taken by n1, which starts relaying the claimed group. So the datagrams above
+    // were well-formed, and only their key (or address) made the cluster drop them.
     let control_key = StreamKey {
         sha256: [0x5a; 32],
         size: 4242,
@@ -1043,7 +1065,7 @@ fn cluster_forms_and_rejects_a_wrong_key() {
         .expect("encode control announcement");
     let stop = Arc::new(AtomicBool::new(false));
     let control = spray(
-        &lab.node_ns(4),
+        &lab.node_ns(3),
         sealed,
         vec![targets[0]],
         Duration::from_millis(20),
