@@ -67,6 +67,8 @@ pub struct Session {
     /// Times the socket's send queue was full.
     backpressure: u64,
     unknown_tid_packets: u64,
+    /// Answers to strangers: a token per answer, 10 a second, bursts of 10.
+    unknown_tid_bucket: TokenBucket,
 }
 
 impl Session {
@@ -90,6 +92,7 @@ impl Session {
             reported: Report::default(),
             backpressure: 0,
             unknown_tid_packets: 0,
+            unknown_tid_bucket: TokenBucket::new(now, Some(10), 10),
         }
     }
 
@@ -245,10 +248,19 @@ impl Actor for Session {
 impl StreamHandler<Datagram> for Session {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         if d.meta.from != self.peer {
-            // RFC 1350: a packet from another TID gets error 5; our transfer goes on.
+            // RFC 1350: a packet from another TID gets error 5; our transfer goes on. An ERROR
+            // is never answered (two ports would bounce errors forever), and the answers are
+            // rate-limited (bursts of 10, then 10 a second) so a spray at this port cannot
+            // turn the server into a reflector.
             self.unknown_tid_packets += 1;
-            if let Some(s) = &self.sock {
-                let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+            let is_error = d.data.get(..2) == Some(&[0, 5][..]);
+            let now = Instant::now();
+            self.unknown_tid_bucket.set_rate(now, Some(10));
+            if !is_error && self.unknown_tid_bucket.ready_at(now).is_none() {
+                self.unknown_tid_bucket.consume(1);
+                if let Some(s) = &self.sock {
+                    let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+                }
             }
             return;
         }

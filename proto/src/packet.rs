@@ -200,6 +200,8 @@ pub enum DecodeError {
     DataTooLong,
     #[error("trailing bytes after the packet")]
     TrailingBytes,
+    #[error("option name or value is not UTF-8")]
+    NotUtf8,
 }
 
 /// The 4-byte header of DATA packet `block`.
@@ -277,6 +279,9 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Options are ASCII text (RFC 2347). Anything that is not UTF-8 is refused rather than
+/// replaced: a replacement character is three bytes, so a lossy conversion would turn a
+/// request within the size limit into a larger one that no longer round-trips.
 fn decode_options(fields: &[&[u8]]) -> Result<Vec<(String, String)>, DecodeError> {
     if fields.len() % 2 != 0 {
         return Err(DecodeError::OptionWithoutValue);
@@ -284,10 +289,8 @@ fn decode_options(fields: &[&[u8]]) -> Result<Vec<(String, String)>, DecodeError
     if fields.len() / 2 > MAX_OPTIONS {
         return Err(DecodeError::TooManyOptions);
     }
-    Ok(fields
-        .chunks(2)
-        .map(|kv| (lossy(kv[0]).to_ascii_lowercase(), lossy(kv[1])))
-        .collect())
+    let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| DecodeError::NotUtf8);
+    fields.chunks(2).map(|kv| Ok((text(kv[0])?.to_ascii_lowercase(), text(kv[1])?))).collect()
 }
 
 fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
@@ -399,6 +402,15 @@ mod tests {
         long.extend(std::iter::repeat(b'a').take(MAX_REQUEST));
         long.extend_from_slice(b"\x00octet\x00");
         assert_eq!(decode(&long), Err(DecodeError::RequestTooLong));
+    }
+
+    #[test]
+    fn non_utf8_options_are_refused() {
+        let mut rrq = b"\x00\x01f\x00octet\x00".to_vec();
+        rrq.extend(std::iter::repeat_n(0xff, 700));
+        rrq.extend_from_slice(b"\x00x\x00");
+        assert_eq!(decode(&rrq), Err(DecodeError::NotUtf8));
+        assert_eq!(decode(b"\x00\x06\xff\x00\x00"), Err(DecodeError::NotUtf8));
     }
 
     #[test]
