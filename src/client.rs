@@ -5,17 +5,31 @@
 //! first reply (the server's TID), anything from elsewhere answered with ERROR 5. Every
 //! protocol decision (options, windows, retransmission, netascii) is the receiver's.
 //!
+//! With `--multicast` it is an RFC 2090 client around
+//! [`tftpcast_proto::mcast_receiver::McastReceiver`] instead: the same unicast socket sends
+//! the request and the ACKs; once the server's OACK names a group, a second socket bound to
+//! the group's port (with `SO_REUSEADDR`, so several clients can share a host) joins it on
+//! the interface that routes to the server. Both sockets are waited on with `poll(2)`; the
+//! receiver decides what to keep (only the server's TID counts). Blocks arrive in any order
+//! and are written at their offsets. If the server answers without multicast, the same
+//! receiver carries on as a unicast download.
+//!
 //! The file is written to a temporary file next to the destination and renamed over it
 //! only when the transfer completed, so a failed download leaves nothing half-written;
-//! `-o -` writes to standard output instead. On a terminal, stderr shows a progress line.
+//! `-o -` writes to standard output instead (a multicast download goes through an unnamed
+//! temporary file first, since blocks arrive out of order). On a terminal, stderr shows a
+//! progress line.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, IsTerminal, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::{self, BufWriter, IsTerminal, Seek, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tftpcast_proto::mcast_receiver::{Dest, Kind, McastReceiver, McastReceiverConfig, Via};
 use tftpcast_proto::packet::{self, ErrorCode, Mode, MAX_BLKSIZE, MAX_DATAGRAM, MIN_BLKSIZE};
 use tftpcast_proto::{Receiver, ReceiverConfig, ReceiverOutcome};
 
@@ -27,6 +41,11 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(5);
 const RECV_CHUNK: usize = 1 << 20;
 /// How often the progress line is redrawn.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// Receive buffer asked for the multicast socket: a group sends a window at the server's
+/// pace, whoever the master is.
+const GROUP_RECV_BUFFER: usize = 4 << 20;
+/// Datagrams read from one socket before the receiver's output is sent and written.
+const RECV_BATCH: usize = 32;
 
 /// Transfer mode of `tftpcast get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,8 +71,8 @@ pub struct GetArgs {
     /// Retransmission timeout in seconds to ask for (RFC 2349).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     pub timeout: Option<u8>,
-    /// Join the server's multicast group for this file (RFC 2090). Not implemented yet: the
-    /// file is fetched by unicast.
+    /// Join the server's multicast group for this file (RFC 2090); octet mode only. A
+    /// server that answers without multicast is followed by unicast.
     #[arg(long)]
     pub multicast: bool,
     /// Transfer mode.
@@ -87,6 +106,9 @@ pub enum ClientError {
     Aborted { code: ErrorCode, reason: String },
     #[error("cannot name a local file after {0:?}; use -o FILE")]
     NoLocalName(String),
+    /// Options that do not go together.
+    #[error("{0}")]
+    Usage(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -103,13 +125,20 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ClientError {
 /// Fetches `args.remote_file`; returns the number of bytes written.
 pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
     let notices = !args.quiet;
-    if args.multicast && notices {
-        eprintln!("tftpcast get: multicast reception is not implemented yet; fetching by unicast");
+    if args.multicast && args.mode != TransferMode::Octet {
+        return Err(ClientError::Usage("--multicast works in octet mode only".into()));
     }
     // Open the destination first: a directory we cannot write to should fail before the
     // server is bothered.
-    let mut out = Output::open(args)?;
+    let out = Output::open(args)?;
+    if args.multicast {
+        return run_multicast(args, out, notices);
+    }
+    run_unicast(args, out, notices)
+}
 
+/// A plain download (no `multicast` option) through [`Receiver`].
+fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
     let bind: SocketAddr = match args.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -246,6 +275,240 @@ fn drive(
     }
 }
 
+/// `tftpcast get --multicast`: see the module documentation.
+fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
+    out.make_positional()?;
+    let bind: SocketAddr = match args.server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
+    sock.set_nonblocking(true).map_err(io_err("making the socket non-blocking"))?;
+    grow_receive_buffer(&sock, args);
+
+    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let mut cfg = McastReceiverConfig::new(args.server, args.remote_file.as_bytes());
+    cfg.blksize = args.blksize;
+    cfg.windowsize = args.windowsize;
+    cfg.timeout = base;
+    cfg.max_timeout = MAX_TIMEOUT.max(base);
+    cfg.request_timeout_option = args.timeout;
+    cfg.tsize = args.tsize;
+    cfg.max_retries = args.retries;
+    let start = Instant::now();
+    let mut rx = McastReceiver::new(start, cfg);
+    let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
+
+    let mut group: Option<GroupSocket> = None;
+    let result = drive_multicast(&sock, &mut group, &mut rx, &mut out, &mut progress);
+    progress.finish(rx.bytes_received(), rx.tsize());
+    if let Some(why) = result? {
+        // We told the server we leave (ERROR); ask again without `multicast`.
+        if notices {
+            eprintln!("tftpcast get: {why}; fetching by unicast instead");
+        }
+        out.restart()?;
+        return run_unicast(args, out, notices);
+    }
+    match rx.outcome() {
+        Some(ReceiverOutcome::Complete) => {}
+        Some(ReceiverOutcome::PeerError { code, message }) => {
+            return Err(ClientError::Server { code: *code, message: message.clone() })
+        }
+        Some(ReceiverOutcome::TimedOut { retries }) => {
+            return Err(ClientError::TimedOut { server: rx.server_tid().unwrap_or(args.server), retries: *retries })
+        }
+        Some(ReceiverOutcome::Aborted { code, reason }) => {
+            return Err(ClientError::Aborted { code: *code, reason: reason.clone() })
+        }
+        None => unreachable!("drive_multicast returns only when the transfer has ended"),
+    }
+    let len = rx.file_len().expect("a complete download knows its length");
+    out.set_len(len)?;
+    out.commit()?;
+    if notices {
+        let st = rx.stats();
+        let secs = start.elapsed().as_secs_f64();
+        match (rx.kind(), rx.group_address()) {
+            (Kind::Multicast, g) => eprintln!(
+                "tftpcast get: {len} bytes in {secs:.2} s from group {} (server {}): {} blocks, {} from the group, {} by unicast, {} duplicates, master {} time(s), {} re-request(s)",
+                g.map_or("?".to_string(), |g| g.to_string()),
+                rx.server_tid().map_or("?".to_string(), |t| t.to_string()),
+                st.blocks,
+                st.data_via_group,
+                st.data_via_unicast,
+                st.duplicates,
+                st.promotions,
+                st.rerequests,
+            ),
+            _ => eprintln!("tftpcast get: {len} bytes in {secs:.2} s; the server chose unicast"),
+        }
+    }
+    Ok(len)
+}
+
+/// The socket bound to a group's port and joined to it.
+struct GroupSocket {
+    group: SocketAddrV4,
+    sock: UdpSocket,
+}
+
+impl GroupSocket {
+    /// Binds `0.0.0.0:port` (shared with other clients on this host) and joins `group` on
+    /// the interface whose address is `iface`. Dropping the socket leaves the group.
+    fn open(group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<GroupSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, group.port())).into())?;
+        s.join_multicast_v4(group.ip(), &iface)?;
+        // Without this Linux delivers every group joined on this host to any socket bound
+        // to the port, another client's groups included.
+        #[cfg(target_os = "linux")]
+        s.set_multicast_all_v4(false)?;
+        let _ = s.set_recv_buffer_size(GROUP_RECV_BUFFER);
+        s.set_nonblocking(true)?;
+        Ok(GroupSocket { group, sock: s.into() })
+    }
+}
+
+/// The local IPv4 address the kernel would use to reach `to` (the interface to join the
+/// group on); unspecified (the kernel's choice) if there is none.
+fn route_source(to: SocketAddr) -> Ipv4Addr {
+    let probe = || -> io::Result<IpAddr> {
+        let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        let to = match to {
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::from((v4, v6.port())),
+                None => return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            },
+            v4 => v4,
+        };
+        s.connect(to)?;
+        Ok(s.local_addr()?.ip())
+    };
+    match probe() {
+        Ok(IpAddr::V4(ip)) => ip,
+        _ => Ipv4Addr::UNSPECIFIED,
+    }
+}
+
+/// Runs a `--multicast` download to its end. `Err` only for local I/O failures; how the
+/// transfer ended is `rx.outcome()`. `Some(reason)` when the group could not be joined (say,
+/// another program holds its port without `SO_REUSEADDR`): the server has been told with an
+/// ERROR and the caller may fetch by unicast.
+fn drive_multicast(
+    sock: &UdpSocket,
+    group: &mut Option<GroupSocket>,
+    rx: &mut McastReceiver,
+    out: &mut Output,
+    progress: &mut Progress,
+) -> Result<Option<String>, ClientError> {
+    let mut buf = BytesMut::new();
+    loop {
+        // Data first: a write that fails turns the pending ACK into an ERROR.
+        while let Some((offset, chunk)) = rx.take_block() {
+            if let Err(e) = out.write_at(&chunk, offset) {
+                let code = match e.raw_os_error() {
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+                    _ => ErrorCode::NotDefined,
+                };
+                rx.abort(code, "the client could not write the file");
+                while let Some(t) = rx.poll_transmit() {
+                    let _ = sock.send_to(&t.packet, t.to.addr());
+                }
+                return Err(ClientError::Io { context: format!("writing {}", out.name()), source: e });
+            }
+        }
+        // Join (or move to) the group before anything is sent: the master's ACK makes the
+        // server send at once.
+        let want = rx.group();
+        if want != group.as_ref().map(|g| g.group) {
+            *group = None;
+            if let Some(g) = want {
+                let iface = route_source(rx.server_tid().expect("a group comes from the server"));
+                match GroupSocket::open(g, iface) {
+                    Ok(joined) => *group = Some(joined),
+                    Err(e) => {
+                        rx.abort(ErrorCode::NotDefined, "the client cannot join the multicast group");
+                        while let Some(t) = rx.poll_transmit() {
+                            let _ = sock.send_to(&t.packet, t.to.addr());
+                        }
+                        return Ok(Some(format!("cannot join multicast group {g} on {iface}: {e}")));
+                    }
+                }
+            }
+        }
+        while let Some(t) = rx.poll_transmit() {
+            let to = t.to.addr();
+            match (sock.send_to(&t.packet, to), t.to) {
+                (Ok(_), _) | (Err(_), Dest::Stranger(_)) => {}
+                (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
+                (Err(e), _) => return Err(ClientError::Io { context: format!("sending to {to}"), source: e }),
+            }
+        }
+        if rx.is_done() {
+            return Ok(None);
+        }
+        progress.update(rx.bytes_received(), rx.tsize());
+
+        // Read what is there; wait only when both sockets are empty.
+        let mut got = 0;
+        got += recv_batch(sock, Via::Unicast, rx, &mut buf)?;
+        if let Some(g) = group.as_ref() {
+            got += recv_batch(&g.sock, Via::Group, rx, &mut buf)?;
+        }
+        if got > 0 {
+            continue;
+        }
+        let now = Instant::now();
+        let deadline = rx.poll_timeout().expect("a running transfer always has a deadline");
+        if deadline <= now {
+            rx.handle_timeout(now);
+            continue;
+        }
+        let wait = deadline - now;
+        let ms = (wait.as_micros().div_ceil(1000)).min(i32::MAX as u128) as libc::c_int;
+        let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }; 2];
+        let mut n = 1;
+        if let Some(g) = group.as_ref() {
+            fds[1].fd = g.sock.as_raw_fd();
+            n = 2;
+        }
+        // SAFETY: `fds` holds `n` initialised pollfd structs that outlive the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(ClientError::Io { context: "waiting for datagrams".into(), source: e });
+            }
+        }
+    }
+}
+
+/// Reads up to [`RECV_BATCH`] datagrams from a non-blocking socket into the receiver;
+/// returns how many.
+fn recv_batch(sock: &UdpSocket, via: Via, rx: &mut McastReceiver, buf: &mut BytesMut) -> Result<usize, ClientError> {
+    for got in 0..RECV_BATCH {
+        if buf.len() <= MAX_DATAGRAM {
+            *buf = BytesMut::zeroed(RECV_CHUNK);
+        }
+        match sock.recv_from(&mut buf[..]) {
+            Ok((n, from)) => {
+                let datagram = buf.split_to(n).freeze();
+                let _ = rx.handle_datagram(Instant::now(), from, via, datagram);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // An ICMP error reported on the socket (say, port unreachable for a datagram
+            // to a stranger): nothing to receive.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(got),
+            Err(e) => return Err(ClientError::Io { context: "receiving".into(), source: e }),
+        }
+    }
+    Ok(RECV_BATCH)
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -269,6 +532,9 @@ fn grow_receive_buffer(sock: &UdpSocket, args: &GetArgs) {
 /// Where the file goes.
 enum Output {
     Stdout(BufWriter<io::StdoutLock<'static>>),
+    /// Standard output for a download written at offsets: an unnamed temporary file,
+    /// copied out when complete.
+    Spool { stdout: BufWriter<io::StdoutLock<'static>>, file: File },
     File(PartFile),
 }
 
@@ -333,7 +599,7 @@ impl Output {
 
     fn name(&self) -> String {
         match self {
-            Output::Stdout(_) => "standard output".into(),
+            Output::Stdout(_) | Output::Spool { .. } => "standard output".into(),
             Output::File(p) => p.dest.display().to_string(),
         }
     }
@@ -341,8 +607,67 @@ impl Output {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Output::Stdout(w) => w.write_all(data),
+            Output::Spool { file, .. } => file.write_all(data),
             Output::File(p) => p.file.as_mut().expect("written after commit").write_all(data),
         }
+    }
+
+    /// Prepares for [`Self::write_at`]: standard output gets a spool file.
+    fn make_positional(&mut self) -> Result<(), ClientError> {
+        if !matches!(self, Output::Stdout(_)) {
+            return Ok(());
+        }
+        let dir = std::env::temp_dir();
+        let pid = std::process::id();
+        let mut attempt = 0u32;
+        let file = loop {
+            let path = dir.join(format!(".tftpcast-{pid}-{attempt}.spool"));
+            match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+                Ok(f) => {
+                    // Unnamed from now on: it goes away with the process.
+                    let _ = fs::remove_file(&path);
+                    break f;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+                Err(e) => return Err(ClientError::Io { context: format!("creating a spool file in {}", dir.display()), source: e }),
+            }
+        };
+        let Output::Stdout(stdout) = std::mem::replace(self, Output::Stdout(BufWriter::new(io::stdout().lock()))) else {
+            unreachable!()
+        };
+        *self = Output::Spool { stdout, file };
+        Ok(())
+    }
+
+    /// The file to write at offsets (after [`Self::make_positional`]).
+    fn positional(&self) -> &File {
+        match self {
+            Output::Spool { file, .. } => file,
+            // Nothing goes through the buffer of a file written at offsets.
+            Output::File(p) => p.file.as_ref().expect("written after commit").get_ref(),
+            Output::Stdout(_) => unreachable!("make_positional first"),
+        }
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.positional().write_all_at(data, offset)
+    }
+
+    /// Empties the output for a download that starts over (sequential writes from offset 0).
+    fn restart(&mut self) -> Result<(), ClientError> {
+        let name = self.name();
+        let f = match self {
+            Output::Stdout(_) => return Ok(()),
+            Output::Spool { file, .. } => file,
+            Output::File(p) => p.file.as_mut().expect("restarted after commit").get_mut(),
+        };
+        f.set_len(0).and_then(|_| f.rewind()).map_err(io_err(format!("writing {name}")))
+    }
+
+    /// Fixes the length of a file written at offsets.
+    fn set_len(&mut self, len: u64) -> Result<(), ClientError> {
+        let name = self.name();
+        self.positional().set_len(len).map_err(io_err(format!("writing {name}")))
     }
 
     /// Makes the download visible: flushes stdout, or syncs the temporary file and renames
@@ -350,6 +675,11 @@ impl Output {
     fn commit(self) -> Result<(), ClientError> {
         match self {
             Output::Stdout(mut w) => w.flush().map_err(io_err("writing standard output")),
+            Output::Spool { mut stdout, mut file } => {
+                file.rewind().map_err(io_err("reading the spool file"))?;
+                io::copy(&mut file, &mut stdout).map_err(io_err("writing standard output"))?;
+                stdout.flush().map_err(io_err("writing standard output"))
+            }
             Output::File(mut p) => {
                 let dest = p.dest.display().to_string();
                 let file = p.file.as_mut().expect("committed twice");

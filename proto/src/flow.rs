@@ -31,6 +31,9 @@ pub struct Signals {
     pub repairs: u64,
 }
 
+/// Datagrams a round needs before its retransmission share says anything.
+pub const MIN_SAMPLE: u64 = 16;
+
 impl Signals {
     /// What happened between the cumulative counts `earlier` and `self`.
     pub fn since(&self, earlier: &Signals) -> Signals {
@@ -48,8 +51,11 @@ impl Signals {
     /// than `threshold_pct` of the interval's datagrams sent again. Slowing down does not help
     /// against random loss (it only makes each loss cost more time), so a few percent of
     /// retransmissions leave the rate alone; a queue overflowing drops whole bursts.
+    /// A round with fewer than [`MIN_SAMPLE`] datagrams is not judged: a sender that sends
+    /// that little is waiting on timeouts, not limited by its rate, and slowing it would not
+    /// help.
     pub fn lossy(&self, threshold_pct: u64) -> bool {
-        self.backpressure > 0 || (self.retransmits > 0 && self.retransmits * 100 >= threshold_pct * self.packets.max(1))
+        self.backpressure > 0 || (self.packets >= MIN_SAMPLE && self.retransmits * 100 >= threshold_pct.max(1) * self.packets)
     }
 }
 
@@ -125,7 +131,10 @@ impl Aimd {
             return Change::Unchanged;
         }
         if s.bytes > 0 && self.rate < self.ceiling {
-            self.rate = (self.rate.saturating_add(self.step)).min(self.ceiling);
+            // The additive step, but never more than an eighth of the current rate: on a slow
+            // path a fixed step of several Mbit/s would overshoot its capacity in one round.
+            let step = self.step.min(self.rate / 8).max(1);
+            self.rate = (self.rate.saturating_add(step)).min(self.ceiling);
             return Change::Increased { from, to: self.rate };
         }
         Change::Unchanged
@@ -209,7 +218,7 @@ mod tests {
     fn loss_decreases_clean_rounds_recover() {
         let t0 = Instant::now();
         let mut a = aimd();
-        let lossy = Signals { bytes: 2_000_000, retransmits: 3, ..Default::default() };
+        let lossy = Signals { bytes: 2_000_000, packets: 40, retransmits: 3, ..Default::default() };
         // Achieved 20 MB/s over 100 ms: the rate falls to half of that.
         assert_eq!(a.on_report(t0, 100 * MS, &lossy), Change::Decreased { from: 100_000_000, to: 10_000_000 });
         // A second loss within the hold time does not compound.
@@ -221,6 +230,12 @@ mod tests {
             a.on_report(now, 100 * MS, &clean);
         }
         assert_eq!(a.rate(), 15_000_000);
+        // From a low rate the step is an eighth of the rate, not the full step.
+        let mut slow = Aimd::new(100_000, 100_000_000, 1_000_000, 50, 100 * MS);
+        slow.on_report(t0, 100 * MS, &Signals { bytes: 40_000, packets: 40, retransmits: 10, ..Default::default() });
+        assert_eq!(slow.rate(), 200_000);
+        slow.on_report(t0 + 200 * MS, 100 * MS, &clean);
+        assert_eq!(slow.rate(), 225_000);
     }
 
     #[test]
@@ -275,6 +290,9 @@ mod tests {
             let before = a.rate();
             a.on_report(t0, 100 * MS, &Signals { bytes: rate_bytes, retransmits: rtx, ..Default::default() });
             if rtx > 0 { prop_assert!(a.rate() <= before); } else { prop_assert!(a.rate() >= before); }
+        let mut b = aimd();
+        b.on_report(t0, 100 * MS, &Signals { bytes: rate_bytes, packets: 5, retransmits: 5, ..Default::default() });
+        prop_assert_eq!(b.rate(), before, "a round of 5 datagrams is too small to judge");
         }
 
         #[test]

@@ -14,6 +14,7 @@ pub mod options;
 pub mod pacing;
 pub mod rto;
 pub mod packet;
+pub mod mcast_receiver;
 pub mod receiver;
 pub mod transfer;
 

@@ -318,6 +318,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.retries = 0;
         self.current_timeout = self.rto.timeout();
         self.rtt_probe = None;
+        // What the new master asks for is a repair, not a loss of the previous master's.
+        self.loss_resend_until = 0;
         self.arm(now);
         if remaster {
             self.stats.remasters += 1;
