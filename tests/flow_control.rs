@@ -73,6 +73,7 @@ fn windowed() -> Client {
 /// byte-exact, and the adaptive rate retransmits less than fixed pacing does.
 #[test]
 fn slow_link_pacing_on_retransmits_less_than_off() {
+    let _serial = serial_lab();
     if !require_netns() || !require_tools(&["atftp", "tc", "nft"]) {
         return;
     }
@@ -106,11 +107,14 @@ fn slow_link_pacing_on_retransmits_less_than_off() {
 }
 
 /// One client of a multicast group sits behind 10% loss and leads first. The others finish
-/// within twice the loss-free time plus 3 s: the lossy master is demoted after
-/// `multicast.slow_master_repairs` (16) losses, each costing at most a timeout (about 0.1 s
-/// on this link), so the others lose at most a few seconds, not the lossy client's pace.
+/// within twice the loss-free time plus 8 s: the lossy master is demoted after
+/// `multicast.slow_master_repairs` (16) losses, each costing a fast retransmission or at most
+/// a timeout (up to 0.5 s while the first round trips are measured), so the others lose a
+/// few seconds at most; without the demotion they would move at the lossy client's pace
+/// (about 40 s here).
 #[test]
 fn a_lossy_client_does_not_hold_back_the_group() {
+    let _serial = serial_lab();
     if !require_netns() || !require_tools(&["atftp", "nft"]) {
         return;
     }
@@ -130,7 +134,8 @@ fn a_lossy_client_does_not_hold_back_the_group() {
         eprintln!("lossy={lossy}: others done in {others:.2?}, lossy client in {:.2?}", times[0]);
         if lossy {
             assert!(count(&server, "slow master moved to the back of the queue") >= 1, "the lossy master was never demoted");
-            assert!(others <= clean * 2 + Duration::from_secs(3), "others took {others:.2?}, loss-free {clean:.2?}");
+            assert!(others <= clean * 2 + Duration::from_secs(8), "others took {others:.2?}, loss-free {clean:.2?}");
+            assert!(others * 3 < times[0], "the lossy client ({:.2?}) should be far slower than the others ({others:.2?})", times[0]);
             assert!(lab.dropped(&lab.clients[0]) > 0, "the loss rule dropped nothing");
         } else {
             clean = others;
@@ -143,6 +148,7 @@ fn a_lossy_client_does_not_hold_back_the_group() {
 /// take far more.
 #[test]
 fn node_rate_cap_is_respected() {
+    let _serial = serial_lab();
     if !require_netns() || !require_tools(&["nft"]) {
         return;
     }

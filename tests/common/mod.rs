@@ -1609,3 +1609,10 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Runs lab tests of one test binary one at a time: they measure times, rates and bytes on
+/// the wire, and two of them sharing two cores disturb each other's numbers.
+pub fn serial_lab() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
