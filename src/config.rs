@@ -267,8 +267,8 @@ impl Settings {
         if !(8..=65464).contains(&t.max_blksize) {
             return bad("transfer.max_blksize", "must be 8..=65464 (RFC 2348)".into());
         }
-        if t.max_windowsize == 0 {
-            return bad("transfer.max_windowsize", "must be 1..=65535 (RFC 7440)".into());
+        if t.max_windowsize == 0 || t.max_windowsize > 32767 {
+            return bad("transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)".into());
         }
         if self.limits.max_sessions == 0 {
             return bad("limits.max_sessions", "must be at least 1".into());
