@@ -31,11 +31,11 @@ use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// How long a completed transfer's (client, file) pair still marks repeated requests as
-/// duplicates. Clients retransmit a request within their timeout (1-5 s); a request that
-/// arrives after the transfer is over would otherwise start a transfer nobody receives,
-/// which then retries for half a minute.
-const RECENT: Duration = Duration::from_secs(2);
+/// Retransmissions of a transfer's first packet while the client has acknowledged nothing.
+/// A request may come from a spoofed source or be a stale duplicate of a finished transfer;
+/// either way the server sends at most 1 + 3 packets for it (anti-amplification), while a
+/// real client, which retransmits its request too, still gets four chances.
+const INITIAL_RETRIES: u32 = 3;
 
 /// Settings the listener applies to every request.
 #[derive(Debug, Clone)]
@@ -102,10 +102,7 @@ pub struct Listener {
     coordinator: Option<Addr<Coordinator>>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
-    sessions: HashMap<SocketAddr, (u64, Addr<Session>, Vec<u8>)>,
-    /// Transfers that completed in the last [`RECENT`]: a request from the same client port
-    /// for the same file is a delayed duplicate of the one served, not a new request.
-    recent: HashMap<SocketAddr, (Instant, Vec<u8>)>,
+    sessions: HashMap<SocketAddr, (u64, Addr<Session>)>,
     pending: HashSet<SocketAddr>,
     counters: Counters,
     last_dump: (Instant, u64),
@@ -137,7 +134,6 @@ impl Listener {
             arbiters,
             next_arbiter: 0,
             sessions: HashMap::new(),
-            recent: HashMap::new(),
             pending: HashSet::new(),
             counters: Counters::default(),
             last_dump: (Instant::now(), 0),
@@ -181,8 +177,7 @@ impl Listener {
     fn on_read_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
         self.counters.requests += 1;
-        let recent_duplicate = matches!(self.recent.get(&peer), Some((t, name)) if t.elapsed() < RECENT && *name == req.filename);
-        if self.sessions.contains_key(&peer) || self.pending.contains(&peer) || recent_duplicate {
+        if self.sessions.contains_key(&peer) || self.pending.contains(&peer) {
             // The client repeated its request because our first answer was lost or slow:
             // the session's own timer retransmits, so a second session must not start.
             self.counters.duplicates += 1;
@@ -342,6 +337,7 @@ impl Listener {
             // LAN costs a fraction of a second instead of the client's whole seconds.
             max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
             max_retries: self.policy.max_retries,
+            initial_retries: INITIAL_RETRIES,
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
         let socket = match crate::net::bind_transfer(local, self.policy.tid_port_range) {
@@ -381,7 +377,7 @@ impl Listener {
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
-        self.sessions.insert(peer, (id, addr, req.filename.clone()));
+        self.sessions.insert(peer, (id, addr));
         let mut adm = self.admission.borrow_mut();
         adm.active += 1;
         *adm.per_client.entry(peer.ip()).or_insert(0) += 1;
@@ -397,7 +393,6 @@ impl Actor for Listener {
         match udp::register(raw) {
             Ok(s) => {
                 self.stream = Some(ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_REQUEST, true)));
-                ctx.run_interval(RECENT, |act, _| act.recent.retain(|_, (t, _)| t.elapsed() < RECENT));
                 self.sock = Some(s);
                 info!(addr = %self.addr, "listening");
             }
@@ -422,12 +417,8 @@ impl StreamHandler<Datagram> for Listener {
 impl Handler<SessionEnded> for Listener {
     type Result = ();
     fn handle(&mut self, m: SessionEnded, _: &mut Context<Self>) {
-        if matches!(self.sessions.get(&m.peer), Some((id, _, _)) if *id == m.id) {
-            if let Some((_, _, name)) = self.sessions.remove(&m.peer) {
-                if m.ok {
-                    self.recent.insert(m.peer, (Instant::now(), name));
-                }
-            }
+        if matches!(self.sessions.get(&m.peer), Some((id, _)) if *id == m.id) {
+            self.sessions.remove(&m.peer);
             let mut adm = self.admission.borrow_mut();
             adm.active = adm.active.saturating_sub(1);
             if let Some(c) = adm.per_client.get_mut(&m.peer.ip()) {
@@ -501,7 +492,7 @@ impl Handler<DumpState> for Listener {
             multicast_fallbacks = c.multicast_fallbacks,
             "state"
         );
-        for (_, s, _) in self.sessions.values() {
+        for (_, s) in self.sessions.values() {
             s.do_send(m);
         }
     }

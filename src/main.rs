@@ -12,6 +12,7 @@
 //! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
 //! - `client`: `tftpcast get`.
 
+mod bench;
 mod client;
 mod config;
 mod coordinator;
@@ -46,6 +47,8 @@ enum Command {
     Serve(ServeArgs),
     /// Fetch a file from a TFTP server.
     Get(client::GetArgs),
+    /// Load a TFTP server with concurrent clients and report goodput, latency and failures.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags of `tftpcast serve`; each overrides the configuration key named in its help.
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench::run(&args),
         Command::Get(args) => match client::run_get(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

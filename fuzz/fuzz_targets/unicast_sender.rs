@@ -291,7 +291,7 @@ fuzz_target!(|input: Input| {
         (min, min.max(Duration::from_millis(b as u64 % 20_000)))
     });
     let max_retries = 1 + input.max_retries as u32 % 10;
-    let cfg = SenderConfig { blksize, windowsize, timeout, max_timeout, max_retries, adaptive };
+    let cfg = SenderConfig { blksize, windowsize, timeout, max_timeout, max_retries, initial_retries: max_retries, adaptive };
     let t0 = Instant::now();
     let source = if input.netascii { Source::netascii(Bytes::from(data)) } else { Source::octet(Bytes::from(data)) };
     assert_eq!(source.wire_len(), wire.len() as u64);

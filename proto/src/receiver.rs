@@ -1119,6 +1119,7 @@ mod tests {
                         timeout: n.timeout,
                         max_timeout: n.timeout * 4,
                         max_retries: 50,
+                        initial_retries: 50,
                         adaptive: self.adaptive,
                     };
                     self.sender = Some(Sender::new(now, cfg, source, oack));

@@ -173,6 +173,10 @@ pub struct SenderConfig {
     pub max_timeout: Duration,
     /// Consecutive timeouts without progress before giving up.
     pub max_retries: u32,
+    /// The same, until the peer has acknowledged anything: a request may come from a spoofed
+    /// source or be a stale duplicate, so an unanswered first packet is sent only this many
+    /// more times (anti-amplification).
+    pub initial_retries: u32,
     /// Adapt `timeout` to measured round trips (floor, ceiling). `None` keeps it fixed, as
     /// it must stay when the client negotiated a timeout (RFC 2349).
     pub adaptive: Option<(Duration, Duration)>,
@@ -228,6 +232,8 @@ pub struct Sender {
     rtt_probe: Option<(u64, Instant, bool)>,
     last_rtt: Option<Duration>,
     rto: Option<Rto>,
+    /// The peer acknowledged something (ACK 0 of an OACK or a block): its address is real.
+    peer_answered: bool,
 }
 
 impl Sender {
@@ -239,6 +245,7 @@ impl Sender {
         let rto = cfg.adaptive.map(|(min, max)| Rto::new(cfg.timeout, min, max));
         let mut s = Sender {
             rto,
+            peer_answered: false,
             current_timeout: cfg.timeout,
             cfg,
             source,
@@ -359,6 +366,7 @@ impl Sender {
     fn on_ack(&mut self, now: Instant, block: u16) {
         if self.state == State::AwaitOptionAck {
             if block == 0 {
+                self.peer_answered = true;
                 self.state = State::Sending;
                 self.progress(now);
             } else {
@@ -390,6 +398,7 @@ impl Sender {
             }
         }
         self.acked = index;
+        self.peer_answered = true;
         self.source.release_through(index);
         if index >= self.last {
             self.finish(Outcome::Complete);
@@ -417,7 +426,8 @@ impl Sender {
             return;
         }
         self.stats.timeouts += 1;
-        if self.retries >= self.cfg.max_retries {
+        let limit = if self.peer_answered { self.cfg.max_retries } else { self.cfg.max_retries.min(self.cfg.initial_retries) };
+        if self.retries >= limit {
             self.finish(Outcome::TimedOut { retries: self.retries });
             return;
         }
@@ -496,6 +506,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
+            initial_retries: 5,
             adaptive: None,
         }
     }
@@ -602,6 +613,23 @@ mod tests {
         assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 5 }));
         // Exponential backoff, capped: 1 + 2 + 4 + 4 + 4 + 4 seconds.
         assert_eq!(now - t0, Duration::from_secs(19));
+    }
+
+    #[test]
+    fn an_unanswered_first_packet_is_retried_only_initial_retries_times() {
+        let t0 = Instant::now();
+        let mut c = cfg(512, 1);
+        c.initial_retries = 2;
+        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        let mut sent = blocks(&drain(&mut s, t0)).len();
+        let mut now = t0;
+        while let Some(d) = s.poll_timeout() {
+            now = d;
+            s.handle_timeout(now);
+            sent += blocks(&drain(&mut s, now)).len();
+        }
+        assert_eq!(sent, 3, "one packet and two retransmissions");
+        assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 2 }));
     }
 
     #[test]
@@ -735,6 +763,7 @@ mod adaptive_tests {
             timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
+            initial_retries: 5,
             adaptive,
         };
         for (adaptive, want) in [(Some((Duration::from_millis(100), Duration::from_secs(4))), Duration::from_millis(100)), (None, Duration::from_secs(1))] {
