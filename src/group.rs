@@ -27,7 +27,7 @@ use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
-use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+use crate::udp::{self, Datagram, SharedSocket};
 
 /// Options of a member's OACK besides `multicast`.
 pub type Options = Vec<(String, String)>;
@@ -305,11 +305,8 @@ impl Actor for GroupSession {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let raw = self.raw.take().expect("socket");
-        match udp::register(raw) {
-            Ok(s) => {
-                ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_DATAGRAM, false));
-                self.sock = Some(s);
-            }
+        match udp::attach(ctx, raw) {
+            Ok(s) => self.sock = Some(s),
             Err(e) => {
                 let _g = self.span.enter();
                 warn!(error = %e, "cannot register group socket");

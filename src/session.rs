@@ -17,7 +17,7 @@ use tracing::{info, warn, Span};
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
-use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+use crate::udp::{self, Datagram, SharedSocket};
 
 /// Sent by a session to its listener when it stops.
 #[derive(Message)]
@@ -184,11 +184,8 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let raw = self.raw.take().expect("socket");
-        match udp::register(raw) {
-            Ok(s) => {
-                ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_DATAGRAM, false));
-                self.sock = Some(s);
-            }
+        match udp::attach(ctx, raw) {
+            Ok(s) => self.sock = Some(s),
             Err(e) => {
                 let _g = self.span.enter();
                 warn!(error = %e, "cannot register transfer socket");

@@ -24,6 +24,17 @@ pub fn register(sock: UdpSocket) -> io::Result<SharedSocket> {
     Ok(Rc::new(unsafe { AsyncFd::register(sock) }?))
 }
 
+/// Registers a transfer socket with the current arbiter and feeds its datagrams (up to the
+/// largest TFTP datagram) to the actor's `StreamHandler<Datagram>`.
+pub fn attach<A>(ctx: &mut actix::Context<A>, raw: UdpSocket) -> io::Result<SharedSocket>
+where
+    A: actix::Actor<Context = actix::Context<A>> + actix::StreamHandler<Datagram>,
+{
+    let s = register(raw)?;
+    actix::AsyncContext::add_stream(ctx, DatagramStream::new(s.clone(), packet::MAX_DATAGRAM, false));
+    Ok(s)
+}
+
 /// One datagram and where it came from / was sent to.
 #[derive(Debug)]
 pub struct Datagram {
