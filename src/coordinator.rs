@@ -429,10 +429,7 @@ impl Coordinator {
                 let data = match res {
                     Ok(Ok(ready)) if ready.key.sha256 == g.key.sha256 => {
                         if g.key.netascii {
-                            let mut enc = tftpcast_proto::netascii::Encoder::new();
-                            let mut out = Vec::new();
-                            enc.fill(&ready.data, &mut out, usize::MAX);
-                            Bytes::from(out)
+                            Bytes::from(tftpcast_proto::netascii::encode(&ready.data))
                         } else {
                             ready.data
                         }

@@ -267,12 +267,7 @@ impl Listener {
         let peer = d.meta.from;
         let local = d.meta.dst.unwrap_or(self.addr.ip());
         let data = match req.mode {
-            Mode::Netascii => {
-                let mut enc = tftpcast_proto::netascii::Encoder::new();
-                let mut out = Vec::with_capacity(tftpcast_proto::netascii::encoded_len(&ready.data) as usize);
-                enc.fill(&ready.data, &mut out, usize::MAX);
-                bytes::Bytes::from(out)
-            }
+            Mode::Netascii => bytes::Bytes::from(tftpcast_proto::netascii::encode(&ready.data)),
             _ => ready.data.clone(),
         };
         let mut n = options::negotiate(&requested, &self.policy.negotiation, Some(data.len() as u64), false);

@@ -7,6 +7,14 @@ pub fn encoded_len(data: &[u8]) -> u64 {
     data.len() as u64 + data.iter().filter(|&&b| b == b'\n' || b == b'\r').count() as u64
 }
 
+/// The whole of `data` in netascii, at once (multicast groups serve blocks in any order, so
+/// they need the encoded file, not a stream).
+pub fn encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(data) as usize);
+    Encoder::new().fill(data, &mut out, usize::MAX);
+    out
+}
+
 /// Streaming encoder: pulls local bytes from `input` and fills blocks of netascii.
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -35,7 +43,7 @@ impl Encoder {
     /// `input` must be the same slice on every call.
     pub fn fill(&mut self, input: &[u8], out: &mut Vec<u8>, max: usize) -> usize {
         let start = out.len();
-        let limit = start + max;
+        let limit = start.saturating_add(max);
         if let Some(b) = self.pending {
             if out.len() < limit {
                 out.push(b);
@@ -131,6 +139,14 @@ mod tests {
     fn line_ends_and_bare_cr() {
         let blocks = encode_blocks(b"a\nb\rc", 512);
         assert_eq!(blocks, vec![b"a\r\nb\r\0c".to_vec()]);
+    }
+
+    #[test]
+    fn whole_file_encoding_into_a_non_empty_buffer() {
+        assert_eq!(encode(b"a\nb\r"), b"a\r\nb\r\0");
+        let mut out = b"prefix".to_vec();
+        Encoder::new().fill(b"x\n", &mut out, usize::MAX);
+        assert_eq!(out, b"prefixx\r\n");
     }
 
     #[test]
