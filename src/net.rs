@@ -382,3 +382,40 @@ pub fn parse_v4_cidr(s: &str) -> Result<(Ipv4Addr, u32), String> {
     let base = Ipv4Addr::from(u32::from(a) & mask);
     Ok((base, size.min(u32::MAX as u64) as u32))
 }
+
+/// Largest number of datagrams the kernel accepts in one UDP_SEGMENT send (UDP_MAX_SEGMENTS).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Largest UDP payload one segmented send may carry (an IPv4 datagram's limit, with margin).
+pub const GSO_MAX_BYTES: usize = 65000;
+
+/// Sends the concatenation of `iov` as datagrams of `seg` bytes each (the last may be
+/// shorter) with one `sendmsg`, by UDP generic segmentation offload: one trip through the
+/// stack for a whole window instead of one per datagram. The kernel refuses (EINVAL, EIO)
+/// when a segment does not fit the path MTU or the device cannot offload checksums; callers
+/// then send datagram by datagram.
+pub fn send_segments(sock: &UdpSocket, iov: &[io::IoSlice<'_>], seg: u16, to: SocketAddr) -> io::Result<usize> {
+    let to = SockAddr::from(to);
+    // SAFETY: the iovecs describe live slices (IoSlice is ABI-compatible with iovec); the
+    // control buffer is large enough for one u16 cmsg; the address outlives the call.
+    unsafe {
+        let mut cbuf = [0u64; CMSG_SPACE / 8];
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+        let n = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}

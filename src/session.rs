@@ -63,6 +63,10 @@ pub struct Session {
     timer: Timer,
     /// A datagram waiting for socket buffer space.
     blocked: bool,
+    /// Datagrams polled from the sender, not yet sent (reused between flushes).
+    batch: Vec<tftpcast_proto::Transmit>,
+    /// The path takes segmented sends (cleared the first time the kernel refuses one).
+    gso: bool,
     reported: Report,
     /// Times the socket's send queue was full.
     backpressure: u64,
@@ -89,6 +93,8 @@ impl Session {
             started: now,
             timer: Timer::default(),
             blocked: false,
+            batch: Vec::new(),
+            gso: true,
             reported: Report::default(),
             backpressure: 0,
             unknown_tid_packets: 0,
@@ -102,30 +108,47 @@ impl Session {
         if self.blocked {
             return;
         }
+        // A window leaves as one segmented send when the path allows (UDP GSO): the pacing
+        // budget is still charged per datagram, so a batch never exceeds the lease.
+        let mut batch = std::mem::take(&mut self.batch);
         loop {
             let now = Instant::now();
-            if self.bucket.ready_at(now).is_some() {
-                break;
+            let next = if self.bucket.ready_at(now).is_some() { None } else { self.sender.poll_transmit(now) };
+            let full = match &next {
+                Some(t) => !batch.is_empty() && !udp::batchable(&batch, t),
+                None => !batch.is_empty(),
+            };
+            if full {
+                match udp::send_batch(sock.get_ref(), &batch, self.peer, &mut self.gso) {
+                    Ok(()) => batch.clear(),
+                    Err((sent, e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.blocked = true;
+                        self.backpressure += 1;
+                        let mut rest: Vec<_> = batch.drain(sent..).collect();
+                        if let Some(t) = next {
+                            self.bucket.consume(t.len() as u64);
+                            rest.push(t);
+                        }
+                        batch.clear();
+                        self.batch = batch;
+                        ctx.spawn(udp::send_batch_when_writable(sock, rest, self.peer).into_actor(self).map(|_, act, ctx| {
+                            act.blocked = false;
+                            act.flush(ctx);
+                        }));
+                        return;
+                    }
+                    Err((_, e)) => {
+                        batch.clear();
+                        let _g = self.span.enter();
+                        warn!(error = %e, "send failed");
+                    }
+                }
             }
-            let Some(t) = self.sender.poll_transmit(now) else { break };
+            let Some(t) = next else { break };
             self.bucket.consume(t.len() as u64);
-            match udp::send_transmit(sock.get_ref(), &t, self.peer) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.blocked = true;
-                    self.backpressure += 1;
-                    ctx.spawn(udp::send_when_writable(sock, t, self.peer).into_actor(self).map(|_, act, ctx| {
-                        act.blocked = false;
-                        act.flush(ctx);
-                    }));
-                    return;
-                }
-                Err(e) => {
-                    let _g = self.span.enter();
-                    warn!(error = %e, "send failed");
-                }
-            }
+            batch.push(t);
         }
+        self.batch = batch;
         self.finish_if_done(ctx);
         self.rearm(ctx);
     }

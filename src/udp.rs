@@ -121,3 +121,71 @@ pub async fn send_when_writable(sock: SharedSocket, t: Transmit, to: SocketAddr)
         }
     }
 }
+
+/// Whether `next` may join `batch` in one segmented send: DATA datagrams of one size, of which
+/// only the last may be shorter, within the kernel's limits.
+pub fn batchable(batch: &[Transmit], next: &Transmit) -> bool {
+    let Some(first) = batch.first() else { return matches!(next, Transmit::Data { .. }) };
+    let (Transmit::Data { .. }, Transmit::Data { .. }) = (first, next) else { return false };
+    let seg = first.len();
+    let last = batch.last().map(|t| t.len()).unwrap_or(seg);
+    last == seg
+        && next.len() <= seg
+        && batch.len() < net::GSO_MAX_SEGMENTS
+        && seg * (batch.len() + 1) <= net::GSO_MAX_BYTES
+}
+
+/// Sends `batch` to `to`: one segmented send (UDP GSO) when it holds several datagrams and
+/// `gso` still says the path takes it, else datagram by datagram. A refused segmented send
+/// clears `gso` (for the caller to remember) and falls back. On an error, says how many
+/// datagrams left before it; the caller keeps the rest (a `WouldBlock` is back-pressure).
+pub fn send_batch(sock: &UdpSocket, batch: &[Transmit], to: SocketAddr, gso: &mut bool) -> Result<(), (usize, io::Error)> {
+    if batch.len() > 1 && *gso {
+        let headers: Vec<[u8; 4]> = batch
+            .iter()
+            .map(|t| match t {
+                Transmit::Data { block, .. } => packet::data_header(*block),
+                Transmit::Control(_) => unreachable!("batchable() admits DATA only"),
+            })
+            .collect();
+        let mut iov = Vec::with_capacity(batch.len() * 2);
+        for (t, h) in batch.iter().zip(&headers) {
+            iov.push(io::IoSlice::new(h));
+            if let Transmit::Data { payload, .. } = t {
+                if !payload.is_empty() {
+                    iov.push(io::IoSlice::new(payload));
+                }
+            }
+        }
+        match net::send_segments(sock, &iov, batch[0].len() as u16, to) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err((0, e)),
+            Err(e) => {
+                // EINVAL (a segment larger than the path MTU), EIO (no checksum offload),
+                // ENOPROTOOPT (an old kernel): this path cannot segment; stop trying.
+                tracing::debug!(error = %e, "segmented send refused: sending datagram by datagram");
+                *gso = false;
+            }
+        }
+    }
+    for (i, t) in batch.iter().enumerate() {
+        send_transmit(sock, t, to).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+/// Sends what is left of a batch once the socket has buffer space again.
+pub async fn send_batch_when_writable(sock: SharedSocket, mut rest: Vec<Transmit>, to: SocketAddr) {
+    let mut gso = false;
+    while !rest.is_empty() {
+        let Ok(mut guard) = sock.writable().await else { return };
+        match guard.try_io(|s| send_batch(s.get_ref(), &rest, to, &mut gso).map_err(|(n, e)| {
+            let _ = rest.drain(..n);
+            e
+        })) {
+            Ok(Ok(())) => return,
+            Ok(Err(_)) => return, // a hard error: the retransmission timer recovers
+            Err(_would_block) => continue,
+        }
+    }
+}
