@@ -17,7 +17,8 @@
 //! a client is told the upload succeeded only once the file is durable under its name.
 //!
 //! After the final ACK the actor lingers for a while ("dallies", RFC 1350) to acknowledge
-//! the final block again if that ACK was lost.
+//! the final block again if that ACK was lost; the listener is told at the commit, so a
+//! lingering upload holds no admission slot.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -40,6 +41,8 @@ use crate::upload_store::{StoreConfig, TempFile, UploadRoot};
 const WRITE_BATCH: usize = 256 << 10;
 /// Bytes waiting for the disk beyond which ACKs are held back.
 const MAX_BUFFERED: usize = 8 << 20;
+/// Longest linger after the final ACK.
+const MAX_DALLY: Duration = Duration::from_secs(3);
 
 /// Everything the listener needs to accept uploads; `None` in the listener when they are off.
 #[derive(Debug)]
@@ -93,6 +96,9 @@ pub struct Upload {
     local_error: Option<String>,
     dally: Duration,
     lingering: bool,
+    /// The listener was told the upload ended (at the commit: a lingering upload holds no
+    /// admission slot and does not delay shutdown).
+    ended_sent: bool,
     span: Span,
     ended: Recipient<SessionEnded>,
     started: Instant,
@@ -104,8 +110,10 @@ pub struct Upload {
 impl Upload {
     pub fn new(spec: UploadSpec) -> Self {
         let now = Instant::now();
-        // Linger long enough for the client to time out and resend its final block twice.
-        let dally = (spec.cfg.timeout * 2).min(spec.cfg.max_timeout * 2);
+        // Linger about one client timeout for a resent final block; at most a few seconds,
+        // since the upload is already stored and a client that misses its final ACK only
+        // reports an error about a file that arrived.
+        let dally = spec.cfg.timeout.clamp(Duration::from_millis(500), MAX_DALLY);
         let mode = spec.cfg.mode;
         Upload {
             id: spec.id,
@@ -122,6 +130,7 @@ impl Upload {
             local_error: None,
             dally,
             lingering: false,
+            ended_sent: false,
             span: spec.span,
             ended: spec.ended,
             started: now,
@@ -205,6 +214,8 @@ impl Upload {
                 Ok(Ok(bytes)) => {
                     act.committed = true;
                     act.rx.commit();
+                    act.ended_sent = true;
+                    act.ended.do_send(SessionEnded { peer: act.peer, id: act.id, ok: true });
                     let elapsed = act.started.elapsed();
                     let mbps = bytes as f64 * 8.0 / elapsed.as_secs_f64().max(1e-6) / 1e6;
                     let st = act.rx.stats();
@@ -237,7 +248,11 @@ impl Upload {
     fn discard(&mut self) {
         self.buffered = Vec::new();
         if let Some(f) = self.file.take() {
-            tokio::task::spawn_blocking(move || drop(f));
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn_blocking(move || drop(f))),
+                // The arbiter is being torn down (shutdown): one unlink inline is fine.
+                Err(_) => drop(f),
+            }
         }
     }
 }
@@ -283,7 +298,9 @@ impl Actor for Upload {
             };
             warn!(bytes, duration_ms = elapsed.as_millis() as u64, reason, "upload failed");
         }
-        self.ended.do_send(SessionEnded { peer: self.peer, id: self.id, ok });
+        if !self.ended_sent {
+            self.ended.do_send(SessionEnded { peer: self.peer, id: self.id, ok });
+        }
     }
 }
 
