@@ -128,9 +128,7 @@ fn every_client_uploads_edge_sizes_byte_exact() {
         for (len, label) in [(0usize, "0"), (511, "511"), (512, "512"), (1 << 20, "1m")] {
             let remote = format!("up-{client}-{label}.bin");
             let src = source(&fx, &remote, len);
-            // curl refuses an OACK carrying `tsize 0` (DESIGN.md section 7): no options then.
-            let extra: &[&str] = if client == "curl" && len == 0 { &["--tftp-no-options"] } else { &[] };
-            let r = run(&mut put_command(client, server.addr(), &src, &remote, extra), LIMIT);
+            let r = run(&mut put_command(client, server.addr(), &src, &remote, &[]), LIMIT);
             assert!(put_ok(&r), "{client} put of {len} bytes failed\n{r}\n{}", server.log_tail(20));
             assert_stored(&fx, &remote, &src, &r, &format!("{client} {len} B"));
         }
