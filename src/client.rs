@@ -1,4 +1,11 @@
-//! `tftpcast get`: a TFTP client for humans and tests.
+//! `tftpcast get` and `tftpcast put`: a TFTP client for humans and tests.
+//!
+//! `put` (a write request) drives the server-side sender machine from the other end:
+//! [`tftpcast_proto::Sender`] started with the WRQ as its first control packet, resent
+//! until the server answers; an OACK answer is checked
+//! ([`tftpcast_proto::upload::check_oack`]) and a sender with the agreed options takes
+//! over, block 1 first. The file is read whole before the WRQ leaves (`-` reads standard
+//! input), so `--tsize` can announce its size.
 //!
 //! A thin blocking driver around [`tftpcast_proto::Receiver`]: one UDP socket bound to an
 //! ephemeral port, the RRQ sent to `--server`, the transfer locked onto the address of the
@@ -31,7 +38,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tftpcast_proto::mcast_receiver::{Dest, Kind, McastReceiver, McastReceiverConfig, Via};
 use tftpcast_proto::packet::{self, ErrorCode, Mode, MAX_BLKSIZE, MAX_DATAGRAM, MIN_BLKSIZE};
-use tftpcast_proto::{Receiver, ReceiverConfig, ReceiverOutcome};
+use tftpcast_proto::upload::{self, WriteOptions};
+use tftpcast_proto::{Outcome, Packet, Receiver, ReceiverConfig, ReceiverOutcome, Sender, SenderConfig, Source};
 
 /// Local retransmission timeout when `--timeout` is not given.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -92,6 +100,39 @@ pub struct GetArgs {
     /// Where to write it (default: the remote file's last component; `-` for stdout).
     #[arg(short = 'o', long = "output")]
     pub output: Option<PathBuf>,
+}
+
+/// Arguments of `tftpcast put`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PutArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:69")]
+    pub server: SocketAddr,
+    /// Block size to ask for (RFC 2348).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(MIN_BLKSIZE as i64..=MAX_BLKSIZE as i64))]
+    pub blksize: Option<u16>,
+    /// Window size to ask for (RFC 7440).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub windowsize: Option<u16>,
+    /// Retransmission timeout in seconds to ask for (RFC 2349).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    pub timeout: Option<u8>,
+    /// Transfer mode.
+    #[arg(long, value_enum, default_value_t = TransferMode::Octet)]
+    pub mode: TransferMode,
+    /// Announce the file size (RFC 2349), so a server with a size limit can refuse at once.
+    #[arg(long)]
+    pub tsize: bool,
+    /// Consecutive timeouts without progress before giving up.
+    #[arg(long, default_value_t = 6)]
+    pub retries: u32,
+    /// No progress line or notices on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// File to send (`-` for standard input).
+    pub local_file: PathBuf,
+    /// Name on the server (default: the local file's name).
+    pub remote_file: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +314,140 @@ fn drive(
             Err(e) => return Err(ClientError::Io { context: "receiving from the server".into(), source: e }),
         }
     }
+}
+
+/// Sends `args.local_file`; returns the number of bytes the server acknowledged (as on the
+/// wire: netascii encoded).
+pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
+    let notices = !args.quiet;
+    let local = args.local_file.display().to_string();
+    let data = if args.local_file.as_os_str() == "-" {
+        let mut v = Vec::new();
+        io::Read::read_to_end(&mut io::stdin().lock(), &mut v).map_err(io_err("reading standard input"))?;
+        v
+    } else {
+        fs::read(&args.local_file).map_err(io_err(format!("reading {local}")))?
+    };
+    let remote = match &args.remote_file {
+        Some(r) => r.clone(),
+        None => args
+            .local_file
+            .file_name()
+            .filter(|_| args.local_file.as_os_str() != "-")
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| ClientError::Usage("name the remote file: tftpcast put LOCAL REMOTE".into()))?,
+    };
+    let data = bytes::Bytes::from(data);
+    let mode = match args.mode {
+        TransferMode::Octet => Mode::Octet,
+        TransferMode::Netascii => Mode::Netascii,
+    };
+    let source = || match mode {
+        Mode::Octet => Source::octet(data.clone()),
+        _ => Source::netascii(data.clone()),
+    };
+    let wire_len = source().wire_len();
+    let asked = WriteOptions { blksize: args.blksize, windowsize: args.windowsize, timeout: args.timeout, tsize: args.tsize.then_some(wire_len) };
+    let wrq = upload::write_request(remote.as_bytes(), mode, &asked);
+
+    let bind: SocketAddr = match args.server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
+    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let sender_cfg = |blksize: u16, windowsize: u16, timeout: Duration| SenderConfig {
+        blksize,
+        windowsize,
+        timeout,
+        max_timeout: MAX_TIMEOUT.max(timeout),
+        max_retries: args.retries,
+        initial_retries: args.retries,
+        adaptive: None,
+    };
+    let start = Instant::now();
+    // Until the server answers, the "control packet" the sender resends is the WRQ.
+    let mut tx = Sender::new(start, sender_cfg(packet::DEFAULT_BLKSIZE, 1, base), source(), Some(wrq));
+    let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
+    let mut peer: Option<SocketAddr> = None;
+    let mut answered = false;
+    let mut out = Vec::with_capacity(MAX_DATAGRAM);
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let result = 'transfer: loop {
+        let now = Instant::now();
+        while let Some(t) = tx.poll_transmit(now) {
+            t.write_to(&mut out);
+            let to = peer.unwrap_or(args.server);
+            match sock.send_to(&out, to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
+                Err(e) => break 'transfer Err(ClientError::Io { context: format!("sending to {to}"), source: e }),
+            }
+        }
+        if tx.is_done() {
+            break Ok(());
+        }
+        progress.update(tx.bytes_acked(), Some(wire_len));
+        let now = Instant::now();
+        let deadline = tx.poll_timeout().expect("a running transfer always has a deadline");
+        if deadline <= now {
+            tx.handle_timeout(now);
+            continue;
+        }
+        sock.set_read_timeout(Some((deadline - now).max(Duration::from_millis(1)))).map_err(io_err("setting the socket timeout"))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+            Err(e) => break Err(ClientError::Io { context: "receiving from the server".into(), source: e }),
+        };
+        let Ok(pkt) = packet::decode(&buf[..n]) else { continue };
+        match peer {
+            Some(p) if same_endpoint(p, from) => {}
+            Some(_) => {
+                // RFC 1350: a packet from a stranger gets ERROR 5; our transfer goes on.
+                if !matches!(pkt, Packet::Error { .. }) {
+                    let _ = sock.send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), from);
+                }
+                continue;
+            }
+            // The first reply fixes the server's TID; it must come from the host we asked.
+            None if canonical(from.ip()) == canonical(args.server.ip()) => peer = Some(from),
+            None => continue,
+        }
+        let now = Instant::now();
+        match pkt {
+            Packet::Oack(ref opts) if !answered => {
+                answered = true;
+                match upload::check_oack(&asked, opts) {
+                    Ok(a) => {
+                        let t = a.timeout.map_or(base, |t| Duration::from_secs(t as u64));
+                        tx = Sender::new(now, sender_cfg(a.blksize, a.windowsize, t), source(), None);
+                    }
+                    Err(reason) => {
+                        let _ = sock.send_to(&packet::error_packet(ErrorCode::OptionRefused, &reason), from);
+                        break Err(ClientError::Aborted { code: ErrorCode::OptionRefused, reason });
+                    }
+                }
+            }
+            ref p => {
+                answered |= matches!(p, Packet::Ack(0) | Packet::Error { .. });
+                tx.handle(now, p);
+            }
+        }
+    };
+    progress.finish(tx.bytes_acked(), Some(wire_len));
+    result?;
+    match tx.outcome() {
+        Some(Outcome::Complete) => {}
+        Some(Outcome::PeerError { code, message }) => return Err(ClientError::Server { code: *code, message: message.clone() }),
+        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.server), retries: *retries }),
+        Some(Outcome::ProtocolViolation(why)) => return Err(ClientError::Aborted { code: ErrorCode::IllegalOperation, reason: why.to_string() }),
+        None => return Err(ClientError::Aborted { code: ErrorCode::NotDefined, reason: "send failed".into() }),
+    }
+    if notices && io::stderr().is_terminal() {
+        eprintln!("tftpcast put: {wire_len} bytes in {:.2} s to {remote}", start.elapsed().as_secs_f64());
+    }
+    Ok(wire_len)
 }
 
 /// `tftpcast get --multicast`: see the module documentation.

@@ -22,6 +22,7 @@ pub struct Settings {
     pub transfer: Transfer,
     pub limits: Limits,
     pub files: Files,
+    pub uploads: Uploads,
     pub pacing: Pacing,
     pub multicast: Multicast,
     pub cluster: Cluster,
@@ -101,6 +102,37 @@ pub struct Files {
     pub max_file_bytes: u64,
 }
 
+/// `[uploads]`: write requests (see `upload_store`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uploads {
+    pub enabled: bool,
+    pub overwrite: bool,
+    pub max_bytes: u64,
+    pub dir: String,
+    #[serde(deserialize_with = "file_mode")]
+    pub file_mode: u32,
+}
+
+/// A permission mode: a TOML integer (`0o640`) or, from the environment, a string read as
+/// octal (`"0o640"`, `"0640"`, `"640"`).
+fn file_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Int(u32),
+        Text(String),
+    }
+    match Mode::deserialize(d)? {
+        Mode::Int(v) => Ok(v),
+        Mode::Text(t) => {
+            let t = t.trim();
+            let digits = t.strip_prefix("0o").unwrap_or(t);
+            u32::from_str_radix(digits, 8).map_err(|_| serde::de::Error::custom(format!("file_mode {t:?} is not an octal mode")))
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pacing {
@@ -140,6 +172,8 @@ pub struct Overrides {
     pub cluster_listen: Option<String>,
     pub advertise: Option<String>,
     pub peers: Vec<String>,
+    /// `--allow-write` (true) / `--read-only` (false) [uploads.enabled].
+    pub allow_write: Option<bool>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -152,6 +186,8 @@ pub struct Validated {
     pub multicast_pool: (std::net::Ipv4Addr, u32),
     pub multicast_interface: Option<std::net::Ipv4Addr>,
     pub cluster: Option<ClusterSettings>,
+    /// `uploads.dir`, normalised ("" = the whole root).
+    pub upload_dir: String,
 }
 
 impl Settings {
@@ -222,6 +258,9 @@ impl Settings {
         }
         if !o.peers.is_empty() {
             b = set(b, "cluster.peers", o.peers.clone().into())?;
+        }
+        if let Some(v) = o.allow_write {
+            b = set(b, "uploads.enabled", v.into())?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -331,13 +370,30 @@ impl Settings {
             return bad("multicast.master_retries", "must be at least 1".into());
         }
         let cluster = self.cluster_settings()?;
+        let upload_dir = self.upload_dir()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster })
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir })
+    }
+
+    fn upload_dir(&self) -> Result<String, ConfigError> {
+        let u = &self.uploads;
+        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
+        if u.file_mode > 0o777 {
+            return bad("uploads.file_mode", format!("{:#o} is not a mode within 0o777 (no setuid, setgid or sticky bits)", u.file_mode));
+        }
+        let dir = match crate::file_cache::normalize_name(u.dir.as_bytes()) {
+            Ok(d) => d,
+            Err(e) => return bad("uploads.dir", format!("{:?}: {e}", u.dir)),
+        };
+        if u.enabled && !dir.is_empty() && !self.server.root.join(&dir).is_dir() {
+            return bad("uploads.dir", format!("{dir:?} is not a directory under server.root"));
+        }
+        Ok(dir)
     }
 }
 
@@ -466,6 +522,37 @@ mod tests {
         assert_eq!(c.peers, vec!["127.0.0.1:7947".parse().unwrap()]);
         assert_eq!(c.advertise, c.listen);
         assert!(Settings::load(None, vec![], &Overrides { root: Some(r.path().into()), ..Default::default() }).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn uploads_layer_and_validate() {
+        let r = root();
+        std::fs::create_dir(r.path().join("incoming")).unwrap();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let v = Settings::load(None, vec![], &o).unwrap();
+        assert!(!v.settings.uploads.enabled, "off by default");
+        assert_eq!((v.settings.uploads.file_mode, v.upload_dir.as_str()), (0o640, ""));
+        let env = vec![
+            ("TFTPCAST_UPLOADS__ENABLED".to_string(), "true".to_string()),
+            ("TFTPCAST_UPLOADS__FILE_MODE".into(), "0o600".into()),
+            ("TFTPCAST_UPLOADS__DIR".into(), "/incoming/".into()),
+        ];
+        let v = Settings::load(None, env.clone(), &o).unwrap();
+        assert!(v.settings.uploads.enabled);
+        assert_eq!((v.settings.uploads.file_mode, v.upload_dir.as_str()), (0o600, "incoming"));
+        let ro = Overrides { allow_write: Some(false), ..o.clone() };
+        assert!(!Settings::load(None, env, &ro).unwrap().settings.uploads.enabled, "flag over env");
+        let rw = Overrides { allow_write: Some(true), ..o.clone() };
+        assert!(Settings::load(None, vec![], &rw).unwrap().settings.uploads.enabled);
+        for (k, v, want) in [
+            ("TFTPCAST_UPLOADS__FILE_MODE", "0o4755", "uploads.file_mode"),
+            ("TFTPCAST_UPLOADS__FILE_MODE", "rw", "file_mode"),
+            ("TFTPCAST_UPLOADS__DIR", "../up", "uploads.dir"),
+            ("TFTPCAST_UPLOADS__DIR", "missing", "uploads.dir"),
+        ] {
+            let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &rw).unwrap_err().to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+        }
     }
 
     #[test]

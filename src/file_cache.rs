@@ -299,7 +299,7 @@ fn open_error(e: &std::io::Error) -> FileError {
 /// are dropped; `..` is refused outright rather than resolved, also inside a component
 /// split on `\`, so that a later Windows-style name mapping cannot turn it into an escape.
 /// The result is `/`-separated with no leading `/`, and is the cache key.
-fn normalize_name(name: &[u8]) -> Result<String, FileError> {
+pub(crate) fn normalize_name(name: &[u8]) -> Result<String, FileError> {
     if name.contains(&0) {
         return Err(FileError::Denied("NUL byte in name"));
     }

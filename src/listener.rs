@@ -28,6 +28,7 @@ use crate::pacing::{Advice, Pacing};
 use crate::session::{Session, SessionEnded, SessionSpec};
 use crate::state::DumpState;
 use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+use crate::upload::{SharedUploadPolicy, Upload, UploadSpec};
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -103,6 +104,9 @@ pub struct Listener {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     sessions: HashMap<SocketAddr, (u64, Addr<Session>)>,
+    /// Running uploads (write requests); `None` policy: uploads are off.
+    uploads: HashMap<SocketAddr, (u64, Addr<Upload>)>,
+    upload_policy: Option<SharedUploadPolicy>,
     pending: HashSet<SocketAddr>,
     counters: Counters,
     last_dump: (Instant, u64),
@@ -134,11 +138,19 @@ impl Listener {
             arbiters,
             next_arbiter: 0,
             sessions: HashMap::new(),
+            uploads: HashMap::new(),
+            upload_policy: None,
             pending: HashSet::new(),
             counters: Counters::default(),
             last_dump: (Instant::now(), 0),
             advice: Advice::default(),
         })
+    }
+
+    /// Accepts write requests under `policy` (they are refused without it).
+    pub fn with_uploads(mut self, policy: Option<SharedUploadPolicy>) -> Self {
+        self.upload_policy = policy;
+        self
     }
 
     /// Answers a request with an ERROR from the address it was sent to.
@@ -154,6 +166,7 @@ impl Listener {
     fn on_datagram(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         match packet::decode(&d.data) {
             Ok(Packet::Rrq(req)) => self.on_read_request(d, req, ctx),
+            Ok(Packet::Wrq(req)) if self.upload_policy.is_some() => self.on_write_request(d, req, ctx),
             Ok(Packet::Wrq(req)) => {
                 self.counters.requests += 1;
                 self.counters.write_refused += 1;
@@ -177,7 +190,7 @@ impl Listener {
     fn on_read_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
         self.counters.requests += 1;
-        if self.sessions.contains_key(&peer) || self.pending.contains(&peer) {
+        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) {
             // The client repeated its request because our first answer was lost or slow:
             // the session's own timer retransmits, so a second session must not start.
             self.counters.duplicates += 1;
@@ -235,6 +248,104 @@ impl Listener {
                         act.reply_error(&d, ErrorCode::NotDefined, "Server error");
                     }
                 }
+            })
+            .spawn(ctx);
+    }
+
+    /// A write request with uploads on: options and announced size checked here, name and
+    /// file on the blocking pool (`upload::prepare`), then an `Upload` actor on a session
+    /// arbiter with its own transfer socket.
+    fn on_write_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
+        let peer = d.meta.from;
+        self.counters.requests += 1;
+        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        if req.mode == Mode::Mail {
+            self.counters.malformed += 1;
+            self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
+            return;
+        }
+        let requested = match options::parse(&req.options) {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters.option_refused += 1;
+                info!(peer = %peer, file = %req.filename_lossy(), error = %e, "options refused");
+                self.reply_error(&d, ErrorCode::OptionRefused, &e.to_string());
+                return;
+            }
+        };
+        {
+            let adm = self.admission.borrow();
+            let per = adm.per_client.get(&peer.ip()).copied().unwrap_or(0);
+            if adm.active >= self.policy.max_sessions || per >= self.policy.max_sessions_per_client {
+                self.counters.busy += 1;
+                warn!(peer = %peer, active = adm.active, from_client = per, "at session limit: request deferred to the client's retry");
+                return;
+            }
+        }
+        let policy = self.upload_policy.clone().expect("uploads on");
+        let local = d.meta.dst.unwrap_or(self.addr.ip());
+        let mut n = options::negotiate(&requested, &self.policy.negotiation, None, true);
+        self.adapt_blksize(&mut n, local, peer);
+        if let Err(r) = tftpcast_proto::upload::check_size(&n, policy.max_bytes) {
+            self.counters.write_refused += 1;
+            info!(peer = %peer, file = %req.filename_lossy(), tsize = n.tsize, error = %r, "upload refused");
+            self.reply_error(&d, r.code, &r.message);
+            return;
+        }
+        self.pending.insert(peer);
+        let name = req.filename.clone();
+        let p = policy.clone();
+        let task = tokio::task::spawn_blocking(move || crate::upload::prepare(&p, &name));
+        actix::fut::wrap_future::<_, Self>(task)
+            .map(move |res, act, ctx| {
+                act.pending.remove(&peer);
+                let prepared = match res {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(r)) => {
+                        act.counters.write_refused += 1;
+                        info!(peer = %peer, file = %req.filename_lossy(), code = r.code.code(), error = %r, "upload refused");
+                        return act.reply_error(&d, r.code, &r.message);
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, error = %e, "upload preparation failed");
+                        return act.reply_error(&d, ErrorCode::NotDefined, "Server error");
+                    }
+                };
+                let socket = match crate::net::bind_transfer(local, act.policy.tid_port_range) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(peer = %peer, error = %e, "cannot open a transfer socket");
+                        return act.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
+                    }
+                };
+                let tid = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!(
+                    "upload",
+                    peer = %peer,
+                    file = %prepared.file.rel(),
+                    tid,
+                    mode = req.mode.as_str(),
+                    blksize = n.blksize,
+                    windowsize = n.windowsize,
+                    group = tracing::field::Empty,
+                );
+                span.in_scope(|| {
+                    info!(tsize = n.tsize, options = ?requested.names, oack = !n.oack.is_empty(), timeout_ms = n.timeout.as_millis() as u64, overwrite = policy.store.overwrite, "upload started")
+                });
+                let cfg = tftpcast_proto::upload::UploadConfig::from_negotiated(&n, req.mode, act.policy.max_timeout, act.policy.max_retries, INITIAL_RETRIES, policy.max_bytes);
+                let spec = UploadSpec { id, peer, socket, cfg, file: prepared.file, overwrite: policy.store.overwrite, span, ended: ctx.address().recipient() };
+                let arbiter = &act.arbiters[act.next_arbiter % act.arbiters.len()];
+                act.next_arbiter = act.next_arbiter.wrapping_add(1);
+                let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
+                act.uploads.insert(peer, (id, addr));
+                let mut adm = act.admission.borrow_mut();
+                adm.active += 1;
+                *adm.per_client.entry(peer.ip()).or_insert(0) += 1;
+                act.counters.started += 1;
             })
             .spawn(ctx);
     }
@@ -412,8 +523,13 @@ impl StreamHandler<Datagram> for Listener {
 impl Handler<SessionEnded> for Listener {
     type Result = ();
     fn handle(&mut self, m: SessionEnded, _: &mut Context<Self>) {
-        if matches!(self.sessions.get(&m.peer), Some((id, _)) if *id == m.id) {
-            self.sessions.remove(&m.peer);
+        let upload = matches!(self.uploads.get(&m.peer), Some((id, _)) if *id == m.id);
+        if upload || matches!(self.sessions.get(&m.peer), Some((id, _)) if *id == m.id) {
+            if upload {
+                self.uploads.remove(&m.peer);
+            } else {
+                self.sessions.remove(&m.peer);
+            }
             let mut adm = self.admission.borrow_mut();
             adm.active = adm.active.saturating_sub(1);
             if let Some(c) = adm.per_client.get_mut(&m.peer.ip()) {
@@ -452,7 +568,7 @@ impl Handler<StopAccepting> for Listener {
 impl Handler<ActiveSessions> for Listener {
     type Result = usize;
     fn handle(&mut self, _: ActiveSessions, _: &mut Context<Self>) -> usize {
-        self.sessions.len() + self.pending.len()
+        self.sessions.len() + self.uploads.len() + self.pending.len()
     }
 }
 
@@ -489,6 +605,9 @@ impl Handler<DumpState> for Listener {
         );
         for (_, s) in self.sessions.values() {
             s.do_send(m);
+        }
+        for (_, u) in self.uploads.values() {
+            u.do_send(m);
         }
     }
 }

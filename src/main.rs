@@ -8,9 +8,11 @@
 //! - `coordinator`: the table of active multicast groups; every multicast request joins or
 //!   starts a group here.
 //! - `file_cache`: root confinement and shared file contents.
+//! - `upload`, `upload_store`: one actor per write request; temporary files renamed into
+//!   place only when complete.
 //! - `node`: wires the actors together, signals, state dumps, shutdown.
 //! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
-//! - `client`: `tftpcast get`.
+//! - `client`: `tftpcast get` and `tftpcast put`.
 
 mod bench;
 mod client;
@@ -28,6 +30,8 @@ mod session;
 mod state;
 mod timer;
 mod udp;
+mod upload;
+mod upload_store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +51,8 @@ enum Command {
     Serve(ServeArgs),
     /// Fetch a file from a TFTP server.
     Get(client::GetArgs),
+    /// Send a file to a TFTP server (a write request).
+    Put(client::PutArgs),
     /// Load a TFTP server with concurrent clients and report goodput, latency and failures.
     Bench(bench::BenchArgs),
 }
@@ -94,6 +100,12 @@ struct ServeArgs {
     /// cluster.key_file, never from a flag.
     #[arg(long = "peer", value_name = "ADDR:PORT")]
     peers: Vec<String>,
+    /// Accept uploads (write requests) [uploads.enabled = true].
+    #[arg(long, conflicts_with = "read_only")]
+    allow_write: bool,
+    /// Refuse uploads [uploads.enabled = false].
+    #[arg(long)]
+    read_only: bool,
     /// Log format: text or json [log.format].
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
@@ -118,6 +130,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         cluster_listen: args.cluster_listen,
         advertise: args.advertise,
         peers: args.peers,
+        allow_write: if args.allow_write {
+            Some(true)
+        } else if args.read_only {
+            Some(false)
+        } else {
+            None
+        },
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,
@@ -139,6 +158,13 @@ fn main() -> ExitCode {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tftpcast get: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Put(args) => match client::run_put(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tftpcast put: {e}");
                 ExitCode::from(1)
             }
         },

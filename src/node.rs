@@ -41,6 +41,19 @@ fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::UdpSocket>, String> {
     Ok(out)
 }
 
+/// The upload settings, with the root opened for writing; `None` when uploads are off.
+fn upload_policy(v: &Validated) -> Result<Option<crate::upload::SharedUploadPolicy>, String> {
+    let u = &v.settings.uploads;
+    if !u.enabled {
+        return Ok(None);
+    }
+    let root = crate::upload_store::UploadRoot::open(&v.settings.server.root)
+        .map_err(|e| format!("cannot open {} for uploads: {e}", v.settings.server.root.display()))?;
+    let store = crate::upload_store::StoreConfig { overwrite: u.overwrite, dir: v.upload_dir.clone(), file_mode: u.file_mode };
+    info!(overwrite = u.overwrite, dir = %v.upload_dir, max_bytes = u.max_bytes, file_mode = format!("{:#o}", u.file_mode), "uploads enabled");
+    Ok(Some(std::sync::Arc::new(crate::upload::UploadPolicy { root, store, max_bytes: (u.max_bytes > 0).then_some(u.max_bytes) })))
+}
+
 /// Runs a node until SIGINT/SIGTERM. Returns the process exit code.
 pub fn run(v: Validated) -> u8 {
     let sys = actix::System::new();
@@ -154,12 +167,19 @@ async fn serve(v: Validated) -> u8 {
         }
         None
     };
+    let uploads = match upload_policy(&v) {
+        Ok(u) => u,
+        Err(e) => {
+            error!("{e}");
+            return 2;
+        }
+    };
     let admission = Rc::new(RefCell::new(Admission::default()));
     let mut listeners = Vec::new();
     for sock in sockets {
         match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), coordinator.clone(), handles.clone()) {
             Ok(l) => {
-                let l = l.start();
+                let l = l.with_uploads(uploads.clone()).start();
                 pacing.do_send(Subscribe(l.clone().recipient()));
                 listeners.push(l);
             }

@@ -17,6 +17,7 @@ pub mod packet;
 pub mod mcast_receiver;
 pub mod receiver;
 pub mod transfer;
+pub mod upload;
 
 pub use packet::{decode, DecodeError, ErrorCode, Mode, Packet, Request};
 pub use receiver::{Receiver, ReceiverConfig, ReceiverOutcome, ReceiverStats};

@@ -49,6 +49,17 @@
 //!   `max_retries` timeouts without progress the transfer ends as timed out. A duplicate
 //!   does not count as progress.
 //! - An ERROR from the server ends the transfer; ERRORs are never answered.
+//!
+//! # The server's side of a write request
+//!
+//! [`crate::upload::accept`] builds the same machine for the receiving end of a WRQ: the
+//! first datagram is the server's answer (OACK, or ACK 0 without options) instead of an RRQ,
+//! resent on timeout like the RRQ (at most `initial_retries` times before the client's first
+//! DATA, since a WRQ may come from a spoofed address). The final block is not acknowledged
+//! at once: the machine waits in [`Receiver::awaiting_commit`] until the caller has made the
+//! file durable and calls [`Receiver::commit`] (which sends the final ACK) or
+//! [`Receiver::abort`] (which sends an ERROR instead), so a client is never told a file was
+//! stored that was not. Received bytes beyond `max_bytes` end the upload with ERROR 3.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -148,10 +159,21 @@ pub struct ReceiverStats {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// RRQ sent; waiting for the first reply.
+    /// RRQ sent (server side: OACK or ACK 0 sent); waiting for the first reply.
     Requesting,
     Receiving,
+    /// Server side: the final block arrived; its ACK waits for [`Receiver::commit`].
+    Committing,
     Done,
+}
+
+/// What the server's side of a write request adds (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerSide {
+    /// Retransmissions of the first answer before the client has sent any DATA.
+    pub initial_retries: u32,
+    /// Largest number of bytes stored (after netascii decoding); beyond, ERROR 3.
+    pub max_bytes: Option<u64>,
 }
 
 /// One download, from the client's side. See the module documentation.
@@ -180,6 +202,8 @@ pub struct Receiver {
     retries: u32,
     outcome: Option<ReceiverOutcome>,
     stats: ReceiverStats,
+    /// Set when this is the receiving end of a write request.
+    server: Option<ServerSide>,
 }
 
 /// Values an OACK agreed on.
@@ -240,10 +264,41 @@ impl Receiver {
             retries: 0,
             outcome: None,
             stats: ReceiverStats::default(),
+            server: None,
             cfg,
         };
         r.arm(now);
         r
+    }
+
+    /// The receiving end of a write request (see [`crate::upload::accept`]): `answer` is
+    /// the first datagram (OACK or ACK 0), the transfer runs with the agreed `blksize`,
+    /// `windowsize` and `cfg.timeout`; `cfg`'s option fields are not used.
+    pub(crate) fn new_server(now: Instant, cfg: ReceiverConfig, answer: Vec<u8>, blksize: u16, windowsize: u16, side: ServerSide) -> Receiver {
+        let oack = matches!(packet::decode(&answer), Ok(Packet::Oack(_)));
+        let mut r = Receiver::new(now, cfg);
+        r.rrq = answer.clone();
+        r.transmits = VecDeque::from([answer]);
+        r.blksize = blksize.clamp(MIN_BLKSIZE, MAX_BLKSIZE);
+        r.windowsize = windowsize.max(1);
+        r.oack = oack;
+        r.server = Some(side);
+        r
+    }
+
+    /// Server side: the final block has arrived and every byte has been handed out by
+    /// [`Self::take_data`]; make the file durable, then call [`Self::commit`] or
+    /// [`Self::abort`].
+    pub fn awaiting_commit(&self) -> bool {
+        self.state == State::Committing && self.data.is_empty()
+    }
+
+    /// Server side: the file is stored; acknowledge the final block and complete.
+    pub fn commit(&mut self) {
+        if self.state == State::Committing {
+            self.send_ack();
+            self.finish(ReceiverOutcome::Complete);
+        }
     }
 
     /// The encoded RRQ (as first sent and as resent on timeout).
@@ -363,7 +418,8 @@ impl Receiver {
             }
             Packet::Ack(_) => {
                 if self.state != State::Done {
-                    self.abort(ErrorCode::IllegalOperation, "ACK sent to a read transfer");
+                    let why = if self.server.is_some() { "ACK sent to a write transfer" } else { "ACK sent to a read transfer" };
+                    self.abort(ErrorCode::IllegalOperation, why);
                 }
             }
             Packet::Rrq(_) | Packet::Wrq(_) => {} // a request from the server's TID: stray, ignore
@@ -371,6 +427,9 @@ impl Receiver {
     }
 
     fn on_oack(&mut self, now: Instant, opts: &[(String, String)]) {
+        if self.server.is_some() {
+            return; // an OACK means nothing coming from the client
+        }
         match self.state {
             State::Requesting => match self.check_oack(opts) {
                 Ok(a) => {
@@ -454,6 +513,12 @@ impl Receiver {
             // DATA as first reply: the server ignored our options (or we sent none).
             State::Requesting => self.state = State::Receiving,
             State::Receiving => {}
+            // The client resends the final block while the file is being stored: the ACK
+            // follows the commit.
+            State::Committing => {
+                self.stats.duplicates += 1;
+                return;
+            }
         }
         if data.len() > self.blksize as usize {
             let why =
@@ -498,11 +563,22 @@ impl Receiver {
             }
             None => owned.unwrap_or_else(|| Bytes::copy_from_slice(data)),
         };
+        if let Some(max) = self.server.and_then(|s| s.max_bytes) {
+            if self.stats.bytes_delivered + chunk.len() as u64 > max {
+                self.abort(ErrorCode::DiskFull, ErrorCode::DiskFull.default_message());
+                return;
+            }
+        }
         if !chunk.is_empty() {
             self.stats.bytes_delivered += chunk.len() as u64;
             self.data.push_back(chunk);
         }
         self.reack_armed = true;
+        if last && self.server.is_some() {
+            self.state = State::Committing;
+            self.deadline = None;
+            return;
+        }
         if last {
             self.send_ack();
             self.finish(ReceiverOutcome::Complete);
@@ -540,11 +616,15 @@ impl Receiver {
     /// Call when `poll_timeout`'s instant has passed (calling earlier does nothing).
     pub fn handle_timeout(&mut self, now: Instant) {
         let Some(deadline) = self.deadline else { return };
-        if now < deadline || self.state == State::Done {
+        if now < deadline || matches!(self.state, State::Done | State::Committing) {
             return;
         }
         self.stats.timeouts += 1;
-        if self.retries >= self.cfg.max_retries {
+        let limit = match (self.server, self.state) {
+            (Some(s), State::Requesting) => self.cfg.max_retries.min(s.initial_retries),
+            _ => self.cfg.max_retries,
+        };
+        if self.retries >= limit {
             self.finish(ReceiverOutcome::TimedOut { retries: self.retries });
             return;
         }
@@ -554,7 +634,7 @@ impl Receiver {
         match self.state {
             State::Requesting => self.transmits.push_back(self.rrq.clone()),
             State::Receiving => self.send_ack(),
-            State::Done => {}
+            State::Done | State::Committing => {}
         }
         self.reack_armed = true;
         self.arm(now);
