@@ -50,6 +50,8 @@ pub struct RequestPolicy {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
     pub lease_every: Duration,
+    /// `[mapping]`: client names to paths under the root.
+    pub mapper: std::sync::Arc<crate::mapping::Mapper>,
 }
 
 /// Node-wide admission counts shared by the listeners (all on the system arbiter).
@@ -208,9 +210,17 @@ impl Listener {
                 return;
             }
         }
+        let name = match self.policy.mapper.map_request(&req.filename, peer) {
+            Ok(n) => n.into_owned(),
+            Err(e) => {
+                self.counters.denied += 1;
+                self.reply_error(&d, ErrorCode::AccessViolation, &e.to_string());
+                return;
+            }
+        };
         self.pending.insert(peer);
         self.files
-            .send(FileRequest { name: req.filename.clone() })
+            .send(FileRequest { name })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);

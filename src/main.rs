@@ -20,6 +20,7 @@ mod file_cache;
 mod group;
 mod listener;
 mod logging;
+mod mapping;
 mod membership;
 mod net;
 mod node;
