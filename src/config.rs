@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The defaults, compiled in so `tftpcast serve --root DIR` needs no file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -15,7 +15,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: Server,
@@ -27,9 +27,10 @@ pub struct Settings {
     pub multicast: Multicast,
     pub cluster: Cluster,
     pub log: Log,
+    pub mapping: crate::mapping::MappingSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub node_id: String,
@@ -50,7 +51,7 @@ pub struct ClusterSettings {
     pub key: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Multicast {
     pub enabled: bool,
@@ -67,7 +68,7 @@ pub struct Multicast {
     pub lone_member_unicast: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     pub root: PathBuf,
@@ -76,7 +77,7 @@ pub struct Server {
     pub shutdown_grace_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transfer {
     pub timeout_ms: u64,
@@ -88,14 +89,14 @@ pub struct Transfer {
     pub max_windowsize: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Files {
     pub cache_max_bytes: u64,
@@ -103,7 +104,7 @@ pub struct Files {
 }
 
 /// `[uploads]`: write requests (see `upload_store`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Uploads {
     pub enabled: bool,
@@ -133,7 +134,7 @@ fn file_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pacing {
     pub max_rate_mbps: u64,
@@ -147,7 +148,7 @@ pub struct Pacing {
     pub loss_threshold_pct: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     pub format: String,
@@ -188,6 +189,8 @@ pub struct Validated {
     pub cluster: Option<ClusterSettings>,
     /// `uploads.dir`, normalised ("" = the whole root).
     pub upload_dir: String,
+    /// The compiled `[mapping]` rules.
+    pub mapper: crate::mapping::Mapper,
 }
 
 impl Settings {
@@ -200,6 +203,7 @@ impl Settings {
             if !f.is_file() {
                 return Err(ConfigError(format!("config file {}: not found or not a file", f.display())));
             }
+            check_file_keys(f)?;
             b = b.add_source(File::from(f).format(FileFormat::Toml));
         }
         // Environment: TFTPCAST_SECTION__KEY. Parsed by hand so values keep their case and
@@ -208,6 +212,12 @@ impl Settings {
             let Some(rest) = k.strip_prefix("TFTPCAST_") else { continue };
             let Some((section, key)) = rest.split_once("__") else { continue };
             let path = format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            if !is_known_key(&path) {
+                return Err(ConfigError(format!("setting {path}: unknown key (environment variable {k})")));
+            }
+            if path == "mapping.rewrite" {
+                return Err(ConfigError(format!("setting {path}: rewrite rules can only be given in a file (environment variable {k})")));
+            }
             b = if path == "server.listen" || path == "cluster.peers" {
                 let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
                 b.set_override(path, list)
@@ -377,7 +387,8 @@ impl Settings {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir })
+        let mapper = crate::mapping::Mapper::new(&self.mapping)?;
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper })
     }
 
     fn upload_dir(&self) -> Result<String, ConfigError> {
@@ -444,6 +455,46 @@ impl Settings {
         }
         Ok(Some(ClusterSettings { node_id, listen, advertise, peers, key }))
     }
+}
+
+/// The keys of the embedded defaults, `section.key`: every key that exists.
+fn default_keys() -> &'static std::collections::BTreeSet<String> {
+    static KEYS: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let t: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
+        t.iter().flat_map(|(s, v)| v.as_table().into_iter().flat_map(move |kv| kv.keys().map(move |k| format!("{s}.{k}")))).collect()
+    })
+}
+
+pub fn is_known_key(path: &str) -> bool {
+    default_keys().contains(path)
+}
+
+/// Refuses a file with a key the defaults do not have, naming it as `section.key` (serde's
+/// own message names only the field, not where it is).
+fn check_file_keys(f: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(f).map_err(|e| ConfigError(format!("config file {}: {e}", f.display())))?;
+    let t: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        ConfigError(format!("config file {}: {}", f.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
+    })?;
+    for (section, v) in &t {
+        let Some(keys) = v.as_table() else {
+            return Err(ConfigError(format!("setting {section}: not a section (config file {})", f.display())));
+        };
+        if keys.is_empty() && !default_keys().iter().any(|k| k.starts_with(&format!("{section}."))) {
+            return Err(ConfigError(format!("setting {section}: unknown section (config file {})", f.display())));
+        }
+        for k in keys.keys() {
+            let path = format!("{section}.{k}");
+            if !is_known_key(&path) {
+                return Err(ConfigError(format!("setting {path}: unknown key (config file {})", f.display())));
+            }
+        }
+    }
+    if let Some(rules) = t.get("mapping").and_then(|m| m.get("rewrite")) {
+        crate::mapping::check_rule_tables(rules).map_err(|e| ConfigError(format!("{e} (config file {})", f.display())))?;
+    }
+    Ok(())
 }
 
 impl Transfer {

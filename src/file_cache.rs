@@ -44,6 +44,9 @@ const MAX_COMPONENT_BYTES: usize = 255;
 const READ_ATTEMPTS: usize = 3;
 /// How often `openat2` is retried when it reports a rename race (`EAGAIN`).
 const OPEN_ATTEMPTS: usize = 3;
+/// Case-insensitive lookup reads at most this many entries of one directory, and gives up
+/// on larger ones: a client asking for names that do not exist costs bounded work.
+pub const MAX_CASE_SCAN: usize = 10_000;
 
 /// Settings of the file cache (section `[files]` of the configuration).
 #[derive(Debug, Clone)]
@@ -55,6 +58,8 @@ pub struct FileCacheConfig {
     pub max_bytes: u64,
     /// Largest file served.
     pub max_file_bytes: u64,
+    /// `mapping.case_insensitive`: a name not found as spelled is looked up ignoring case.
+    pub case_insensitive: bool,
 }
 
 /// Identity of a file version: two requests with equal keys get the same bytes.
@@ -275,6 +280,105 @@ impl Root {
             .open(&canonical)
             .map_err(|e| open_error(&e))
     }
+}
+
+impl Root {
+    /// `open_file`, and with `case_insensitive`, when the name does not exist as spelled,
+    /// each of its components matched ignoring case. Returns the path actually opened (the
+    /// cache key, so every spelling of a file shares one entry). Blocking.
+    fn open_lookup(&self, rel: &str, max_file_bytes: u64, case_insensitive: bool) -> Result<(File, Version, String), FileError> {
+        match self.open_file(rel, max_file_bytes) {
+            Err(FileError::NotFound) if case_insensitive && !rel.is_empty() => match self.resolve_case(rel, MAX_CASE_SCAN)? {
+                Some(real) if real != rel => {
+                    let (file, version) = self.open_file(&real, max_file_bytes)?;
+                    Ok((file, version, real))
+                }
+                _ => Err(FileError::NotFound),
+            },
+            r => r.map(|(file, version)| (file, version, rel.to_owned())),
+        }
+    }
+
+    /// The spelling on disk of `rel`: component by component, the exact name if it exists,
+    /// else the entry equal to it ignoring case (the smallest, if several). `None` when a
+    /// component has no match or its directory has more than `limit` entries. Every
+    /// directory is opened confined to the root like a file, so a symlink leaving the root
+    /// is refused here too.
+    fn resolve_case(&self, rel: &str, limit: usize) -> Result<Option<String>, FileError> {
+        let mut resolved = String::new();
+        for comp in rel.split('/') {
+            let dir = self.open_dir(&resolved).map_err(|e| open_error(&e))?;
+            let Some(found) = find_ignoring_case(dir, comp, limit)? else { return Ok(None) };
+            if !resolved.is_empty() {
+                resolved.push('/');
+            }
+            resolved.push_str(&found);
+        }
+        Ok(Some(resolved))
+    }
+
+    /// Opens a directory under the root for listing, confined like [`Root::open_file`].
+    fn open_dir(&self, rel: &str) -> std::io::Result<OwnedFd> {
+        let rel = if rel.is_empty() { "." } else { rel };
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        if self.openat2.load(Ordering::Relaxed) {
+            return self.openat2(rel, flags);
+        }
+        let canonical = self.path.join(rel).canonicalize()?;
+        if !canonical.starts_with(&self.path) {
+            return Err(std::io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        let c = CString::new(canonical.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NOFOLLOW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Reads the directory `dir` for `name` (see [`Root::resolve_case`]). Blocking.
+fn find_ignoring_case(dir: OwnedFd, name: &str, limit: usize) -> Result<Option<String>, FileError> {
+    /// Closes the directory stream (and with it the descriptor) on every path out.
+    struct Stream(*mut libc::DIR);
+    impl Drop for Stream {
+        fn drop(&mut self) {
+            unsafe { libc::closedir(self.0) };
+        }
+    }
+    use std::os::fd::IntoRawFd;
+    let fd = dir.into_raw_fd();
+    let dirp = unsafe { libc::fdopendir(fd) };
+    if dirp.is_null() {
+        let e = std::io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        return Err(FileError::Io(e.to_string()));
+    }
+    let stream = Stream(dirp);
+    let want = name.to_lowercase();
+    let (mut exact, mut best): (bool, Option<String>) = (false, None);
+    let mut seen = 0usize;
+    loop {
+        let ent = unsafe { libc::readdir(stream.0) };
+        if ent.is_null() {
+            break;
+        }
+        seen += 1;
+        if seen > limit {
+            tracing::debug!(name, limit, "directory too large for a case-insensitive lookup");
+            return Ok(None);
+        }
+        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated; it stays
+        // valid until the next readdir on this stream.
+        let entry = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let Ok(entry) = entry.to_str() else { continue };
+        if entry == name {
+            exact = true;
+        } else if !exact && entry.to_lowercase() == want && best.as_deref().is_none_or(|b| entry < b) {
+            best = Some(entry.to_owned());
+        }
+    }
+    Ok(if exact { Some(name.to_owned()) } else { best })
 }
 
 /// Maps an open error to what the client is told.
@@ -537,10 +641,10 @@ impl Handler<FileRequest> for FileCache {
         // on disk is noticed.
         let root = self.root.clone();
         let max_file_bytes = self.cfg.max_file_bytes;
-        let rel = path.clone();
-        let open = blocking(move || root.open_file(&rel, max_file_bytes));
+        let case_insensitive = self.cfg.case_insensitive;
+        let open = blocking(move || root.open_lookup(&path, max_file_bytes, case_insensitive));
         Box::pin(open.into_actor(self).then(move |opened, act, ctx| match opened {
-            Ok((file, version)) => act.serve(path, file, version, ctx),
+            Ok((file, version, path)) => act.serve(path, file, version, ctx),
             Err(e) => Box::pin(fut::ready(Err(e))),
         }))
     }
@@ -597,7 +701,7 @@ mod tests {
     }
 
     fn config(root: &Path) -> FileCacheConfig {
-        FileCacheConfig { root: root.to_owned(), max_bytes: 1 << 20, max_file_bytes: 1 << 20 }
+        FileCacheConfig { root: root.to_owned(), max_bytes: 1 << 20, max_file_bytes: 1 << 20, case_insensitive: false }
     }
 
     fn start(cfg: FileCacheConfig) -> Addr<FileCache> {
@@ -724,6 +828,46 @@ mod tests {
                 String::from_utf8_lossy(name)
             );
         }
+    }
+
+    #[actix_rt::test]
+    async fn case_insensitive_lookup_only_when_enabled_and_confined() {
+        let f = fixture();
+        std::fs::create_dir_all(f.root.join("Boot/EFI")).unwrap();
+        std::fs::write(f.root.join("Boot/EFI/BCD"), b"bcd").unwrap();
+        std::fs::write(f.root.join("Boot/EFI/bcd"), b"lower").unwrap();
+        std::fs::write(f.root.join("Boot/PXELinux.0"), b"pxe").unwrap();
+        symlink("../outside", f.root.join("Out")).unwrap();
+        let off = start(config(&f.root));
+        assert_eq!(get(&off, b"boot/pxelinux.0").await.unwrap_err(), FileError::NotFound);
+        let on = start(FileCacheConfig { case_insensitive: true, ..config(&f.root) });
+        let a = get(&on, b"boot/pxelinux.0").await.unwrap();
+        assert_eq!(&a.data[..], b"pxe");
+        // The cache key is the spelling on disk, so every spelling shares one entry.
+        assert_eq!(a.key.path, "Boot/PXELinux.0");
+        assert_eq!(get(&on, b"BOOT/PXELINUX.0").await.unwrap().key, a.key);
+        assert_eq!(stats(&on).await.loads, 1);
+        // An exact component wins; otherwise the smallest of several equal ignoring case.
+        assert_eq!(&get(&on, b"boot/efi/bcd").await.unwrap().data[..], b"lower");
+        assert_eq!(&get(&on, b"boot/efi/Bcd").await.unwrap().data[..], b"bcd");
+        assert_eq!(get(&on, b"boot/nothing").await.unwrap_err(), FileError::NotFound);
+        // A symlink leaving the root stays refused whatever the spelling.
+        assert!(matches!(get(&on, b"out/secret").await, Err(FileError::Denied(_))));
+        assert!(matches!(get(&on, b"OUT/SECRET").await, Err(FileError::Denied(_))));
+    }
+
+    #[test]
+    fn case_insensitive_scan_is_bounded() {
+        let f = fixture();
+        for i in 0..20 {
+            std::fs::write(f.root.join(format!("f{i:02}")), b"x").unwrap();
+        }
+        let root = Root::open(&f.root).unwrap();
+        // 20 files plus `.` and `..`.
+        assert_eq!(root.resolve_case("F07", 22).unwrap().as_deref(), Some("f07"));
+        assert_eq!(root.resolve_case("F07", 21).unwrap(), None);
+        root.openat2.store(false, Ordering::Relaxed);
+        assert_eq!(root.resolve_case("F07", 22).unwrap().as_deref(), Some("f07"));
     }
 
     #[test]

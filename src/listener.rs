@@ -51,6 +51,8 @@ pub struct RequestPolicy {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
     pub lease_every: Duration,
+    /// `[mapping]`: client names to paths under the root.
+    pub mapper: std::sync::Arc<crate::mapping::Mapper>,
 }
 
 /// Node-wide admission counts shared by the listeners (all on the system arbiter).
@@ -221,9 +223,17 @@ impl Listener {
                 return;
             }
         }
+        let name = match self.policy.mapper.map_request(&req.filename, peer) {
+            Ok(n) => n.into_owned(),
+            Err(e) => {
+                self.counters.denied += 1;
+                self.reply_error(&d, ErrorCode::AccessViolation, &e.to_string());
+                return;
+            }
+        };
         self.pending.insert(peer);
         self.files
-            .send(FileRequest { name: req.filename.clone() })
+            .send(FileRequest { name })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
@@ -295,8 +305,17 @@ impl Listener {
             self.reply_error(&d, r.code, &r.message);
             return;
         }
+        // The same name mapping as reads (backslashes, rewrite rules), so a device that reads
+        // `cfg\x` also writes it where it will be read back.
+        let name = match self.policy.mapper.map_request(&req.filename, peer) {
+            Ok(n) => n.into_owned(),
+            Err(e) => {
+                self.counters.write_refused += 1;
+                self.reply_error(&d, ErrorCode::AccessViolation, &e.to_string());
+                return;
+            }
+        };
         self.pending.insert(peer);
-        let name = req.filename.clone();
         let p = policy.clone();
         let task = tokio::task::spawn_blocking(move || crate::upload::prepare(&p, &name));
         actix::fut::wrap_future::<_, Self>(task)

@@ -15,6 +15,7 @@
 //! - `client`: `tftpcast get` and `tftpcast put`.
 
 mod bench;
+mod check_config;
 mod client;
 mod config;
 mod coordinator;
@@ -22,6 +23,7 @@ mod file_cache;
 mod group;
 mod listener;
 mod logging;
+mod mapping;
 mod membership;
 mod net;
 mod node;
@@ -36,7 +38,7 @@ mod upload_store;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "tftpcast", version, about = "TFTP server with multicast, flow control and clustering")]
@@ -55,6 +57,9 @@ enum Command {
     Put(client::PutArgs),
     /// Load a TFTP server with concurrent clients and report goodput, latency and failures.
     Bench(bench::BenchArgs),
+    /// Validate a configuration (the same layers and flags as `serve`) and print every
+    /// effective setting with where it came from; exit 2 naming the first bad setting.
+    CheckConfig(ServeArgs),
 }
 
 /// Flags of `tftpcast serve`; each overrides the configuration key named in its help.
@@ -114,7 +119,8 @@ struct ServeArgs {
     state_interval_s: Option<u64>,
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+/// Runs `serve`, or with `check` (the matches of `check-config`) only validates and reports.
+fn serve(args: ServeArgs, check: Option<&clap::ArgMatches>) -> ExitCode {
     let overrides = config::Overrides {
         root: args.root,
         listen: args.listen,
@@ -145,14 +151,32 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(m) = check {
+        let cmd = Cli::command();
+        let flags = cmd.find_subcommand("check-config").map(|c| check_config::flags_given(c, m)).unwrap_or_default();
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        return match check_config::report(&validated, args.config.as_deref(), &env, &flags) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tftpcast: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     logging::init(&validated.settings.log.format, &validated.settings.log.level);
     ExitCode::from(node::run(validated))
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed in two steps so `check-config` can ask which flags were given.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, None),
+        Command::CheckConfig(args) => serve(args, matches.subcommand_matches("check-config")),
         Command::Bench(args) => bench::run(&args),
         Command::Get(args) => match client::run_get(&args) {
             Ok(_) => ExitCode::SUCCESS,

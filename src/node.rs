@@ -66,6 +66,7 @@ async fn serve(v: Validated) -> u8 {
         root: s.server.root.clone(),
         max_bytes: s.files.cache_max_bytes,
         max_file_bytes: s.files.max_file_bytes,
+        case_insensitive: s.mapping.case_insensitive,
     }) {
         Ok(f) => f.start(),
         Err(e) => {
@@ -112,6 +113,7 @@ async fn serve(v: Validated) -> u8 {
         max_sessions: s.limits.max_sessions,
         max_sessions_per_client: s.limits.max_sessions_per_client,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
+        mapper: std::sync::Arc::new(v.mapper.clone()),
     };
     let mut membership: Option<Addr<Membership>> = None;
     let coordinator = if s.multicast.enabled {
