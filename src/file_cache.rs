@@ -374,11 +374,21 @@ fn find_ignoring_case(dir: OwnedFd, name: &str, limit: usize) -> Result<Option<S
         let Ok(entry) = entry.to_str() else { continue };
         if entry == name {
             exact = true;
-        } else if !exact && entry.to_lowercase() == want && best.as_deref().is_none_or(|b| entry < b) {
+        } else if !exact && equal_ignoring_case(entry, name, &want) && best.as_deref().is_none_or(|b| entry < b) {
             best = Some(entry.to_owned());
         }
     }
     Ok(if exact { Some(name.to_owned()) } else { best })
+}
+
+/// `entry` equals `name` ignoring case (`want` is `name` lowercased). ASCII names, nearly all
+/// boot files, compare without allocating.
+fn equal_ignoring_case(entry: &str, name: &str, want: &str) -> bool {
+    if name.is_ascii() {
+        entry.eq_ignore_ascii_case(name)
+    } else {
+        entry.to_lowercase() == want
+    }
 }
 
 /// Maps an open error to what the client is told.

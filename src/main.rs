@@ -13,6 +13,8 @@
 //! - `node`: wires the actors together, signals, state dumps, shutdown.
 //! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
 //! - `client`: `tftpcast get` and `tftpcast put`.
+//! - `mapping`: client file names to paths under the root (backslashes, rewrite rules).
+//! - `check_config`: `tftpcast check-config`, the effective settings and where they came from.
 
 mod bench;
 mod check_config;
