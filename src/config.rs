@@ -26,6 +26,9 @@ pub struct Settings {
     pub multicast: Multicast,
     pub cluster: Cluster,
     pub log: Log,
+    /// Client option rules (`[[policy]]`), first match applies.
+    #[serde(default)]
+    pub policy: Vec<crate::policy::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +76,9 @@ pub struct Server {
     pub listen: Vec<String>,
     pub tid_port_range: String,
     pub shutdown_grace_s: u64,
+    /// `ADDR:PORT` of the Prometheus `/metrics` endpoint; empty: none.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +98,10 @@ pub struct Transfer {
 pub struct Limits {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
+    pub max_requests_per_s: u32,
+    pub max_requests_per_s_per_client: u32,
+    pub defer_queue: usize,
+    pub defer_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +150,7 @@ pub struct Overrides {
     pub cluster_listen: Option<String>,
     pub advertise: Option<String>,
     pub peers: Vec<String>,
+    pub metrics_listen: Option<String>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -152,6 +163,8 @@ pub struct Validated {
     pub multicast_pool: (std::net::Ipv4Addr, u32),
     pub multicast_interface: Option<std::net::Ipv4Addr>,
     pub cluster: Option<ClusterSettings>,
+    pub policy: crate::policy::Policy,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -222,6 +235,9 @@ impl Settings {
         }
         if !o.peers.is_empty() {
             b = set(b, "cluster.peers", o.peers.clone().into())?;
+        }
+        if let Some(v) = &o.metrics_listen {
+            b = set(b, "server.metrics_listen", v.clone().into())?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -330,6 +346,20 @@ impl Settings {
         if m.master_retries == 0 {
             return bad("multicast.master_retries", "must be at least 1".into());
         }
+        if self.limits.defer_max_ms > 60_000 {
+            return bad("limits.defer_max_ms", "must be 0..=60000".into());
+        }
+        if self.limits.defer_queue > 1_000_000 {
+            return bad("limits.defer_queue", "must be 0..=1000000".into());
+        }
+        let metrics_listen = match self.server.metrics_listen.trim() {
+            "" => None,
+            a => match a.parse::<SocketAddr>() {
+                Ok(sa) => Some(sa),
+                Err(_) => return bad("server.metrics_listen", format!("{a:?} is not ADDR:PORT")),
+            },
+        };
+        let policy = crate::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
         let cluster = self.cluster_settings()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
@@ -337,7 +367,7 @@ impl Settings {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster })
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, policy, metrics_listen })
     }
 }
 
@@ -466,6 +496,30 @@ mod tests {
         assert_eq!(c.peers, vec!["127.0.0.1:7947".parse().unwrap()]);
         assert_eq!(c.advertise, c.listen);
         assert!(Settings::load(None, vec![], &Overrides { root: Some(r.path().into()), ..Default::default() }).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn policy_rules_and_limits_load_and_errors_name_the_rule() {
+        let r = root();
+        let file = r.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[limits]\nmax_requests_per_s = 50\ndefer_queue = 8\n[server]\nmetrics_listen = \"127.0.0.1:9469\"\n\n[[policy]]\nname = \"lab\"\nclients = [\"10.0.0.0/8\", \"fd00::/8\"]\noptions = []\nblksize_max = 1024\n\n[[policy]]\nhas = [\"multicast\"]\nrefuse = [\"multicast\"]\n",
+        )
+        .unwrap();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let v = Settings::load(Some(&file), vec![], &o).unwrap();
+        assert_eq!(v.policy.len(), 2);
+        assert_eq!(v.settings.policy[0].options, Some(vec![]));
+        assert_eq!(v.settings.limits.max_requests_per_s, 50);
+        assert_eq!(v.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+        std::fs::write(&file, "[[policy]]\nname = \"ok\"\n[[policy]]\nname = \"broken\"\nclients = [\"10.0.0.0/99\"]\n").unwrap();
+        let e = Settings::load(Some(&file), vec![], &o).unwrap_err().to_string();
+        assert!(e.contains("policy[1]") && e.contains("broken") && !e.contains('\n'), "{e}");
+        std::fs::write(&file, "[[policy]]\nblksize_mx = 10\n").unwrap();
+        assert!(Settings::load(Some(&file), vec![], &o).unwrap_err().to_string().contains("blksize_mx"));
+        let e = Settings::load(None, vec![("TFTPCAST_SERVER__METRICS_LISTEN".into(), "nowhere".into())], &o).unwrap_err().to_string();
+        assert!(e.contains("server.metrics_listen"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! - `node`: wires the actors together, signals, state dumps, shutdown.
 //! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
 //! - `client`: `tftpcast get`.
+//! - `policy`, `admission`, `metrics`: per-client option rules, session and request-rate
+//!   limits with a defer queue, the Prometheus endpoint.
 
+mod admission;
 mod bench;
 mod client;
 mod config;
@@ -21,9 +24,11 @@ mod group;
 mod listener;
 mod logging;
 mod membership;
+mod metrics;
 mod net;
 mod node;
 mod pacing;
+mod policy;
 mod session;
 mod state;
 mod timer;
@@ -100,6 +105,9 @@ struct ServeArgs {
     /// Seconds between state dumps, 0 for none [log.state_interval_s].
     #[arg(long, value_name = "N")]
     state_interval_s: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [server.metrics_listen].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -118,6 +126,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         cluster_listen: args.cluster_listen,
         advertise: args.advertise,
         peers: args.peers,
+        metrics_listen: args.metrics_listen,
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,
