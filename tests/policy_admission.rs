@@ -384,3 +384,90 @@ fn full_defer_queue_drops_silently() {
     // The server still works once the held transfer gives up.
     server.finish(&fx);
 }
+
+/// At the session limit, a multicast request for a file whose group is already waiting to
+/// start joins that group at once (members cost no session), while a new unicast request
+/// waits. Runs in a namespace lab: multicast never leaves it.
+#[test]
+fn multicast_requests_fold_into_a_running_group_at_the_session_limit() {
+    if !testing_tftpcast() || !require_netns() || !require_tools(&["atftp"]) {
+        return;
+    }
+    let _serial = serial_lab();
+    let fx = Fixture::new();
+    let lab = Lab::new("polfold", 4);
+    let listen = SocketAddr::from((lab.server_ip(), 69)).to_string();
+    let server = Server::start_in_env(
+        Some(&lab.server),
+        &fx.root,
+        &["--listen", &listen, "--start-delay-ms", "3000"],
+        &[("TFTPCAST_LIMITS__MAX_SESSIONS", "1")],
+    );
+    let addr = server.addr();
+    let mc = Client::Atftp { options: vec!["multicast", "blksize 1428"] };
+    let spawn_mc = |i: usize| {
+        let out = fx.out(&format!("mc-{i}"));
+        let mut cmd = mc.command(Some(&lab.clients[i]), addr, ONE_MIB, &out);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        (ChildGuard(cmd.spawn().expect("atftp")), out)
+    };
+    let wait_log = |msg: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while events(&server, msg).len() < n {
+            assert!(Instant::now() < deadline, "no {n} x `{msg}`\n{}", server.log_tail(40));
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // 1. The first multicast client creates the group (a free slot), which waits 3 s.
+    let mut first = spawn_mc(1);
+    wait_log("multicast request joined group", 1);
+    // 2. A slow unicast client takes the only session slot (it ACKs every 50 ms).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let holder = lab.spawn_in_ns(&lab.clients[0], move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.send_to(&raw::rrq(ONE_MIB.as_bytes(), "octet", &[]), addr).unwrap();
+        let mut buf = [0u8; 600];
+        let mut blocks = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                if raw::opcode(&buf[..n]) == Some(raw::DATA) {
+                    thread::sleep(Duration::from_millis(50));
+                    let _ = s.send_to(&raw::ack(u16::from_be_bytes([buf[2], buf[3]])), from);
+                    blocks += 1;
+                }
+            }
+        }
+        blocks
+    });
+    wait_log("transfer started", 1);
+    // 3. Two more multicast clients at the limit: folded into the group, not queued.
+    let mut more: Vec<_> = (2..4).map(spawn_mc).collect();
+    wait_log("multicast request joined group", 3);
+    let joined = events(&server, "multicast request joined group");
+    assert_eq!(joined.iter().filter(|f| f["new_group"] == true).count(), 1, "{joined:?}");
+    assert_eq!(events(&server, "transfer started").len(), 1, "the slot holder is still the only session");
+    let want = fs::read(fx.path(ONE_MIB)).unwrap();
+    for (child, out) in std::iter::once(&mut first).chain(more.iter_mut()) {
+        let deadline = Instant::now() + CLIENT_LIMIT;
+        loop {
+            if let Some(st) = child.0.try_wait().unwrap() {
+                assert!(st.success(), "atftp multicast client failed\n{}", server.log_tail(40));
+                break;
+            }
+            assert!(Instant::now() < deadline, "atftp multicast client did not finish\n{}", server.log_tail(40));
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(fs::read(&out).unwrap(), want, "multicast download differs");
+    }
+    assert!(!stop.load(std::sync::atomic::Ordering::Relaxed));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let blocks = holder.join().unwrap();
+    assert!(blocks > 10 && blocks < 2048, "the holder kept its slot for the whole test ({blocks} blocks)");
+    thread::sleep(Duration::from_millis(1100));
+    assert!(admission_sum(&server, "folded_into_groups") >= 2, "{}", server.log_tail(40));
+    let mut server = server;
+    assert!(server.is_running());
+    server.stop_clean();
+}
