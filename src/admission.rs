@@ -304,7 +304,7 @@ impl Admission {
             longest_wait_ms = t.longest_wait.as_millis() as u64,
             queued = self.queue.len(),
             active = self.active,
-            "admission: requests deferred at the limits"
+            "admission: requests deferred at a session limit or rate limit"
         );
         self.tally = Tally::default();
         self.last_log = Some(now);
