@@ -18,8 +18,8 @@
 //! Everything here runs on the system arbiter with the listeners; the state is behind a
 //! mutex only because admitted requests travel to their listener in a message.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,19 @@ struct Tally {
 }
 
 impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.deferred += o.deferred;
+        self.admitted_after_defer += o.admitted_after_defer;
+        self.folded += o.folded;
+        self.refreshed += o.refreshed;
+        self.dropped_queue_full += o.dropped_queue_full;
+        self.dropped_expired += o.dropped_expired;
+        for (a, b) in self.by_limit.iter_mut().zip(o.by_limit) {
+            *a += b;
+        }
+        self.longest_wait = self.longest_wait.max(o.longest_wait);
+    }
+
     fn bites(&self) -> bool {
         self.deferred + self.admitted_after_defer + self.folded + self.dropped_queue_full + self.dropped_expired > 0
     }
@@ -156,7 +169,11 @@ pub struct Admission {
     global: Bucket,
     sources: Sources,
     queue: VecDeque<Entry>,
+    /// The senders in `queue`, so telling a retransmission from a new request costs no scan.
+    queued_peers: HashSet<SocketAddr>,
     tally: Tally,
+    /// Everything summarized so far (the state dump adds `tally`).
+    totals: Tally,
     last_log: Option<Instant>,
 }
 
@@ -225,7 +242,9 @@ impl Admission {
             per_client: HashMap::new(),
             sources: Sources::default(),
             queue: VecDeque::new(),
+            queued_peers: HashSet::new(),
             tally: Tally::default(),
+            totals: Tally::default(),
             last_log: None,
         }
     }
@@ -277,6 +296,7 @@ impl Admission {
         }
         // A copy: the received datagram shares a large receive buffer.
         let d = Datagram { meta: d.meta, data: bytes::Bytes::copy_from_slice(&d.data) };
+        self.queued_peers.insert(d.meta.from);
         self.queue.push_back(Entry { d, to: to.clone(), since: now, deadline: now + self.cfg.defer_max });
         self.tally.deferred += 1;
         m().admission("deferred");
@@ -306,6 +326,7 @@ impl Admission {
             active = self.active,
             "admission: requests deferred at a session limit or rate limit"
         );
+        self.totals.add(&t);
         self.tally = Tally::default();
         self.last_log = Some(now);
     }
@@ -347,6 +368,9 @@ pub fn requeue(shared: &SharedAdmission, d: Datagram, to: &Recipient<Admitted>) 
 /// whether the request was queued.
 pub fn refresh(shared: &SharedAdmission, d: &Datagram) -> bool {
     let mut a = lock(shared);
+    if !a.queued_peers.contains(&d.meta.from) {
+        return false;
+    }
     let defer_max = a.cfg.defer_max;
     let Some(e) = a.queue.iter_mut().find(|e| e.d.meta.from == d.meta.from) else { return false };
     e.deadline = Instant::now() + defer_max;
@@ -371,7 +395,14 @@ pub fn pump(shared: &SharedAdmission) {
             return;
         }
         let before = a.queue.len();
-        a.queue.retain(|e| e.deadline > now);
+        let Admission { queue, queued_peers, .. } = &mut *a;
+        queue.retain(|e| {
+            let keep = e.deadline > now;
+            if !keep {
+                queued_peers.remove(&e.d.meta.from);
+            }
+            keep
+        });
         let expired = (before - a.queue.len()) as u64;
         if expired > 0 {
             a.tally.dropped_expired += expired;
@@ -386,6 +417,7 @@ pub fn pump(shared: &SharedAdmission) {
                 None => {
                     a.take(ip, now);
                     let e = a.queue.remove(i).expect("index in queue");
+                    a.queued_peers.remove(&e.d.meta.from);
                     let waited = now.saturating_duration_since(e.since);
                     a.tally.admitted_after_defer += 1;
                     a.tally.longest_wait = a.tally.longest_wait.max(waited);
@@ -431,6 +463,33 @@ pub fn active(shared: &SharedAdmission) -> usize {
 /// Requests waiting.
 pub fn queued(shared: &SharedAdmission) -> usize {
     lock(shared).queue.len()
+}
+
+/// Logs the admission state as part of the listener's `state` event fields.
+pub fn log_state(shared: &SharedAdmission, addr: std::net::SocketAddr) {
+    let a = lock(shared);
+    let mut t = a.totals;
+    t.add(&a.tally);
+    tracing::info!(
+        target: "state",
+        actor = "admission",
+        listener = %addr,
+        active = a.active,
+        clients = a.per_client.len(),
+        queued = a.queue.len(),
+        rate_sources = a.sources.map.len(),
+        deferred = t.deferred,
+        admitted_after_defer = t.admitted_after_defer,
+        folded_into_groups = t.folded,
+        refreshed = t.refreshed,
+        dropped_queue_full = t.dropped_queue_full,
+        dropped_expired = t.dropped_expired,
+        by_sessions = t.by_limit[0],
+        by_client_sessions = t.by_limit[1],
+        by_rate = t.by_limit[2],
+        by_client_rate = t.by_limit[3],
+        "state"
+    );
 }
 
 #[cfg(test)]

@@ -349,8 +349,8 @@ impl Settings {
         if self.limits.defer_max_ms > 60_000 {
             return bad("limits.defer_max_ms", "must be 0..=60000".into());
         }
-        if self.limits.defer_queue > 1_000_000 {
-            return bad("limits.defer_queue", "must be 0..=1000000".into());
+        if self.limits.defer_queue > 100_000 {
+            return bad("limits.defer_queue", "must be 0..=100000".into());
         }
         let metrics_listen = match self.server.metrics_listen.trim() {
             "" => None,

@@ -536,6 +536,7 @@ impl Handler<DumpState> for Listener {
             multicast_fallbacks = c.multicast_fallbacks,
             "state"
         );
+        admission::log_state(&self.admission, self.addr);
         for (_, s) in self.sessions.values() {
             s.do_send(m);
         }

@@ -87,7 +87,7 @@ impl Metrics {
             r.register("sent_bytes", "Bytes sent on the wire by transfers and groups, retransmissions included", m.bytes_sent.clone());
             r.register("retransmitted_bytes", "Bytes sent again", m.retransmitted_bytes.clone());
             r.register("policy_applied", "Requests a client option policy rule changed or denied", m.policy_applied.clone());
-            r.register("sessions_active", "Unicast transfers running or being set up", m.sessions_active.clone());
+            r.register("sessions_active", "Unicast transfers running", m.sessions_active.clone());
             r.register("multicast_groups_active", "Multicast groups this node sends or relays", m.groups_active.clone());
             r.register("pacing_senders", "Transfers and groups holding a pacing lease", m.pacing_senders.clone());
             r.register("pacing_rate_bps", "Node-wide send rate over the last second, bit/s", m.pacing_rate_bps.clone());

@@ -141,5 +141,18 @@ fn metrics_count_defers_and_failures() {
     assert_eq!(get(&m, "tftpcast_admission_total{event=\"admitted_after_defer\"}"), get(&m, "tftpcast_admission_total{event=\"deferred\"}"), "{show}");
     assert!(get(&m, "tftpcast_retransmitted_bytes_total") >= 516.0, "the abandoned transfer's DATA was sent again: {show}");
     assert_eq!(get(&m, "tftpcast_sessions_active"), 0.0, "{show}");
+    // The same figures in the `state` event (SIGUSR1).
+    server.signal(libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let state = loop {
+        let found = server.logs().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v["fields"]["actor"] == "admission");
+        if let Some(v) = found {
+            break v["fields"].clone();
+        }
+        assert!(Instant::now() < deadline, "no admission state event\n{}", server.log_tail(20));
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(state["deferred"].as_u64().map(|v| v as f64), Some(get(&m, "tftpcast_admission_total{event=\"deferred\"}")), "{state}");
+    assert_eq!(state["active"], 0, "{state}");
     server.finish(&fx);
 }
