@@ -75,11 +75,21 @@ pub fn report(v: &Validated, file: Option<&Path>, env: &[(String, String)], flag
     };
     let mut out = String::new();
     for (section, keys) in &table {
+        if let (toml::Value::Array(rules), "policy") = (keys, section.as_str()) {
+            // `[[policy]]` rules come only from the file; one line each, in order.
+            for (i, r) in rules.iter().enumerate() {
+                let inline = toml::to_string(r).unwrap_or_default().lines().collect::<Vec<_>>().join(", ");
+                let from = file.map(|p| format!("file {}", p.display())).unwrap_or_else(|| "default".into());
+                out.push_str(&format!("policy[{}] = {{ {inline} }}   ({from})\n", i + 1));
+            }
+            continue;
+        }
         let Some(keys) = keys.as_table() else { continue };
         for (k, value) in keys {
             let key = format!("{section}.{k}");
             let shown = match value {
                 toml::Value::String(s) if SECRETS.contains(&key.as_str()) && !s.is_empty() => "\"********\"".to_string(),
+                toml::Value::Integer(m) if key == "uploads.file_mode" => format!("0o{m:o}"),
                 other => other.to_string(),
             };
             let from = provenance(&key, file_table.as_ref().map(|(p, t)| (*p, t)), env, flags);

@@ -28,6 +28,9 @@ pub struct Settings {
     pub cluster: Cluster,
     pub log: Log,
     pub mapping: crate::mapping::MappingSettings,
+    /// Client option rules (`[[policy]]`), first match applies.
+    #[serde(default)]
+    pub policy: Vec<crate::policy::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -75,6 +78,9 @@ pub struct Server {
     pub listen: Vec<String>,
     pub tid_port_range: String,
     pub shutdown_grace_s: u64,
+    /// `ADDR:PORT` of the Prometheus `/metrics` endpoint; empty: none.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -94,6 +100,10 @@ pub struct Transfer {
 pub struct Limits {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
+    pub max_requests_per_s: u32,
+    pub max_requests_per_s_per_client: u32,
+    pub defer_queue: usize,
+    pub defer_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -175,6 +185,7 @@ pub struct Overrides {
     pub peers: Vec<String>,
     /// `--allow-write` (true) / `--read-only` (false) [uploads.enabled].
     pub allow_write: Option<bool>,
+    pub metrics_listen: Option<String>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -191,6 +202,8 @@ pub struct Validated {
     pub upload_dir: String,
     /// The compiled `[mapping]` rules.
     pub mapper: crate::mapping::Mapper,
+    pub policy: crate::policy::Policy,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -271,6 +284,9 @@ impl Settings {
         }
         if let Some(v) = o.allow_write {
             b = set(b, "uploads.enabled", v.into())?;
+        }
+        if let Some(v) = &o.metrics_listen {
+            b = set(b, "server.metrics_listen", v.clone().into())?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -379,6 +395,20 @@ impl Settings {
         if m.master_retries == 0 {
             return bad("multicast.master_retries", "must be at least 1".into());
         }
+        if self.limits.defer_max_ms > 60_000 {
+            return bad("limits.defer_max_ms", "must be 0..=60000".into());
+        }
+        if self.limits.defer_queue > 100_000 {
+            return bad("limits.defer_queue", "must be 0..=100000".into());
+        }
+        let metrics_listen = match self.server.metrics_listen.trim() {
+            "" => None,
+            a => match a.parse::<SocketAddr>() {
+                Ok(sa) => Some(sa),
+                Err(_) => return bad("server.metrics_listen", format!("{a:?} is not ADDR:PORT")),
+            },
+        };
+        let policy = crate::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
         let cluster = self.cluster_settings()?;
         let upload_dir = self.upload_dir()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -388,7 +418,7 @@ impl Settings {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
         let mapper = crate::mapping::Mapper::new(&self.mapping)?;
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper })
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen })
     }
 
     fn upload_dir(&self) -> Result<String, ConfigError> {
@@ -478,6 +508,9 @@ fn check_file_keys(f: &Path) -> Result<(), ConfigError> {
         ConfigError(format!("config file {}: {}", f.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
     })?;
     for (section, v) in &t {
+        if section == "policy" {
+            continue; // an array of rule tables, checked rule by rule by `policy::Policy::compile`
+        }
         let Some(keys) = v.as_table() else {
             return Err(ConfigError(format!("setting {section}: not a section (config file {})", f.display())));
         };
@@ -604,6 +637,30 @@ mod tests {
             let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &rw).unwrap_err().to_string();
             assert!(e.contains(want), "{k}={v}: {e}");
         }
+    }
+
+    #[test]
+    fn policy_rules_and_limits_load_and_errors_name_the_rule() {
+        let r = root();
+        let file = r.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[limits]\nmax_requests_per_s = 50\ndefer_queue = 8\n[server]\nmetrics_listen = \"127.0.0.1:9469\"\n\n[[policy]]\nname = \"lab\"\nclients = [\"10.0.0.0/8\", \"fd00::/8\"]\noptions = []\nblksize_max = 1024\n\n[[policy]]\nhas = [\"multicast\"]\nrefuse = [\"multicast\"]\n",
+        )
+        .unwrap();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let v = Settings::load(Some(&file), vec![], &o).unwrap();
+        assert_eq!(v.policy.len(), 2);
+        assert_eq!(v.settings.policy[0].options, Some(vec![]));
+        assert_eq!(v.settings.limits.max_requests_per_s, 50);
+        assert_eq!(v.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+        std::fs::write(&file, "[[policy]]\nname = \"ok\"\n[[policy]]\nname = \"broken\"\nclients = [\"10.0.0.0/99\"]\n").unwrap();
+        let e = Settings::load(Some(&file), vec![], &o).unwrap_err().to_string();
+        assert!(e.contains("policy[1]") && e.contains("broken") && !e.contains('\n'), "{e}");
+        std::fs::write(&file, "[[policy]]\nblksize_mx = 10\n").unwrap();
+        assert!(Settings::load(Some(&file), vec![], &o).unwrap_err().to_string().contains("blksize_mx"));
+        let e = Settings::load(None, vec![("TFTPCAST_SERVER__METRICS_LISTEN".into(), "nowhere".into())], &o).unwrap_err().to_string();
+        assert!(e.contains("server.metrics_listen"), "{e}");
     }
 
     #[test]

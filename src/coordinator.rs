@@ -108,6 +108,9 @@ pub struct MulticastRequest {
     pub local: IpAddr,
     /// Options of this client's OACK besides `multicast`.
     pub options: Vec<(String, String)>,
+    /// Only join a group already running or starting (admission control let the request in
+    /// at the session limit because joining costs nothing); never start one.
+    pub join_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -489,6 +492,7 @@ impl Handler<MulticastRequest> for Coordinator {
         });
         let (id, new_group) = match existing {
             Some(id) => (id, false),
+            None if m.join_only => return Err("no group to join".into()),
             None => match self.start_group(&m, ctx) {
                 Ok(id) => (id, true),
                 Err(e) => {

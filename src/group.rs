@@ -304,6 +304,7 @@ impl Actor for GroupSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        crate::metrics::m().groups_active.inc();
         let raw = self.raw.take().expect("socket");
         match udp::attach(ctx, raw) {
             Ok(s) => self.sock = Some(s),
@@ -328,6 +329,10 @@ impl Actor for GroupSession {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        crate::metrics::m().groups_active.dec();
+        if let Some(g) = self.group.as_ref() {
+            crate::metrics::m().retransmitted_bytes.inc_by(g.stats().retransmitted_bytes);
+        }
         if self.group.is_some() {
             self.log_end("ended");
         } else {

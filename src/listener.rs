@@ -7,10 +7,9 @@
 //! sent here are dropped, since answering strays from spoofed sources would make the server
 //! an amplifier.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,8 +21,10 @@ use tftpcast_proto::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request
 use tftpcast_proto::{Sender, SenderConfig, Source};
 use tracing::{debug, info, info_span, warn};
 
+use crate::admission::{self, Admitted, Decision, SharedAdmission, Ticket};
 use crate::coordinator::{Coordinator, GroupKey, MulticastRequest};
 use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
+use crate::metrics::m;
 use crate::pacing::{Advice, Pacing};
 use crate::session::{Session, SessionEnded, SessionSpec};
 use crate::state::DumpState;
@@ -48,21 +49,12 @@ pub struct RequestPolicy {
     pub load_knee: u32,
     pub max_retries: u32,
     pub tid_port_range: Option<(u16, u16)>,
-    pub max_sessions: usize,
-    pub max_sessions_per_client: usize,
     pub lease_every: Duration,
     /// `[mapping]`: client names to paths under the root.
     pub mapper: std::sync::Arc<crate::mapping::Mapper>,
+    /// Client option rules (`[[policy]]`).
+    pub rules: Arc<crate::policy::Policy>,
 }
-
-/// Node-wide admission counts shared by the listeners (all on the system arbiter).
-#[derive(Default)]
-pub struct Admission {
-    active: usize,
-    per_client: HashMap<IpAddr, usize>,
-}
-
-pub type SharedAdmission = Rc<RefCell<Admission>>;
 
 /// Stop reading requests (shutdown); active transfers go on.
 #[derive(Message)]
@@ -167,17 +159,19 @@ impl Listener {
 
     fn on_datagram(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         match packet::decode(&d.data) {
-            Ok(Packet::Rrq(req)) => self.on_read_request(d, req, ctx),
-            Ok(Packet::Wrq(req)) if self.upload_policy.is_some() => self.on_write_request(d, req, ctx),
+            Ok(Packet::Rrq(req)) => self.on_read_request(d, req, None, ctx),
+            Ok(Packet::Wrq(req)) if self.upload_policy.is_some() => self.on_write_request(d, req, None, ctx),
             Ok(Packet::Wrq(req)) => {
                 self.counters.requests += 1;
                 self.counters.write_refused += 1;
+                m().request("write_refused");
                 info!(peer = %d.meta.from, file = %req.filename_lossy(), "write request refused: server is read-only");
                 self.reply_error(&d, ErrorCode::AccessViolation, "Server is read-only");
             }
             Ok(_) => self.counters.strays += 1,
             Err(e) => {
                 self.counters.malformed += 1;
+                m().request("malformed");
                 // Requests that cannot be parsed and unknown opcodes are illegal operations
                 // (RFC 1350); anything else that does not decode is dropped.
                 let is_request = matches!(d.data.get(..2), Some([0, 1]) | Some([0, 2]));
@@ -189,40 +183,38 @@ impl Listener {
         }
     }
 
-    fn on_read_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
+    /// A read request, new (`ticket` None) or deferred and now admitted (`ticket` holds its
+    /// session slot).
+    fn on_read_request(&mut self, d: Datagram, req: Request, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
-        self.counters.requests += 1;
-        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) {
+        if ticket.is_none() {
+            self.counters.requests += 1;
+        }
+        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) || (ticket.is_none() && admission::refresh(&self.admission, &d)) {
             // The client repeated its request because our first answer was lost or slow:
-            // the session's own timer retransmits, so a second session must not start.
+            // the session's own timer retransmits, so a second session must not start (a
+            // queued request keeps its place).
             self.counters.duplicates += 1;
+            m().request("duplicate");
             return;
         }
         if req.mode == Mode::Mail {
             self.counters.malformed += 1;
+            m().request("malformed");
             self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
             return;
         }
-        let requested = match options::parse(&req.options) {
+        let mut requested = match options::parse(&req.options) {
             Ok(r) => r,
             Err(e) => {
                 self.counters.option_refused += 1;
+                m().request("options_refused");
                 info!(peer = %peer, file = %req.filename_lossy(), error = %e, "options refused");
                 self.reply_error(&d, ErrorCode::OptionRefused, &e.to_string());
                 return;
             }
         };
-        {
-            let adm = self.admission.borrow();
-            let per = adm.per_client.get(&peer.ip()).copied().unwrap_or(0);
-            if adm.active >= self.policy.max_sessions || per >= self.policy.max_sessions_per_client {
-                // Silence, not an error: the client retransmits its request and is admitted
-                // once a slot frees up.
-                self.counters.busy += 1;
-                warn!(peer = %peer, active = adm.active, from_client = per, "at session limit: request deferred to the client's retry");
-                return;
-            }
-        }
+        let Some((ticket, applied)) = self.admit(&d, &req, &mut requested, ticket, ctx) else { return };
         let name = match self.policy.mapper.map_request(&req.filename, peer) {
             Ok(n) => n.into_owned(),
             Err(e) => {
@@ -239,21 +231,31 @@ impl Listener {
                 act.pending.remove(&peer);
                 match res {
                     Ok(Ok(ready)) => {
+                        if let Some(a) = applied {
+                            info!(peer = %peer, file = %ready.key.path, rule = %a.rule, changes = %a.summary(), "client option policy applied");
+                        }
                         if requested.multicast && act.coordinator.is_some() {
-                            act.join_group(d, req, requested, ready, ctx)
+                            act.join_group(d, req, requested, ready, ticket, ctx)
                         } else {
-                            act.start_session(d, req, requested, ready, ctx)
+                            act.start_session(d, req, requested, ready, ticket, ctx)
                         }
                     }
                     Ok(Err(e)) => {
                         match e {
-                            FileError::NotFound | FileError::NotRegular => act.counters.not_found += 1,
-                            _ => act.counters.denied += 1,
+                            FileError::NotFound | FileError::NotRegular => {
+                                act.counters.not_found += 1;
+                                m().request("not_found");
+                            }
+                            _ => {
+                                act.counters.denied += 1;
+                                m().request("denied");
+                            }
                         }
                         info!(peer = %peer, file = %req.filename_lossy(), error = %e, "request refused");
                         act.reply_error(&d, e.error_code(), &e.to_string());
                     }
                     Err(e) => {
+                        m().request("server_error");
                         warn!(peer = %peer, error = %e, "file cache unavailable");
                         act.reply_error(&d, ErrorCode::NotDefined, "Server error");
                     }
@@ -265,10 +267,12 @@ impl Listener {
     /// A write request with uploads on: options and announced size checked here, name and
     /// file on the blocking pool (`upload::prepare`), then an `Upload` actor on a session
     /// arbiter with its own transfer socket.
-    fn on_write_request(&mut self, d: Datagram, req: Request, ctx: &mut Context<Self>) {
+    fn on_write_request(&mut self, d: Datagram, req: Request, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
-        self.counters.requests += 1;
-        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) {
+        if ticket.is_none() {
+            self.counters.requests += 1;
+        }
+        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) || (ticket.is_none() && admission::refresh(&self.admission, &d)) {
             self.counters.duplicates += 1;
             return;
         }
@@ -277,7 +281,7 @@ impl Listener {
             self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
             return;
         }
-        let requested = match options::parse(&req.options) {
+        let mut requested = match options::parse(&req.options) {
             Ok(r) => r,
             Err(e) => {
                 self.counters.option_refused += 1;
@@ -286,14 +290,12 @@ impl Listener {
                 return;
             }
         };
-        {
-            let adm = self.admission.borrow();
-            let per = adm.per_client.get(&peer.ip()).copied().unwrap_or(0);
-            if adm.active >= self.policy.max_sessions || per >= self.policy.max_sessions_per_client {
-                self.counters.busy += 1;
-                warn!(peer = %peer, active = adm.active, from_client = per, "at session limit: request deferred to the client's retry");
-                return;
-            }
+        // Uploads go through the same client option policy and admission control as reads;
+        // a WRQ has no multicast.
+        requested.multicast = false;
+        let Some((Some(ticket), applied)) = self.admit(&d, &req, &mut requested, ticket, ctx) else { return };
+        if let Some(a) = applied {
+            info!(peer = %peer, file = %req.filename_lossy(), rule = %a.rule, changes = %a.summary(), "client option policy applied");
         }
         let policy = self.upload_policy.clone().expect("uploads on");
         let local = d.meta.dst.unwrap_or(self.addr.ip());
@@ -361,12 +363,44 @@ impl Listener {
                 act.next_arbiter = act.next_arbiter.wrapping_add(1);
                 let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
                 act.uploads.insert(peer, (id, addr));
-                let mut adm = act.admission.borrow_mut();
-                adm.active += 1;
-                *adm.per_client.entry(peer.ip()).or_insert(0) += 1;
+                ticket.commit();
+                m().transfer_started("upload");
+                m().sessions_active.inc();
                 act.counters.started += 1;
             })
             .spawn(ctx);
+    }
+
+    /// The hooks between parsing a request and serving it: the client option policy (which
+    /// may change the options or deny the request) and admission control (which may defer or
+    /// drop it). `ticket` is the slot of a request admitted from the defer queue. None: the
+    /// request is done with (answered, queued or dropped).
+    fn admit(&mut self, d: &Datagram, req: &Request, requested: &mut options::Requested, ticket: Option<Ticket>, ctx: &mut Context<Self>) -> Option<(Option<Ticket>, Option<crate::policy::Applied>)> {
+        let peer = d.meta.from;
+        let applied = if self.policy.rules.is_empty() { None } else { self.policy.rules.apply(peer.ip(), &req.filename_lossy(), requested) };
+        if let Some(a) = applied.as_ref().filter(|a| a.deny) {
+            self.counters.denied += 1;
+            m().request("policy_denied");
+            m().policy_applied.inc();
+            info!(peer = %peer, file = %req.filename_lossy(), rule = %a.rule, "request denied by client option policy");
+            self.reply_error(d, ErrorCode::AccessViolation, "Access denied by policy");
+            return None;
+        }
+        let ticket = match ticket {
+            Some(t) => Some(t),
+            None => match admission::admit(&self.admission, d, &ctx.address().recipient(), requested.multicast && self.coordinator.is_some()) {
+                Decision::Admit(t) => Some(t),
+                Decision::Fold => None,
+                Decision::Deferred | Decision::Dropped => {
+                    self.counters.busy += 1;
+                    return None;
+                }
+            },
+        };
+        if applied.is_some() {
+            m().policy_applied.inc();
+        }
+        Some((ticket, applied))
     }
 
     /// Flow control at negotiation: the block size the conditions allow (path MTU, loss,
@@ -387,13 +421,13 @@ impl Listener {
 
     /// The retransmission timer floor under the node's current load.
     fn timer_floor(&self) -> Duration {
-        let active = self.admission.borrow().active as u32;
+        let active = admission::active(&self.admission) as u32;
         flow::timeout_floor(self.policy.min_timeout, active, self.policy.load_knee)
     }
 
     /// RFC 2090: hands the client to the coordinator, which joins it to the group already
     /// sending this file or starts one. Whatever cannot be multicast is served by unicast.
-    fn join_group(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ctx: &mut Context<Self>) {
+    fn join_group(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
         let local = d.meta.dst.unwrap_or(self.addr.ip());
         let data = match req.mode {
@@ -412,7 +446,7 @@ impl Listener {
         if let Some(why) = why_not {
             self.counters.multicast_fallbacks += 1;
             info!(peer = %peer, file = %ready.key.path, blksize = n.blksize, reason = why, "multicast not possible: serving by unicast");
-            return self.start_session(d, req, requested, ready, ctx);
+            return self.start_session(d, req, requested, ready, ticket, ctx);
         }
         // The group's window is the server's; a windowsize asked for does not apply to it.
         let options: Vec<(String, String)> = n.oack.iter().filter(|(k, _)| k != "windowsize").cloned().collect();
@@ -420,25 +454,30 @@ impl Listener {
         let coordinator = self.coordinator.clone().expect("multicast enabled");
         self.pending.insert(peer);
         coordinator
-            .send(MulticastRequest { key, data, client: peer, local, options })
+            .send(MulticastRequest { key, data, client: peer, local, options, join_only: ticket.is_none() })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
                 match res {
                     Ok(Ok(j)) => {
                         act.counters.multicast_joins += 1;
+                        m().transfer_started("multicast_join");
                         info!(peer = %peer, file = %ready.key.path, group = %j.group, tid = %j.tid, new_group = j.new_group, owner = j.owner.as_deref().unwrap_or("self"), "multicast request joined group");
                     }
+                    // Admitted at the session limit to join a running group, and there is none:
+                    // it waits for a slot like any other request.
+                    _ if ticket.is_none() => admission::requeue(&act.admission, d, &ctx.address().recipient()),
                     _ => {
                         act.counters.multicast_fallbacks += 1;
-                        act.start_session(d, req, requested, ready, ctx);
+                        act.start_session(d, req, requested, ready, ticket, ctx);
                     }
                 }
             })
             .spawn(ctx);
     }
 
-    fn start_session(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ctx: &mut Context<Self>) {
+    fn start_session(&mut self, d: Datagram, req: Request, requested: options::Requested, ready: FileReady, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
+        let Some(ticket) = ticket else { return admission::requeue(&self.admission, d, &ctx.address().recipient()) };
         let peer = d.meta.from;
         let source = match req.mode {
             Mode::Netascii => Source::netascii(ready.data.clone()),
@@ -503,9 +542,9 @@ impl Listener {
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
         self.sessions.insert(peer, (id, addr));
-        let mut adm = self.admission.borrow_mut();
-        adm.active += 1;
-        *adm.per_client.entry(peer.ip()).or_insert(0) += 1;
+        ticket.commit();
+        m().transfer_started("unicast");
+        m().sessions_active.inc();
         self.counters.started += 1;
     }
 }
@@ -520,6 +559,8 @@ impl Actor for Listener {
                 self.stream = Some(ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_REQUEST, true)));
                 self.sock = Some(s);
                 info!(addr = %self.addr, "listening");
+                // Deferred requests start when tokens refill and expire when forgotten.
+                ctx.run_interval(Duration::from_millis(25), |act, _| admission::pump(&act.admission));
             }
             Err(e) => {
                 warn!(addr = %self.addr, error = %e, "cannot register listening socket");
@@ -549,19 +590,33 @@ impl Handler<SessionEnded> for Listener {
             } else {
                 self.sessions.remove(&m.peer);
             }
-            let mut adm = self.admission.borrow_mut();
-            adm.active = adm.active.saturating_sub(1);
-            if let Some(c) = adm.per_client.get_mut(&m.peer.ip()) {
-                *c -= 1;
-                if *c == 0 {
-                    adm.per_client.remove(&m.peer.ip());
-                }
-            }
+            crate::metrics::m().sessions_active.dec();
+            admission::release(&self.admission, m.peer.ip());
         }
         if m.ok {
             self.counters.completed += 1;
         } else {
             self.counters.failed += 1;
+        }
+    }
+}
+
+impl Handler<Admitted> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: Admitted, ctx: &mut Context<Self>) {
+        if self.sock.is_none() {
+            return; // shutting down: the ticket gives the slot back
+        }
+        match packet::decode(&m.d.data) {
+            Ok(Packet::Rrq(req)) => {
+                debug!(peer = %m.d.meta.from, waited_ms = m.waited.as_millis() as u64, "deferred request admitted");
+                self.on_read_request(m.d, req, Some(m.ticket), ctx);
+            }
+            Ok(Packet::Wrq(req)) if self.upload_policy.is_some() => {
+                debug!(peer = %m.d.meta.from, waited_ms = m.waited.as_millis() as u64, "deferred write request admitted");
+                self.on_write_request(m.d, req, Some(m.ticket), ctx);
+            }
+            _ => {}
         }
     }
 }
@@ -617,11 +672,13 @@ impl Handler<DumpState> for Listener {
             rejects_options = c.option_refused,
             rejects_write = c.write_refused,
             rejects_busy = c.busy,
+            deferred_queue = admission::queued(&self.admission),
             strays = c.strays,
             multicast_joins = c.multicast_joins,
             multicast_fallbacks = c.multicast_fallbacks,
             "state"
         );
+        admission::log_state(&self.admission, self.addr);
         for (_, s) in self.sessions.values() {
             s.do_send(m);
         }

@@ -15,7 +15,10 @@
 //! - `client`: `tftpcast get` and `tftpcast put`.
 //! - `mapping`: client file names to paths under the root (backslashes, rewrite rules).
 //! - `check_config`: `tftpcast check-config`, the effective settings and where they came from.
+//! - `policy`, `admission`, `metrics`: per-client option rules, session and request-rate
+//!   limits with a defer queue, the Prometheus endpoint.
 
+mod admission;
 mod bench;
 mod check_config;
 mod client;
@@ -27,9 +30,11 @@ mod listener;
 mod logging;
 mod mapping;
 mod membership;
+mod metrics;
 mod net;
 mod node;
 mod pacing;
+mod policy;
 mod session;
 mod state;
 mod timer;
@@ -119,6 +124,9 @@ struct ServeArgs {
     /// Seconds between state dumps, 0 for none [log.state_interval_s].
     #[arg(long, value_name = "N")]
     state_interval_s: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [server.metrics_listen].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// Runs `serve`, or with `check` (the matches of `check-config`) only validates and reports.
@@ -145,6 +153,7 @@ fn serve(args: ServeArgs, check: Option<&clap::ArgMatches>) -> ExitCode {
         } else {
             None
         },
+        metrics_listen: args.metrics_listen,
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,

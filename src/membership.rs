@@ -473,6 +473,7 @@ impl Membership {
             }
             OwnedNotification::Rejoin(id) => info!(identity = ?id, "rejoining the cluster"),
         }
+        crate::metrics::m().cluster_members.set(self.live.len() as i64);
     }
 
     fn member_up(&mut self, id: NodeIdentity) {

@@ -419,3 +419,89 @@ pub fn send_segments(sock: &UdpSocket, iov: &[io::IoSlice<'_>], seg: u16, to: So
         }
     }
 }
+
+/// A client address range for rules: `ADDR/LEN` (IPv4 or IPv6) or a single address. The
+/// address is masked to its prefix (`10.1.2.3/8` means `10.0.0.0/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    base: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (a.trim(), Some(l.trim())),
+            None => (s, None),
+        };
+        let ip: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            Some(l) => l.parse().ok().filter(|n| *n <= max).ok_or_else(|| format!("{l:?} is not a prefix length 0..={max}"))?,
+            None => max,
+        };
+        if let IpAddr::V4(v4) = ip {
+            // The same check as the multicast range's parser.
+            let (base, _) = parse_v4_cidr(&format!("{v4}/{len}"))?;
+            return Ok(Cidr { base: IpAddr::V4(base), len });
+        }
+        Ok(Cidr { base: IpAddr::V6(mask_v6(ip_v6(ip), len)), len })
+    }
+
+    /// Whether `ip` is in the range; an IPv4-mapped IPv6 address (dual-stack socket) counts
+    /// as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.base, ip.to_canonical()) {
+            (IpAddr::V4(b), IpAddr::V4(a)) => {
+                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len as u32) };
+                u32::from(a) & mask == u32::from(b)
+            }
+            (IpAddr::V6(b), IpAddr::V6(a)) => mask_v6(a, self.len) == b,
+            _ => false,
+        }
+    }
+}
+
+fn ip_v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+    }
+}
+
+fn mask_v6(a: std::net::Ipv6Addr, len: u8) -> std::net::Ipv6Addr {
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+    std::net::Ipv6Addr::from(u128::from(a) & mask)
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.len)
+    }
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::Cidr;
+
+    #[test]
+    fn v4_v6_and_mapped_addresses() {
+        let c = Cidr::parse("127.0.0.1/32").unwrap();
+        assert!(c.contains("127.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.contains("127.0.0.2".parse().unwrap()));
+        let n = Cidr::parse("10.1.2.3/8").unwrap();
+        assert_eq!(n.to_string(), "10.0.0.0/8");
+        assert!(n.contains("10.200.0.1".parse().unwrap()));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.9".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "fd00::/129", "host/8", "10.0.0.0/x", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -5,9 +5,7 @@
 //! close the listening sockets, wait up to `server.shutdown_grace_s` for running transfers,
 //! then stop the system.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,7 +17,8 @@ use crate::config::Validated;
 use crate::coordinator::{ClusterLink, Coordinator, MulticastPolicy, OwnedGroups};
 use crate::membership::{Leave, Membership, MembershipConfig};
 use crate::file_cache::{FileCache, FileCacheConfig};
-use crate::listener::{ActiveSessions, Admission, Listener, RequestPolicy, StopAccepting};
+use crate::admission::{Admission, AdmissionConfig};
+use crate::listener::{ActiveSessions, Listener, RequestPolicy, StopAccepting};
 use crate::pacing::{Pacing, PacingPolicy, Subscribe};
 use crate::state::DumpState;
 
@@ -110,11 +109,24 @@ async fn serve(v: Validated) -> u8 {
         load_knee: s.transfer.load_knee_per_core.saturating_mul(cores as u32),
         max_retries: s.transfer.max_retries,
         tid_port_range: v.tid_port_range,
-        max_sessions: s.limits.max_sessions,
-        max_sessions_per_client: s.limits.max_sessions_per_client,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
         mapper: std::sync::Arc::new(v.mapper.clone()),
+        rules: std::sync::Arc::new(v.policy.clone()),
     };
+    if !v.policy.is_empty() {
+        info!(rules = v.policy.len(), "client option policy loaded");
+    }
+    if let Some(a) = v.metrics_listen {
+        match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => {
+                actix_rt::spawn(crate::metrics::serve(l));
+            }
+            Err(e) => {
+                error!("cannot serve metrics on {a}: {e}");
+                return 1;
+            }
+        }
+    }
     let mut membership: Option<Addr<Membership>> = None;
     let coordinator = if s.multicast.enabled {
         let m = &s.multicast;
@@ -176,7 +188,14 @@ async fn serve(v: Validated) -> u8 {
             return 2;
         }
     };
-    let admission = Rc::new(RefCell::new(Admission::default()));
+    let admission = Admission::shared(AdmissionConfig {
+        max_sessions: s.limits.max_sessions,
+        max_sessions_per_client: s.limits.max_sessions_per_client,
+        max_requests_per_s: s.limits.max_requests_per_s,
+        max_requests_per_s_per_client: s.limits.max_requests_per_s_per_client,
+        defer_queue: s.limits.defer_queue,
+        defer_max: Duration::from_millis(s.limits.defer_max_ms),
+    });
     let mut listeners = Vec::new();
     for sock in sockets {
         match Listener::new(sock, policy.clone(), admission.clone(), files.clone(), pacing.clone(), coordinator.clone(), handles.clone()) {

@@ -111,6 +111,8 @@ pub struct Pacing {
     decreases: u64,
     bytes_at_last_dump: u64,
     last_dump: Instant,
+    /// When the metrics gauges were last set, and bytes_total then.
+    metrics_mark: (Instant, u64),
 }
 
 impl Pacing {
@@ -131,6 +133,7 @@ impl Pacing {
             decreases: 0,
             bytes_at_last_dump: 0,
             last_dump: Instant::now(),
+            metrics_mark: (Instant::now(), 0),
         }
     }
 
@@ -157,6 +160,7 @@ impl Pacing {
     }
 
     fn account(&mut self, r: &Report) {
+        crate::metrics::m().bytes_sent.inc_by(r.bytes);
         self.bytes_total += r.bytes;
         self.retransmits_total += r.retransmits;
         self.window_retransmits += r.retransmits;
@@ -167,6 +171,7 @@ impl Pacing {
 
     /// Recomputes the advice once a second and pushes it when it changed.
     fn refresh_advice(&mut self, ctx: &mut Context<Self>) {
+        self.publish_metrics();
         let sample = if self.window_packets > 0 { 100.0 * self.window_retransmits as f64 / self.window_packets as f64 } else { 0.0 };
         self.loss_ewma = 0.7 * self.loss_ewma + 0.3 * sample.min(100.0);
         self.window_packets = 0;
@@ -182,6 +187,19 @@ impl Pacing {
                 act.publish();
             })
             .spawn(ctx);
+    }
+
+    /// The gauges of the metrics endpoint, once a second.
+    fn publish_metrics(&mut self) {
+        let now = Instant::now();
+        let secs = now.duration_since(self.metrics_mark.0).as_secs_f64().max(1e-3);
+        let metrics = crate::metrics::m();
+        metrics.pacing_rate_bps.set((self.bytes_total - self.metrics_mark.1) as f64 * 8.0 / secs);
+        self.metrics_mark = (now, self.bytes_total);
+        metrics.pacing_senders.set(self.senders.len() as i64);
+        let rates: Vec<u64> = self.senders.keys().filter_map(|id| self.lease(*id).rate.map(|r| r * 8)).collect();
+        metrics.pacing_lease_min_bps.set(rates.iter().min().copied().unwrap_or(0) as i64);
+        metrics.pacing_lease_max_bps.set(rates.iter().max().copied().unwrap_or(0) as i64);
     }
 
     fn publish(&mut self) {

@@ -238,6 +238,18 @@ impl Actor for Session {
         let bytes = self.sender.bytes_acked();
         let mbps = bytes as f64 * 8.0 / elapsed.as_secs_f64().max(1e-6) / 1e6;
         let ok = matches!(self.sender.outcome(), Some(Outcome::Complete));
+        let metrics = crate::metrics::m();
+        metrics.transfer_bytes.inc_by(bytes);
+        metrics.retransmitted_bytes.inc_by(stats.retransmitted_bytes);
+        match self.sender.outcome() {
+            Some(Outcome::Complete) => {
+                metrics.transfers_finished.inc();
+            }
+            Some(Outcome::TimedOut { .. }) => metrics.transfer_failed("timeout"),
+            Some(Outcome::PeerError { .. }) => metrics.transfer_failed("client_error"),
+            Some(Outcome::ProtocolViolation(_)) => metrics.transfer_failed("protocol_violation"),
+            None => metrics.transfer_failed("aborted"),
+        };
         match self.sender.outcome() {
             Some(Outcome::Complete) => info!(
                 bytes,

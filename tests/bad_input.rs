@@ -1169,11 +1169,27 @@ fn per_client_session_limit_defers_requests_silently() {
     let cfg = config_file(&fx, "[limits]\nmax_sessions_per_client = 1\n");
     let server = Server::start(&fx.root, &["--config", &cfg]);
     let x = Xfer::start(&server, ONE_MIB, &[]);
-    // A second request from the same address (another port) while the first transfer runs.
-    expect_silence(&server, &raw::rrq(b"b513.bin", "octet", &[]), "second request at the per-client limit");
+    // A second request from the same address (another port) while the first transfer runs:
+    // no answer while it waits in the defer queue...
+    let second = client_socket();
+    second.send_to(&raw::rrq(b"b513.bin", "octet", &[]), server.addr()).unwrap();
+    if let Some((reply, from)) = recv(&second, SILENCE) {
+        panic!("second request at the per-client limit: want silence, got {} from {from}\n{}", show(&reply), server.log_tail(10));
+    }
     wait_for_log(&server, &["session limit"], Duration::from_secs(2));
     let data = x.finish();
     assert!(data == file(&fx, ONE_MIB));
+    // ...and it is served, without a retransmission, once the first transfer ended.
+    let mut got = Vec::new();
+    while got.len() < 513 {
+        let (p, from) = recv(&second, REPLY).unwrap_or_else(|| panic!("the deferred request was never served\n{}", server.log_tail(20)));
+        assert_eq!(raw::opcode(&p), Some(raw::DATA), "deferred request: {}", show(&p));
+        if u16::from_be_bytes([p[2], p[3]]) as usize == got.len() / 512 + 1 {
+            got.extend_from_slice(&p[4..]);
+        }
+        second.send_to(&raw::ack(u16::from_be_bytes([p[2], p[3]])), from).unwrap();
+    }
+    assert!(got == file(&fx, "b513.bin"), "deferred request not byte-exact");
     // The slot is free again once the first transfer ended.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
