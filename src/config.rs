@@ -72,6 +72,7 @@ pub struct Server {
     pub root: PathBuf,
     pub listen: Vec<String>,
     pub tid_port_range: String,
+    pub single_port: bool,
     pub shutdown_grace_s: u64,
 }
 
@@ -129,6 +130,8 @@ pub struct Overrides {
     pub root: Option<PathBuf>,
     pub listen: Vec<String>,
     pub tid_port_range: Option<String>,
+    /// `--single-port`: only ever true (the flag cannot turn the setting off).
+    pub single_port: bool,
     pub max_rate_mbps: Option<u64>,
     pub log_format: Option<String>,
     pub state_interval_s: Option<u64>,
@@ -189,6 +192,9 @@ impl Settings {
         }
         if let Some(v) = &o.tid_port_range {
             b = set(b, "server.tid_port_range", v.clone().into())?;
+        }
+        if o.single_port {
+            b = set(b, "server.single_port", true.into())?;
         }
         if let Some(v) = o.max_rate_mbps {
             b = set(b, "pacing.max_rate_mbps", v.into())?;
