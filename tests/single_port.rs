@@ -114,8 +114,15 @@ impl Drop for NatLab {
 }
 
 fn start_server(nat: &NatLab, fx: &Fixture, extra: &[&str]) -> Server {
+    start_server_with(nat, fx, true, extra)
+}
+
+fn start_server_with(nat: &NatLab, fx: &Fixture, single_port: bool, extra: &[&str]) -> Server {
     let listen = format!("0.0.0.0:{PORT}");
-    let mut args = vec!["--listen", listen.as_str(), "--single-port"];
+    let mut args = vec!["--listen", listen.as_str()];
+    if single_port {
+        args.push("--single-port");
+    }
     args.extend_from_slice(extra);
     Server::start_in(Some(&nat.lab.server), &fx.root, &args)
 }
@@ -379,4 +386,23 @@ fn multicast_clients_complete_in_single_port_mode() {
     nat.assert_only_listening_port(blocks);
     server.stop_clean();
     server.assert_logs_are_json();
+}
+
+/// The lab's NAT is the problem single-port mode solves: without it, the server's first DATA
+/// comes from a new port, which the masquerading router does not map back to the client.
+#[test]
+fn without_single_port_the_nat_drops_the_transfer() {
+    if !testing_tftpcast() || !require_netns() || !require_tools(&["sysctl"]) {
+        return;
+    }
+    let _serial = serial_lab();
+    let fx = Fixture::new();
+    let nat = NatLab::new("spnone", 1, 0);
+    let mut server = start_server_with(&nat, &fx, false, &[]);
+    let addr = server_addr(&nat);
+    let r = nat.lab.in_ns(&nat.inner[0], move || raw_fetch_from_port(0, addr, "b513.bin", Duration::ZERO));
+    assert!(r.is_err(), "a transfer port answered through the NAT: the lab is no NAT");
+    let started = events(&server, "transfer started");
+    assert!(!started.is_empty() && field_str(&started[0], "tid") != PORT.to_string(), "{}", server.log_tail(20));
+    server.stop_clean();
 }
