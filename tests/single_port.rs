@@ -406,3 +406,100 @@ fn without_single_port_the_nat_drops_the_transfer() {
     assert!(!started.is_empty() && field_str(&started[0], "tid") != PORT.to_string(), "{}", server.log_tail(20));
     server.stop_clean();
 }
+
+/// Waits up to `wait` for any datagram on `s`.
+fn any_reply(s: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = vec![0u8; 70000];
+    s.recv_from(&mut buf).ok().map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+/// On loopback: packets that are not requests, from peers without a transfer, get no answer
+/// (anti-amplification); a stranger's ACKs, even from the same address, do not touch a
+/// running transfer; a repeated request starts no second transfer.
+#[test]
+fn strangers_get_no_answer_on_the_shared_port() {
+    if !testing_tftpcast() {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &["--single-port"]);
+    let addr = server.addr();
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for p in [raw::ack(1), raw::ack(0), vec![0, 3, 0, 1, b'x'], vec![0, 5, 0, 0, 0], vec![0, 6, b'a', 0, b'1', 0]] {
+        stranger.send_to(&p, addr).unwrap();
+        assert_eq!(any_reply(&stranger, Duration::from_millis(300)), None, "the server answered {p:?} from a stranger");
+    }
+
+    // A transfer in lock step, with a stranger spraying ACKs for its blocks meanwhile.
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(&raw::rrq(b"one_mib.bin", "octet", &[]), addr).unwrap();
+    let mut data = Vec::new();
+    let mut expect: u16 = 1;
+    loop {
+        let (p, from) = any_reply(&client, Duration::from_secs(5)).expect("the transfer stalled");
+        assert_eq!(from, addr, "every packet of the transfer comes from the listening port");
+        assert_eq!(raw::opcode(&p), Some(raw::DATA), "{:?}", raw::parse_error(&p));
+        let block = u16::from_be_bytes([p[2], p[3]]);
+        if block != expect {
+            continue;
+        }
+        if expect == 3 {
+            // The client repeats its request: a duplicate, not a second transfer.
+            client.send_to(&raw::rrq(b"one_mib.bin", "octet", &[]), addr).unwrap();
+        }
+        data.extend_from_slice(&p[4..]);
+        // The stranger acknowledges ahead of the client: it must not move the transfer on.
+        stranger.send_to(&raw::ack(block.wrapping_add(5)), addr).unwrap();
+        client.send_to(&raw::ack(block), addr).unwrap();
+        expect = expect.wrapping_add(1);
+        if p.len() < 516 {
+            break;
+        }
+    }
+    assert!(data == fs::read(fx.path(ONE_MIB)).unwrap(), "not byte-exact: {} bytes", data.len());
+    assert_eq!(any_reply(&stranger, Duration::from_millis(200)), None, "the stranger got an answer");
+    assert_eq!(events(&server, "transfer started").len(), 1, "a repeated request started a transfer\n{}", server.log_tail(20));
+    server.finish(&fx);
+}
+
+/// Many transfers at once on one port, with windows: every one byte-exact.
+#[test]
+fn many_concurrent_transfers_share_the_port() {
+    if !testing_tftpcast() {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &["--single-port"]);
+    let addr = server.addr();
+    let clients: Vec<Client> = (0..12)
+        .map(|i| match i % 3 {
+            0 => Client::Tftpcast { args: vec!["--blksize", "1428", "--windowsize", "16"] },
+            1 => Client::Tftpcast { args: vec!["--blksize", "512", "--windowsize", "4"] },
+            _ => Client::Tftpcast { args: vec![] },
+        })
+        .collect();
+    let mut children = Vec::new();
+    for c in &clients {
+        let out = fx.out(ONE_MIB);
+        let mut cmd = c.command(None, addr, ONE_MIB, &out);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        children.push((ChildGuard(cmd.spawn().unwrap()), out, c));
+    }
+    let deadline = Instant::now() + FETCH_LIMIT;
+    for (mut child, out, c) in children {
+        let st = loop {
+            if let Some(st) = child.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "{c:?} did not finish");
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert!(st.success(), "{c:?} failed\n{}", server.log_tail(30));
+        assert_eq!(sha256_file(&out), fx.sha(ONE_MIB), "{c:?}: not byte-exact");
+    }
+    let started = events(&server, "transfer started");
+    assert_eq!(started.len(), clients.len());
+    assert!(started.iter().all(|e| field_str(e, "tid") == server.port().to_string()), "all from the listening port");
+    server.finish(&fx);
+}
