@@ -439,6 +439,17 @@ mod tests {
     }
 
     #[test]
+    fn single_port_from_flag_env_and_default() {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        assert!(!Settings::load(None, vec![], &o).unwrap().settings.server.single_port);
+        let env = vec![("TFTPCAST_SERVER__SINGLE_PORT".to_string(), "true".to_string())];
+        assert!(Settings::load(None, env, &o).unwrap().settings.server.single_port);
+        let o = Overrides { root: Some(r.path().into()), single_port: true, ..Default::default() };
+        assert!(Settings::load(None, vec![], &o).unwrap().settings.server.single_port);
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let r = root();
         let o = Overrides { root: Some(r.path().into()), ..Default::default() };

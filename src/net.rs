@@ -309,6 +309,20 @@ mod tests {
     }
 
     #[test]
+    fn parts_leave_as_one_datagram_from_the_given_source() {
+        // A dual-stack socket, as `[::]:69` is, answering an IPv4 client from 127.0.0.1.
+        let Ok(l) = bind_listener("[::]:0".parse().unwrap(), false) else { return };
+        let port = l.local_addr().unwrap().port();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        send_parts_from(&l, &[0, 3, 0, 1], b"payload", c.local_addr().unwrap(), Some("127.0.0.1".parse().unwrap()), true).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\0\x03\0\x01payload");
+        assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+
+    #[test]
     fn transfer_socket_takes_a_port_from_the_range() {
         let s = bind_transfer("127.0.0.1".parse().unwrap(), Some((47000, 47010))).unwrap();
         let p = s.local_addr().unwrap().port();
