@@ -309,7 +309,7 @@ impl Coordinator {
     fn shared_for(&self, local: IpAddr) -> Option<SharedSend> {
         let exact = self.shared.iter().find(|s| s.bound().map(|b| b.ip()) == Some(local));
         let wild = || self.shared.iter().find(|s| s.bound().is_some_and(|b| b.ip().is_unspecified()));
-        exact.or_else(wild).map(|s| s.from_addr(local))
+        exact.or_else(wild).map(|s| s.sending_from(local))
     }
 
     /// Where a group on `tid` sends from: its own socket bound to `tid`, or in single-port
@@ -317,7 +317,7 @@ impl Coordinator {
     fn endpoint_for(&self, tid: SocketAddr, given: Option<&SharedSend>) -> Result<(Endpoint, SocketAddr), String> {
         let IpAddr::V4(local) = tid.ip() else { return Err("multicast needs IPv4".into()) };
         if self.policy.single_port {
-            let s = given.map(|s| s.from_addr(tid.ip())).or_else(|| self.shared_for(tid.ip())).ok_or_else(|| format!("no listening socket for {}", tid.ip()))?;
+            let s = given.map(|s| s.sending_from(tid.ip())).or_else(|| self.shared_for(tid.ip())).ok_or_else(|| format!("no listening socket for {}", tid.ip()))?;
             return Ok((Endpoint::Shared(s), tid));
         }
         let socket = crate::net::bind_group(local, Some((tid.port(), tid.port())), self.policy.interface, self.policy.ttl)

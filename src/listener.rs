@@ -353,7 +353,7 @@ impl Listener {
         let coordinator = self.coordinator.clone().expect("multicast enabled");
         self.pending.insert(peer);
         coordinator
-            .send(MulticastRequest { key, data, client: peer, local, options, shared: self.shared.as_ref().map(|s| s.from_addr(local)) })
+            .send(MulticastRequest { key, data, client: peer, local, options, shared: self.shared.as_ref().map(|s| s.sending_from(local)) })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
@@ -399,7 +399,7 @@ impl Listener {
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
         let endpoint = match &self.shared {
-            Some(s) => Endpoint::Shared(s.from_addr(local)),
+            Some(s) => Endpoint::Shared(s.sending_from(local)),
             None => match crate::net::bind_transfer(local, self.policy.tid_port_range) {
                 Ok(s) => Endpoint::Own(s),
                 Err(e) => {

@@ -47,7 +47,7 @@ impl SharedSend {
     }
 
     /// The same socket, sending from `local`.
-    pub fn from_addr(&self, local: IpAddr) -> Self {
+    pub fn sending_from(&self, local: IpAddr) -> Self {
         SharedSend { sock: self.sock.clone(), local: Some(local), v6: self.v6 }
     }
 
