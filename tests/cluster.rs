@@ -8,7 +8,8 @@
 //! - `twenty_four_clients_one_stream`: 24 atftp multicast clients spread by the router over the
 //!   three nodes share one stream (nftables counts every node's multicast bytes).
 //! - `late_client_on_another_node_joins_the_running_group`: cross-node enrolment.
-//! - `owner_death_is_survived`: SIGKILL of the owner plus route withdrawal; takeover time.
+//! - `owner_death_is_survived` (and `_in_single_port_mode`): SIGKILL of the owner plus route
+//!   withdrawal; takeover time.
 //! - `three_nodes_scale_out_unicast`: with each node's link limited by tbf, three nodes give
 //!   at least 2.5x the aggregate goodput of one.
 //! - `single_port_cluster_relays_members_by_address`: with `--single-port`, members hashed to
@@ -1299,6 +1300,17 @@ fn late_client_on_another_node_joins_the_running_group() {
 
 #[test]
 fn owner_death_is_survived() {
+    owner_death_survived_with(&[]);
+}
+
+/// The same in single-port mode: the heir sends from its own listening port with the VIP as
+/// source, which is the (address, port) the members already know.
+#[test]
+fn owner_death_is_survived_in_single_port_mode() {
+    owner_death_survived_with(&["--single-port"]);
+}
+
+fn owner_death_survived_with(extra: &[&str]) {
     if !prerequisites(&["atftp"]) {
         return;
     }
@@ -1310,7 +1322,9 @@ fn owner_death_is_survived() {
     for i in 1..=3 {
         lab.tbf(i, "80mbit");
     }
-    let mut nodes = start_cluster(&lab, &fx, 3, &["--start-delay-ms", "1000"]);
+    let mut args = vec!["--start-delay-ms", "1000"];
+    args.extend_from_slice(extra);
+    let mut nodes = start_cluster(&lab, &fx, 3, &args);
     wait_formed(&nodes, FORM_LIMIT);
 
     let mut fetches: Vec<Fetch> = (1..=N)
