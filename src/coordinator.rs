@@ -29,6 +29,11 @@
 //! peers' announcements) says which group a packet is for: an owned group gets it, a group
 //! owned by another node gets it relayed there (the same `Relay` message, named by the
 //! group's tid, which is then only an identity), and a stranger's packet is dropped unanswered.
+//! Unicast transfers are not announced: the router's ECMP hash covers addresses only, so
+//! every packet of a client, from any of its ports, reaches the node that took its request;
+//! only a route change moves a client mid-transfer, and then (as when a node dies) its
+//! packets are dropped unanswered at the new node, the transfer times out and the client (or
+//! its boot firmware) asks again, which the new node serves.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};

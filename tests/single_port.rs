@@ -114,11 +114,12 @@ impl Drop for NatLab {
 }
 
 fn start_server(nat: &NatLab, fx: &Fixture, extra: &[&str]) -> Server {
-    start_server_with(nat, fx, true, extra)
+    start_server_with(nat, fx, true, "0.0.0.0", extra)
 }
 
-fn start_server_with(nat: &NatLab, fx: &Fixture, single_port: bool, extra: &[&str]) -> Server {
-    let listen = format!("0.0.0.0:{PORT}");
+/// `wildcard`: "0.0.0.0", or "[::]" for the default dual-stack socket.
+fn start_server_with(nat: &NatLab, fx: &Fixture, single_port: bool, wildcard: &str, extra: &[&str]) -> Server {
+    let listen = format!("{wildcard}:{PORT}");
     let mut args = vec!["--listen", listen.as_str()];
     if single_port {
         args.push("--single-port");
@@ -345,7 +346,8 @@ fn multicast_clients_complete_in_single_port_mode() {
     let nft = tool("nft");
     run_ok(&mut nat.lab.exec(&srv, &nft, &["add", "chain", "inet", "spcount", "mc", "{ type filter hook output priority 1 ; }"]));
     run_ok(&mut nat.lab.exec(&srv, &nft, &["add", "rule", "inet", "spcount", "mc", "ip", "daddr", "224.0.0.0/4", "counter"]));
-    let mut server = start_server(&nat, &fx, &["--start-delay-ms", "500"]);
+    // The default dual-stack socket: IPv4 multicast options and mapped addresses on it.
+    let mut server = start_server_with(&nat, &fx, true, "[::]", &["--start-delay-ms", "500"]);
     let addr = server_addr(&nat);
     let mc = [
         Client::Atftp { options: vec!["multicast", "blksize 1428"] },
@@ -398,7 +400,7 @@ fn without_single_port_the_nat_drops_the_transfer() {
     let _serial = serial_lab();
     let fx = Fixture::new();
     let nat = NatLab::new("spnone", 1, 0);
-    let mut server = start_server_with(&nat, &fx, false, &[]);
+    let mut server = start_server_with(&nat, &fx, false, "0.0.0.0", &[]);
     let addr = server_addr(&nat);
     let r = nat.lab.in_ns(&nat.inner[0], move || raw_fetch_from_port(0, addr, "b513.bin", Duration::ZERO));
     assert!(r.is_err(), "a transfer port answered through the NAT: the lab is no NAT");
