@@ -77,6 +77,7 @@ pub struct Server {
     pub root: PathBuf,
     pub listen: Vec<String>,
     pub tid_port_range: String,
+    pub single_port: bool,
     pub shutdown_grace_s: u64,
     /// `ADDR:PORT` of the Prometheus `/metrics` endpoint; empty: none.
     #[serde(default)]
@@ -172,6 +173,8 @@ pub struct Overrides {
     pub root: Option<PathBuf>,
     pub listen: Vec<String>,
     pub tid_port_range: Option<String>,
+    /// `--single-port`: only ever true (the flag cannot turn the setting off).
+    pub single_port: bool,
     pub max_rate_mbps: Option<u64>,
     pub log_format: Option<String>,
     pub state_interval_s: Option<u64>,
@@ -248,6 +251,9 @@ impl Settings {
         }
         if let Some(v) = &o.tid_port_range {
             b = set(b, "server.tid_port_range", v.clone().into())?;
+        }
+        if o.single_port {
+            b = set(b, "server.single_port", true.into())?;
         }
         if let Some(v) = o.max_rate_mbps {
             b = set(b, "pacing.max_rate_mbps", v.into())?;
@@ -570,6 +576,17 @@ mod tests {
         assert_eq!(v.listen.len(), 2);
         let o = Overrides { root: Some(r.path().into()), ..Default::default() };
         assert_eq!(Settings::load(Some(&file), env, &o).unwrap().settings.pacing.max_rate_mbps, 20);
+    }
+
+    #[test]
+    fn single_port_from_flag_env_and_default() {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        assert!(!Settings::load(None, vec![], &o).unwrap().settings.server.single_port);
+        let env = vec![("TFTPCAST_SERVER__SINGLE_PORT".to_string(), "true".to_string())];
+        assert!(Settings::load(None, env, &o).unwrap().settings.server.single_port);
+        let o = Overrides { root: Some(r.path().into()), single_port: true, ..Default::default() };
+        assert!(Settings::load(None, vec![], &o).unwrap().settings.server.single_port);
     }
 
     #[test]

@@ -21,6 +21,19 @@
 //! - when a node dies, the alive node with the smallest id **takes over** its groups: same
 //!   address and port, members as last announced; the oldest is made master and asks for
 //!   what it lacks.
+//!
+//! # Single-port mode
+//! Groups send from the listening port and bind no socket; members' packets reach the
+//! listener, which hands those of peers without a unicast session here (`MemberPacket`). The
+//! table of members by address (`by_member`, from joins, enrollments, progress reports and
+//! peers' announcements) says which group a packet is for: an owned group gets it, a group
+//! owned by another node gets it relayed there (the same `Relay` message, named by the
+//! group's tid, which is then only an identity), and a stranger's packet is dropped unanswered.
+//! Unicast transfers are not announced: the router's ECMP hash covers addresses only, so
+//! every packet of a client, from any of its ports, reaches the node that took its request;
+//! only a route change moves a client mid-transfer, and then (as when a node dies) its
+//! packets are dropped unanswered at the new node, the transfer times out and the client (or
+//! its boot firmware) asks again, which the new node serves.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -37,6 +50,7 @@ use crate::membership::ClusterEvent;
 use crate::group::{BecomeRelay, EndGroup, GroupSession, GroupSpec, Incoming, Join, TakeOver};
 use crate::pacing::Pacing;
 use crate::state::DumpState;
+use crate::transport::{Endpoint, SharedSend};
 
 /// Identity of a stream: same key, same bytes in the same blocks, on every node (content
 /// hash, not modification time).
@@ -79,6 +93,22 @@ pub struct MulticastPolicy {
     pub slow_master_repairs: u32,
     pub lone_member_unicast: bool,
     pub lease_every: Duration,
+    /// Groups send from the listening socket (`UseSocket`) instead of their own.
+    pub single_port: bool,
+}
+
+/// Single-port mode: a listener's socket, for the groups served from its address.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UseSocket(pub SharedSend);
+
+/// Single-port mode: a packet that reached a listener from a peer without a unicast session,
+/// perhaps a multicast group's member.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MemberPacket {
+    pub client: SocketAddr,
+    pub packet: Bytes,
 }
 
 /// A message for peer coordinators; `to: None` is every live member.
@@ -111,6 +141,8 @@ pub struct MulticastRequest {
     /// Only join a group already running or starting (admission control let the request in
     /// at the session limit because joining costs nothing); never start one.
     pub join_only: bool,
+    /// Single-port mode: the listening socket the request came through.
+    pub shared: Option<SharedSend>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +211,13 @@ pub struct Coordinator {
     next_id: u64,
     groups: HashMap<u64, Entry>,
     by_tid: HashMap<SocketAddr, u64>,
+    /// Single-port mode: the listening sockets, and which group each member belongs to.
+    shared: Vec<SharedSend>,
+    by_member: HashMap<SocketAddr, u64>,
+    /// Packets from peers that are neither in a transfer nor a member (dropped unanswered),
+    /// and members' packets dropped on a full group mailbox.
+    strays: u64,
+    member_drops: u64,
     /// The last table each peer announced.
     remote: HashMap<NodeId, Vec<GroupInfo>>,
     alive: BTreeSet<NodeId>,
@@ -204,6 +243,10 @@ impl Coordinator {
             next_id: 1,
             groups: HashMap::new(),
             by_tid: HashMap::new(),
+            shared: Vec::new(),
+            by_member: HashMap::new(),
+            strays: 0,
+            member_drops: 0,
             remote: HashMap::new(),
             alive: BTreeSet::new(),
             seq: 0,
@@ -269,12 +312,36 @@ impl Coordinator {
         }
     }
 
-    /// Starts a group session (owner with `owner_of`, else relay) on the group's socket.
-    fn spawn_session(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, ctx: &mut Context<Self>) -> Result<u64, String> {
+    /// The listening socket a group on `local` sends from (single-port mode): one bound to
+    /// that address, else a wildcard one.
+    fn shared_for(&self, local: IpAddr) -> Option<SharedSend> {
+        let exact = self.shared.iter().find(|s| s.bound().map(|b| b.ip()) == Some(local));
+        let wild = || self.shared.iter().find(|s| s.bound().is_some_and(|b| b.ip().is_unspecified()));
+        exact.or_else(wild).map(|s| s.sending_from(local))
+    }
+
+    /// Where a group on `tid` sends from: its own socket bound to `tid`, or in single-port
+    /// mode the listening socket (`given`: the one the request came through).
+    fn endpoint_for(&self, tid: SocketAddr, given: Option<&SharedSend>) -> Result<(Endpoint, SocketAddr), String> {
         let IpAddr::V4(local) = tid.ip() else { return Err("multicast needs IPv4".into()) };
+        if self.policy.single_port {
+            let s = given.map(|s| s.sending_from(tid.ip())).or_else(|| self.shared_for(tid.ip())).ok_or_else(|| format!("no listening socket for {}", tid.ip()))?;
+            return Ok((Endpoint::Shared(s), tid));
+        }
         let socket = crate::net::bind_group(local, Some((tid.port(), tid.port())), self.policy.interface, self.policy.ttl)
             .map_err(|e| format!("cannot open group socket {tid}: {e}"))?;
         let tid = socket.local_addr().map_err(|e| e.to_string())?;
+        Ok((Endpoint::Own(socket), tid))
+    }
+
+    /// Starts a group session (owner with `owner_of`, else relay) on the group's socket.
+    fn spawn_session(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, ctx: &mut Context<Self>) -> Result<u64, String> {
+        self.spawn_session_via(key, group, tid, owner_of, relay_for, None, ctx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_session_via(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, given: Option<&SharedSend>, ctx: &mut Context<Self>) -> Result<u64, String> {
+        let (endpoint, tid) = self.endpoint_for(tid, given)?;
         let id = self.next_id;
         self.next_id += 1;
         let span = info_span!(
@@ -287,7 +354,8 @@ impl Coordinator {
         );
         let spec = GroupSpec {
             id,
-            socket,
+            endpoint,
+            tid,
             owner: owner_of,
             span,
             pacing: self.pacing.clone(),
@@ -310,7 +378,7 @@ impl Coordinator {
         let port = self.policy.tid_port_base.checked_add(slot as u16).ok_or("group port out of range")?;
         let group = SocketAddrV4::new(addr, self.policy.port);
         let cfg = self.group_config(group, m.key.blksize, Instant::now() + self.policy.start_delay);
-        let id = self.spawn_session(&m.key, group, SocketAddr::new(m.local, port), Some((cfg, m.data.clone())), None, ctx)?;
+        let id = self.spawn_session_via(&m.key, group, SocketAddr::new(m.local, port), Some((cfg, m.data.clone())), None, m.shared.as_ref(), ctx)?;
         let _g = info_span!("group", group = %group, file = %m.key.path, tid = port).entered();
         info!(
             size = m.data.len(),
@@ -327,11 +395,27 @@ impl Coordinator {
     fn end(&mut self, id: u64) {
         if let Some(e) = self.groups.remove(&id) {
             self.by_tid.remove(&e.tid);
+            self.by_member.retain(|_, g| *g != id);
             e.session.do_send(EndGroup);
             if e.owner.is_none() {
                 self.dirty = true;
             }
         }
+    }
+
+    /// Records group `id`'s members as last reported: members that left are forgotten, the
+    /// others (and members who joined since) map to the group.
+    fn set_members(&mut self, id: u64, members: Vec<MemberInfo>) {
+        let Some(e) = self.groups.get_mut(&id) else { return };
+        for old in &e.members {
+            if !members.iter().any(|m| m.client == old.client) && self.by_member.get(&old.client) == Some(&id) {
+                self.by_member.remove(&old.client);
+            }
+        }
+        for m in &members {
+            self.by_member.insert(m.client, id);
+        }
+        e.members = members;
     }
 
     fn owned_table(&self) -> Vec<GroupInfo> {
@@ -381,11 +465,18 @@ impl Coordinator {
                         Some(owner) if owner != from => e.owner = Some(from.clone()),
                         Some(_) => {}
                     }
+                    if self.groups.get(&id).is_some_and(|e| e.owner.as_ref() == Some(from)) {
+                        // Members of a peer's group: their packets are relayed there.
+                        self.set_members(id, g.members.clone());
+                    }
                 }
                 None => {
                     // Relay for it: the router may send its members' packets here.
                     match self.spawn_session(&g.key, g.group, g.tid, None, Some(from.clone()), ctx) {
-                        Ok(_) => debug!(group = %g.group, tid = %g.tid, owner = %from, "relaying for a peer's group"),
+                        Ok(id) => {
+                            self.set_members(id, g.members.clone());
+                            debug!(group = %g.group, tid = %g.tid, owner = %from, "relaying for a peer's group")
+                        }
                         Err(e) => debug!(group = %g.group, tid = %g.tid, error = %e, "cannot relay for a peer's group"),
                     }
                 }
@@ -456,7 +547,8 @@ impl Coordinator {
                 };
                 let e = act.groups.get_mut(&id).expect("just found");
                 e.owner = None;
-                e.members = g.members.clone();
+                act.set_members(id, g.members.clone());
+                let e = act.groups.get_mut(&id).expect("just found");
                 e.session.do_send(TakeOver { cfg, data, members });
                 act.dirty = true;
             })
@@ -468,6 +560,10 @@ impl Actor for Coordinator {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.policy.single_port {
+            // Listeners hand members' packets over with try_send: room for bursts.
+            ctx.set_mailbox_capacity(1024);
+        }
         if self.cluster.is_some() {
             // Changes go out within 50 ms; the whole table every second covers lost datagrams.
             ctx.run_interval(Duration::from_millis(50), |act, _| {
@@ -502,6 +598,7 @@ impl Handler<MulticastRequest> for Coordinator {
                 }
             },
         };
+        self.by_member.insert(m.client, id);
         let e = self.groups.get_mut(&id).expect("group in table");
         e.joins += 1;
         let joined = Joined { group: e.group, tid: e.tid, new_group, owner: e.owner.clone() };
@@ -534,7 +631,7 @@ impl Handler<GroupProgress> for Coordinator {
             }
             e.block = m.block;
             e.started = m.started;
-            e.members = m.members;
+            self.set_members(m.id, m.members);
         }
     }
 }
@@ -553,6 +650,37 @@ impl Handler<RelayOut> for Coordinator {
         if let Some(owner) = owner {
             self.relayed += 1;
             self.send(Some(owner), ClusterMessage::Relay { tid: m.tid, client: m.client, packet: m.packet });
+        }
+    }
+}
+
+impl Handler<UseSocket> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, m: UseSocket, _: &mut Context<Self>) {
+        self.shared.push(m.0);
+    }
+}
+
+impl Handler<MemberPacket> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, m: MemberPacket, _: &mut Context<Self>) {
+        let Some(e) = self.by_member.get(&m.client).and_then(|id| self.groups.get(id)) else {
+            // Not a member of any group: dropped without an answer (anti-amplification).
+            self.strays += 1;
+            return;
+        };
+        match e.owner.clone() {
+            None => {
+                if e.session.try_send(Incoming { client: m.client, packet: m.packet }).is_err() {
+                    self.member_drops += 1;
+                }
+            }
+            Some(owner) => {
+                // A member of a group another node owns: the same hand-over as the relay sockets.
+                self.relayed += 1;
+                let tid = e.tid;
+                self.send(Some(owner), ClusterMessage::Relay { tid, client: m.client, packet: m.packet.to_vec() });
+            }
         }
     }
 }
@@ -576,14 +704,15 @@ impl Handler<ClusterEvent> for Coordinator {
                     self.reconcile(&from, ctx);
                 }
                 ClusterMessage::Enroll { key, client, options } => {
-                    let entry = self.groups.values_mut().filter(|e| e.key == key).min_by_key(|e| e.owner.is_some());
+                    let entry = self.groups.iter_mut().filter(|(_, e)| e.key == key).min_by_key(|(_, e)| e.owner.is_some());
                     match entry {
-                        Some(e) if e.owner.is_none() => {
+                        Some((id, e)) if e.owner.is_none() => {
+                            self.by_member.insert(client, *id);
                             e.joins += 1;
                             e.session.do_send(Join { client, options });
                         }
                         // This node handed the group over meanwhile: pass the member on.
-                        Some(e) => {
+                        Some((_, e)) => {
                             let owner = e.owner.clone();
                             if owner.as_ref() != Some(&from) {
                                 self.send(owner, ClusterMessage::Enroll { key, client, options });
@@ -595,7 +724,7 @@ impl Handler<ClusterEvent> for Coordinator {
                 ClusterMessage::Relay { tid, client, packet } => {
                     if let Some(e) = self.by_tid.get(&tid).and_then(|id| self.groups.get(id)) {
                         if e.owner.is_none() {
-                            e.session.do_send(Incoming { client, packet });
+                            e.session.do_send(Incoming { client, packet: Bytes::from(packet) });
                         }
                     }
                 }
@@ -636,6 +765,9 @@ impl Handler<DumpState> for Coordinator {
             fallbacks = self.fallbacks,
             enrolled_remote = self.enrolled_remote,
             relayed = self.relayed,
+            members_known = self.by_member.len(),
+            strays = self.strays,
+            member_drops = self.member_drops,
             takeovers = self.takeovers,
             handovers = self.handovers,
             groups = ?groups,

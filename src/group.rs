@@ -11,8 +11,13 @@
 //! actor is in **relay** mode: it hands each packet to the coordinator, which forwards it to
 //! the owner. A relay becomes the owner when the owner dies (`TakeOver`), and an owner hands
 //! its members over and becomes a relay when it loses a start race (`BecomeRelay`).
+//!
+//! In single-port mode the group has no socket of its own: OACKs, unicast repairs and the
+//! DATA to the group leave from the listening port (`transport::Transport::Shared`), and the
+//! members' packets reach it from the listener through the coordinator (`Incoming`). Its
+//! `tid` is then only the group's name in the cluster table.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -27,7 +32,8 @@ use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
-use crate::udp::{self, Datagram, SharedSocket};
+use crate::transport::{Endpoint, Transport};
+use crate::udp::Datagram;
 
 /// Options of a member's OACK besides `multicast`.
 pub type Options = Vec<(String, String)>;
@@ -45,7 +51,7 @@ pub struct Join {
 #[rtype(result = "()")]
 pub struct Incoming {
     pub client: SocketAddr,
-    pub packet: Vec<u8>,
+    pub packet: Bytes,
 }
 
 /// The coordinator ends the group.
@@ -69,7 +75,10 @@ pub struct TakeOver {
 
 pub struct GroupSpec {
     pub id: u64,
-    pub socket: UdpSocket,
+    pub endpoint: Endpoint,
+    /// The group's transfer address: where its own socket is bound, or (single-port mode)
+    /// only its identity in the cluster table.
+    pub tid: SocketAddr,
     /// Some: owner of a new group with this configuration and data. None: relay.
     pub owner: Option<(GroupConfig, Bytes)>,
     pub span: Span,
@@ -85,8 +94,8 @@ pub struct GroupSession {
     dest: Option<SocketAddr>,
     tid: SocketAddr,
     file_len: u64,
-    raw: Option<UdpSocket>,
-    sock: Option<SharedSocket>,
+    raw: Option<Endpoint>,
+    sock: Option<Transport>,
     span: Span,
     pacing: Addr<Pacing>,
     coordinator: Addr<Coordinator>,
@@ -109,7 +118,7 @@ const GROUP_ID_BIT: u64 = 1 << 63;
 
 impl GroupSession {
     pub fn new(spec: GroupSpec) -> Self {
-        let tid = spec.socket.local_addr().expect("bound socket");
+        let tid = spec.tid;
         let (group, dest, file_len) = match spec.owner {
             Some((cfg, data)) => {
                 let dest = SocketAddr::V4(cfg.group);
@@ -124,7 +133,7 @@ impl GroupSession {
             dest,
             tid,
             file_len,
-            raw: Some(spec.socket),
+            raw: Some(spec.endpoint),
             sock: None,
             span: spec.span,
             pacing: spec.pacing,
@@ -155,7 +164,7 @@ impl GroupSession {
                 Output::ToClient { to, packet } => {
                     self.unicast_bytes += packet.len() as u64;
                     self.bucket.consume(packet.len() as u64);
-                    if let Err(e) = sock.get_ref().send_to(&packet, to) {
+                    if let Err(e) = sock.send_bytes(&packet, to) {
                         let _g = self.span.enter();
                         warn!(client = %to, error = %e, "cannot send to member");
                     }
@@ -167,12 +176,12 @@ impl GroupSession {
                         Output::ToClient { .. } => unreachable!(),
                     };
                     self.bucket.consume(t.len() as u64);
-                    match udp::send_transmit(sock.get_ref(), &t, dest) {
+                    match sock.send_transmit(&t, dest) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             self.blocked = true;
                             self.backpressure += 1;
-                            ctx.spawn(udp::send_when_writable(sock.clone(), t, dest).into_actor(self).map(|_, act, ctx| {
+                            ctx.spawn(sock.clone().send_when_writable(t, dest).into_actor(self).map(|_, act, ctx| {
                                 act.blocked = false;
                                 act.flush(ctx);
                             }));
@@ -306,8 +315,14 @@ impl Actor for GroupSession {
     fn started(&mut self, ctx: &mut Context<Self>) {
         crate::metrics::m().groups_active.inc();
         let raw = self.raw.take().expect("socket");
-        match udp::attach(ctx, raw) {
-            Ok(s) => self.sock = Some(s),
+        match raw.attach(ctx) {
+            Ok(s) => {
+                if s.is_shared() {
+                    // Members' packets arrive as messages (try_send from the coordinator).
+                    ctx.set_mailbox_capacity(256);
+                }
+                self.sock = Some(s)
+            }
             Err(e) => {
                 let _g = self.span.enter();
                 warn!(error = %e, "cannot register group socket");

@@ -6,6 +6,11 @@
 //! request was sent to. Only requests ever get an answer on this port: DATA, ACK and OACK
 //! sent here are dropped, since answering strays from spoofed sources would make the server
 //! an amplifier.
+//!
+//! In single-port mode (`server.single_port`) no transfer socket is opened: the listener
+//! demultiplexes by the client's address and port. A packet that is not a request goes to the
+//! session of its sender (one mailbox hop), or, from a multicast member, to the coordinator,
+//! which knows every group's members; from anyone else it is dropped without an answer.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -22,12 +27,13 @@ use tftpcast_proto::{Sender, SenderConfig, Source};
 use tracing::{debug, info, info_span, warn};
 
 use crate::admission::{self, Admitted, Decision, SharedAdmission, Ticket};
-use crate::coordinator::{Coordinator, GroupKey, MulticastRequest};
+use crate::coordinator::{Coordinator, GroupKey, MemberPacket, MulticastRequest, UseSocket};
 use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
 use crate::metrics::m;
 use crate::pacing::{Advice, Pacing};
 use crate::session::{Session, SessionEnded, SessionSpec};
 use crate::state::DumpState;
+use crate::transport::{Endpoint, Routed, SharedSend};
 use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
 use crate::upload::{SharedUploadPolicy, Upload, UploadSpec};
 
@@ -49,6 +55,8 @@ pub struct RequestPolicy {
     pub load_knee: u32,
     pub max_retries: u32,
     pub tid_port_range: Option<(u16, u16)>,
+    /// Serve every transfer from the listening port (see the module doc).
+    pub single_port: bool,
     pub lease_every: Duration,
     /// `[mapping]`: client names to paths under the root.
     pub mapper: std::sync::Arc<crate::mapping::Mapper>,
@@ -78,6 +86,9 @@ struct Counters {
     write_refused: u64,
     busy: u64,
     strays: u64,
+    /// Single-port mode: datagrams handed to sessions, and those dropped on a full mailbox.
+    routed: u64,
+    routed_drops: u64,
     multicast_joins: u64,
     multicast_fallbacks: u64,
     completed: u64,
@@ -87,6 +98,11 @@ struct Counters {
 pub struct Listener {
     raw: Option<UdpSocket>,
     sock: Option<SharedSocket>,
+    /// Single-port mode: the listening socket as the sessions send on it.
+    shared: Option<SharedSend>,
+    /// False after StopAccepting; in single-port mode the socket stays open for the
+    /// transfers still running.
+    accepting: bool,
     addr: SocketAddr,
     stream: Option<SpawnHandle>,
     policy: RequestPolicy,
@@ -122,6 +138,8 @@ impl Listener {
         Ok(Listener {
             raw: Some(socket),
             sock: None,
+            shared: None,
+            accepting: true,
             addr,
             stream: None,
             policy,
@@ -157,7 +175,59 @@ impl Listener {
         }
     }
 
+    /// Single-port mode: hands a packet that is not a request to whoever it belongs to.
+    /// Returns the datagram back when it is a request (or garbage) for the usual path.
+    fn route(&mut self, d: Datagram) -> Option<Datagram> {
+        let opcode = match d.data.get(..2) {
+            Some(&[0, op]) => op,
+            _ => 0,
+        };
+        if opcode == 1 || opcode == 2 {
+            return Some(d);
+        }
+        if let Some((_, s)) = self.sessions.get(&d.meta.from) {
+            self.counters.routed += 1;
+            if s.try_send(Routed(d)).is_err() {
+                self.counters.routed_drops += 1;
+            }
+            return None;
+        }
+        if let Some((_, u)) = self.uploads.get(&d.meta.from) {
+            self.counters.routed += 1;
+            if u.try_send(Routed(d)).is_err() {
+                self.counters.routed_drops += 1;
+            }
+            return None;
+        }
+        if !(3..=6).contains(&opcode) {
+            return Some(d);
+        }
+        match &self.coordinator {
+            // Members of multicast groups: the coordinator knows them (and drops strays).
+            Some(c) => {
+                self.counters.routed += 1;
+                if c.try_send(MemberPacket { client: d.meta.from, packet: d.data }).is_err() {
+                    self.counters.routed_drops += 1;
+                }
+            }
+            // A stranger's DATA/ACK/ERROR/OACK: no answer (anti-amplification).
+            None => self.counters.strays += 1,
+        }
+        None
+    }
+
     fn on_datagram(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        let d = if self.shared.is_some() {
+            match self.route(d) {
+                Some(d) => d,
+                None => return,
+            }
+        } else {
+            d
+        };
+        if !self.accepting {
+            return;
+        }
         match packet::decode(&d.data) {
             Ok(Packet::Rrq(req)) => self.on_read_request(d, req, None, ctx),
             Ok(Packet::Wrq(req)) if self.upload_policy.is_some() => self.on_write_request(d, req, None, ctx),
@@ -335,14 +405,17 @@ impl Listener {
                         return act.reply_error(&d, ErrorCode::NotDefined, "Server error");
                     }
                 };
-                let socket = match crate::net::bind_transfer(local, act.policy.tid_port_range) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(peer = %peer, error = %e, "cannot open a transfer socket");
-                        return act.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
-                    }
+                let endpoint = match &act.shared {
+                    Some(s) => Endpoint::Shared(s.sending_from(local)),
+                    None => match crate::net::bind_transfer(local, act.policy.tid_port_range) {
+                        Ok(s) => Endpoint::Own(s),
+                        Err(e) => {
+                            warn!(peer = %peer, error = %e, "cannot open a transfer socket");
+                            return act.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
+                        }
+                    },
                 };
-                let tid = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                let tid = endpoint.port();
                 let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!(
                     "upload",
@@ -358,7 +431,7 @@ impl Listener {
                     info!(tsize = n.tsize, options = ?requested.names, oack = !n.oack.is_empty(), timeout_ms = n.timeout.as_millis() as u64, overwrite = policy.store.overwrite, "upload started")
                 });
                 let cfg = tftpcast_proto::upload::UploadConfig::from_negotiated(&n, req.mode, act.policy.max_timeout, act.policy.max_retries, INITIAL_RETRIES, policy.max_bytes);
-                let spec = UploadSpec { id, peer, socket, cfg, file: prepared.file, overwrite: policy.store.overwrite, span, ended: ctx.address().recipient() };
+                let spec = UploadSpec { id, peer, endpoint, cfg, file: prepared.file, overwrite: policy.store.overwrite, span, ended: ctx.address().recipient() };
                 let arbiter = &act.arbiters[act.next_arbiter % act.arbiters.len()];
                 act.next_arbiter = act.next_arbiter.wrapping_add(1);
                 let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
@@ -454,7 +527,7 @@ impl Listener {
         let coordinator = self.coordinator.clone().expect("multicast enabled");
         self.pending.insert(peer);
         coordinator
-            .send(MulticastRequest { key, data, client: peer, local, options, join_only: ticket.is_none() })
+            .send(MulticastRequest { key, data, client: peer, local, options, join_only: ticket.is_none(), shared: self.shared.as_ref().map(|s| s.sending_from(local)) })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
@@ -504,15 +577,18 @@ impl Listener {
             initial_retries: INITIAL_RETRIES,
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
-        let socket = match crate::net::bind_transfer(local, self.policy.tid_port_range) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(peer = %peer, error = %e, "cannot open a transfer socket");
-                self.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
-                return;
-            }
+        let endpoint = match &self.shared {
+            Some(s) => Endpoint::Shared(s.sending_from(local)),
+            None => match crate::net::bind_transfer(local, self.policy.tid_port_range) {
+                Ok(s) => Endpoint::Own(s),
+                Err(e) => {
+                    warn!(peer = %peer, error = %e, "cannot open a transfer socket");
+                    self.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
+                    return;
+                }
+            },
         };
-        let tid = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let tid = endpoint.port();
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         let span = info_span!(
             "transfer",
@@ -531,7 +607,7 @@ impl Listener {
         let spec = SessionSpec {
             id,
             peer,
-            socket,
+            endpoint,
             sender,
             span,
             pacing: self.pacing.clone(),
@@ -554,11 +630,26 @@ impl Actor for Listener {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let raw = self.raw.take().expect("socket");
+        if self.policy.single_port {
+            match raw.try_clone().and_then(SharedSend::new) {
+                Ok(s) => {
+                    if let Some(c) = &self.coordinator {
+                        c.do_send(UseSocket(s.clone()));
+                    }
+                    self.shared = Some(s);
+                }
+                Err(e) => {
+                    warn!(addr = %self.addr, error = %e, "cannot share the listening socket");
+                    ctx.stop();
+                    return;
+                }
+            }
+        }
         match udp::register(raw) {
             Ok(s) => {
                 self.stream = Some(ctx.add_stream(DatagramStream::new(s.clone(), packet::MAX_REQUEST, true)));
                 self.sock = Some(s);
-                info!(addr = %self.addr, "listening");
+                info!(addr = %self.addr, single_port = self.policy.single_port, "listening");
                 // Deferred requests start when tokens refill and expire when forgotten.
                 ctx.run_interval(Duration::from_millis(25), |act, _| admission::pump(&act.admission));
             }
@@ -631,10 +722,14 @@ impl Handler<Advice> for Listener {
 impl Handler<StopAccepting> for Listener {
     type Result = ();
     fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
-        if let Some(h) = self.stream.take() {
-            ctx.cancel_future(h);
+        self.accepting = false;
+        // In single-port mode the running transfers' packets still arrive here.
+        if self.shared.is_none() {
+            if let Some(h) = self.stream.take() {
+                ctx.cancel_future(h);
+            }
+            self.sock = None;
         }
-        self.sock = None;
         info!(addr = %self.addr, active = self.sessions.len(), "stopped accepting requests");
     }
 }
@@ -674,6 +769,8 @@ impl Handler<DumpState> for Listener {
             rejects_busy = c.busy,
             deferred_queue = admission::queued(&self.admission),
             strays = c.strays,
+            routed = c.routed,
+            routed_drops = c.routed_drops,
             multicast_joins = c.multicast_joins,
             multicast_fallbacks = c.multicast_fallbacks,
             "state"

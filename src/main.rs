@@ -38,6 +38,7 @@ mod policy;
 mod session;
 mod state;
 mod timer;
+mod transport;
 mod udp;
 mod upload;
 mod upload_store;
@@ -84,6 +85,9 @@ struct ServeArgs {
     /// Ports for transfer sockets, LO-HI [server.tid_port_range].
     #[arg(long, value_name = "LO-HI")]
     tid_port_range: Option<String>,
+    /// Serve every transfer from the listening port (NAT, Kubernetes) [server.single_port].
+    #[arg(long)]
+    single_port: bool,
     /// Node-wide send rate cap in Mbit/s, 0 for none [pacing.max_rate_mbps].
     #[arg(long)]
     max_rate_mbps: Option<u64>,
@@ -135,6 +139,7 @@ fn serve(args: ServeArgs, check: Option<&clap::ArgMatches>) -> ExitCode {
         root: args.root,
         listen: args.listen,
         tid_port_range: args.tid_port_range,
+        single_port: args.single_port,
         max_rate_mbps: args.max_rate_mbps,
         log_format: args.log_format,
         state_interval_s: args.state_interval_s,

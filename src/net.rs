@@ -187,6 +187,12 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// destination of the request being answered). `sock_is_v6` says the socket's family:
 /// IPv4 peers of a dual-stack socket must be addressed as mapped IPv6.
 pub fn send_from(sock: &UdpSocket, data: &[u8], to: SocketAddr, src: Option<IpAddr>, sock_is_v6: bool) -> io::Result<usize> {
+    send_parts_from(sock, data, &[], to, src, sock_is_v6)
+}
+
+/// `send_from` for a datagram made of a header and a payload, without copying them together
+/// (single-port mode sends DATA from the listening socket this way).
+pub fn send_parts_from(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAddr, src: Option<IpAddr>, sock_is_v6: bool) -> io::Result<usize> {
     let to_sa = match (to, sock_is_v6) {
         (SocketAddr::V4(v4), true) => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
         _ => to,
@@ -194,13 +200,16 @@ pub fn send_from(sock: &UdpSocket, data: &[u8], to: SocketAddr, src: Option<IpAd
     let to_sa = SockAddr::from(to_sa);
     // SAFETY: as in recv_with_dst; the control buffer is large enough for one pktinfo.
     unsafe {
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+        let mut iov = [
+            libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() },
+            libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() },
+        ];
         let mut cbuf = [0u64; CMSG_SPACE / 8];
         let mut msg: libc::msghdr = zeroed();
         msg.msg_name = to_sa.as_ptr() as *mut libc::c_void;
         msg.msg_namelen = to_sa.len();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = if body.is_empty() { 1 } else { 2 };
         if let Some(src) = src {
             msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             match (src, to) {
@@ -300,6 +309,20 @@ mod tests {
     }
 
     #[test]
+    fn parts_leave_as_one_datagram_from_the_given_source() {
+        // A dual-stack socket, as `[::]:69` is, answering an IPv4 client from 127.0.0.1.
+        let Ok(l) = bind_listener("[::]:0".parse().unwrap(), false) else { return };
+        let port = l.local_addr().unwrap().port();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        send_parts_from(&l, &[0, 3, 0, 1], b"payload", c.local_addr().unwrap(), Some("127.0.0.1".parse().unwrap()), true).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\0\x03\0\x01payload");
+        assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+
+    #[test]
     fn transfer_socket_takes_a_port_from_the_range() {
         let s = bind_transfer("127.0.0.1".parse().unwrap(), Some((47000, 47010))).unwrap();
         let p = s.local_addr().unwrap().port();
@@ -350,6 +373,24 @@ pub fn bind_group(local: Ipv4Addr, range: Option<(u16, u16)>, interface: Option<
         s2.set_multicast_if_v4(&ifaddr)?;
     }
     Ok(sock)
+}
+
+/// Single-port mode: the listening socket also sends multicast groups' DATA, so it gets the
+/// group sockets' settings. Without a configured interface, a listener bound to one IPv4
+/// address sends through it, and a wildcard one follows the multicast route.
+pub fn prepare_multicast_sender(sock: &UdpSocket, interface: Option<Ipv4Addr>, ttl: u32) -> io::Result<()> {
+    let s2 = socket2::SockRef::from(sock);
+    // IPv4 options apply to a dual-stack socket's IPv4 traffic too.
+    s2.set_multicast_ttl_v4(ttl)?;
+    s2.set_multicast_loop_v4(true)?;
+    let bound = match sock.local_addr()? {
+        SocketAddr::V4(a) => Some(*a.ip()),
+        SocketAddr::V6(_) => None,
+    };
+    if let Some(ifaddr) = interface.or(bound).filter(|a| !a.is_unspecified()) {
+        s2.set_multicast_if_v4(&ifaddr)?;
+    }
+    Ok(())
 }
 
 /// The path MTU towards `peer` from `local`, as the kernel knows it (interface MTU or a

@@ -95,6 +95,16 @@ async fn serve(v: Validated) -> u8 {
             return 1;
         }
     };
+    if s.server.single_port && s.multicast.enabled {
+        // Groups send their DATA from the listening socket too (RFC 2090 clients accept DATA
+        // only from the address and port of their OACK).
+        for sock in &sockets {
+            if let Err(e) = crate::net::prepare_multicast_sender(sock, v.multicast_interface, s.multicast.ttl) {
+                error!(error = %e, "cannot set up multicast on the listening socket");
+                return 1;
+            }
+        }
+    }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
@@ -109,6 +119,7 @@ async fn serve(v: Validated) -> u8 {
         load_knee: s.transfer.load_knee_per_core.saturating_mul(cores as u32),
         max_retries: s.transfer.max_retries,
         tid_port_range: v.tid_port_range,
+        single_port: s.server.single_port,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
         mapper: std::sync::Arc::new(v.mapper.clone()),
         rules: std::sync::Arc::new(v.policy.clone()),
@@ -147,6 +158,7 @@ async fn serve(v: Validated) -> u8 {
                 slow_master_repairs: m.slow_master_repairs,
                 lone_member_unicast: m.lone_member_unicast,
                 lease_every: Duration::from_millis(s.pacing.lease_ms),
+                single_port: s.server.single_port,
             };
         let (pacing, files, handles) = (pacing.clone(), files.clone(), handles.clone());
         let mut failed = None;

@@ -1,11 +1,12 @@
 //! session: one actor per unicast transfer.
 //!
-//! The session owns its transfer socket (the server's TID, RFC 1350) and a
-//! `tftpcast_proto::Sender`; it turns datagrams and timer expiries into calls on the state
+//! The session owns its transfer socket (the server's TID, RFC 1350) — or, in single-port
+//! mode, sends from the listening port and is handed its peer's packets by the listener
+//! (`transport`) — and a `tftpcast_proto::Sender`; it turns datagrams and timer expiries into calls on the state
 //! machine and sends what the machine wants sent, paced by its lease from `pacing`. It is the
 //! only actor on the per-packet path of its transfer.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -17,7 +18,8 @@ use tracing::{info, warn, Span};
 use crate::pacing::{self, Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
-use crate::udp::{self, Datagram, SharedSocket};
+use crate::transport::{Endpoint, Routed, Transport};
+use crate::udp::Datagram;
 
 /// Sent by a session to its listener when it stops.
 #[derive(Message)]
@@ -40,7 +42,7 @@ pub struct Abort {
 pub struct SessionSpec {
     pub id: u64,
     pub peer: SocketAddr,
-    pub socket: UdpSocket,
+    pub endpoint: Endpoint,
     pub sender: Sender,
     pub span: Span,
     pub pacing: Addr<Pacing>,
@@ -51,8 +53,8 @@ pub struct SessionSpec {
 pub struct Session {
     id: u64,
     peer: SocketAddr,
-    sock: Option<SharedSocket>,
-    raw: Option<UdpSocket>,
+    sock: Option<Transport>,
+    raw: Option<Endpoint>,
     sender: Sender,
     span: Span,
     pacing: Addr<Pacing>,
@@ -82,7 +84,7 @@ impl Session {
             id: spec.id,
             peer: spec.peer,
             sock: None,
-            raw: Some(spec.socket),
+            raw: Some(spec.endpoint),
             sender: spec.sender,
             span: spec.span,
             pacing: spec.pacing,
@@ -115,11 +117,11 @@ impl Session {
             let now = Instant::now();
             let next = if self.bucket.ready_at(now).is_some() { None } else { self.sender.poll_transmit(now) };
             let full = match &next {
-                Some(t) => !batch.is_empty() && !udp::batchable(&batch, t),
+                Some(t) => !batch.is_empty() && !crate::udp::batchable(&batch, t),
                 None => !batch.is_empty(),
             };
             if full {
-                match udp::send_batch(sock.get_ref(), &batch, self.peer, &mut self.gso) {
+                match sock.send_batch(&batch, self.peer, &mut self.gso) {
                     Ok(()) => batch.clear(),
                     Err((sent, e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         self.blocked = true;
@@ -131,7 +133,7 @@ impl Session {
                         }
                         batch.clear();
                         self.batch = batch;
-                        ctx.spawn(udp::send_batch_when_writable(sock, rest, self.peer).into_actor(self).map(|_, act, ctx| {
+                        ctx.spawn(sock.send_batch_when_writable(rest, self.peer).into_actor(self).map(|_, act, ctx| {
                             act.blocked = false;
                             act.flush(ctx);
                         }));
@@ -207,8 +209,15 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let raw = self.raw.take().expect("socket");
-        match udp::attach(ctx, raw) {
-            Ok(s) => self.sock = Some(s),
+        match raw.attach(ctx) {
+            Ok(s) => {
+                if s.is_shared() {
+                    // The listener hands over datagrams with try_send: room for a burst of
+                    // repeated ACKs so none is dropped while this arbiter is busy.
+                    ctx.set_mailbox_capacity(64);
+                }
+                self.sock = Some(s)
+            }
             Err(e) => {
                 let _g = self.span.enter();
                 warn!(error = %e, "cannot register transfer socket");
@@ -291,7 +300,7 @@ impl StreamHandler<Datagram> for Session {
             if !is_error && self.unknown_tid_bucket.ready_at(now).is_none() {
                 self.unknown_tid_bucket.consume(1);
                 if let Some(s) = &self.sock {
-                    let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+                    let _ = s.send_bytes(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
                 }
             }
             return;
@@ -308,6 +317,14 @@ impl StreamHandler<Datagram> for Session {
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+/// Single-port mode: the listener only routes the peer's own packets here.
+impl Handler<Routed> for Session {
+    type Result = ();
+    fn handle(&mut self, m: Routed, ctx: &mut Context<Self>) {
+        StreamHandler::handle(self, m.0, ctx);
     }
 }
 
@@ -335,7 +352,7 @@ impl Handler<Abort> for Session {
     type Result = ();
     fn handle(&mut self, m: Abort, ctx: &mut Context<Self>) {
         if let Some(s) = &self.sock {
-            let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::NotDefined, m.reason), self.peer);
+            let _ = s.send_bytes(&packet::error_packet(ErrorCode::NotDefined, m.reason), self.peer);
         }
         ctx.stop();
     }

@@ -20,7 +20,7 @@
 //! the final block again if that ACK was lost; the listener is told at the commit, so a
 //! lingering upload holds no admission slot.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,8 @@ use tracing::{info, warn, Span};
 use crate::session::SessionEnded;
 use crate::state::DumpState;
 use crate::timer::Timer;
-use crate::udp::{self, Datagram, SharedSocket};
+use crate::transport::{Endpoint, Routed, Transport};
+use crate::udp::Datagram;
 use crate::upload_store::{StoreConfig, TempFile, UploadRoot};
 
 /// Received bytes gathered before a write is handed to the blocking pool.
@@ -68,7 +69,7 @@ pub fn prepare(policy: &UploadPolicy, name: &[u8]) -> Result<Prepared, Refusal> 
 pub struct UploadSpec {
     pub id: u64,
     pub peer: SocketAddr,
-    pub socket: UdpSocket,
+    pub endpoint: Endpoint,
     pub cfg: UploadConfig,
     pub file: TempFile,
     pub overwrite: bool,
@@ -79,8 +80,8 @@ pub struct UploadSpec {
 pub struct Upload {
     id: u64,
     peer: SocketAddr,
-    sock: Option<SharedSocket>,
-    raw: Option<UdpSocket>,
+    sock: Option<Transport>,
+    raw: Option<Endpoint>,
     rx: Receiver,
     mode: Mode,
     /// `None` while a write or the commit has it.
@@ -119,7 +120,7 @@ impl Upload {
             id: spec.id,
             peer: spec.peer,
             sock: None,
-            raw: Some(spec.socket),
+            raw: Some(spec.endpoint),
             rx: upload::accept(now, spec.cfg),
             mode,
             file: Some(spec.file),
@@ -158,7 +159,7 @@ impl Upload {
         if !hold {
             if let Some(sock) = &self.sock {
                 while let Some(d) = self.rx.poll_transmit() {
-                    if let Err(e) = sock.get_ref().send_to(&d, self.peer) {
+                    if let Err(e) = sock.send_bytes(&d, self.peer) {
                         let _g = self.span.enter();
                         warn!(error = %e, "send failed");
                     }
@@ -268,7 +269,7 @@ impl Actor for Upload {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let raw = self.raw.take().expect("socket");
-        match udp::attach(ctx, raw) {
+        match raw.attach(ctx) {
             Ok(s) => self.sock = Some(s),
             Err(e) => {
                 self.fail(ErrorCode::NotDefined, "Server error", format!("cannot register transfer socket: {e}"));
@@ -304,6 +305,14 @@ impl Actor for Upload {
     }
 }
 
+/// Single-port mode: the listener only routes the peer's own packets here.
+impl Handler<Routed> for Upload {
+    type Result = ();
+    fn handle(&mut self, m: Routed, ctx: &mut Context<Self>) {
+        StreamHandler::handle(self, m.0, ctx);
+    }
+}
+
 impl StreamHandler<Datagram> for Upload {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         if d.meta.from != self.peer {
@@ -317,7 +326,7 @@ impl StreamHandler<Datagram> for Upload {
             if !is_error && self.unknown_tid_bucket.ready_at(now).is_none() {
                 self.unknown_tid_bucket.consume(1);
                 if let Some(s) = &self.sock {
-                    let _ = s.get_ref().send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+                    let _ = s.send_bytes(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
                 }
             }
             return;

@@ -8,9 +8,13 @@
 //! - `twenty_four_clients_one_stream`: 24 atftp multicast clients spread by the router over the
 //!   three nodes share one stream (nftables counts every node's multicast bytes).
 //! - `late_client_on_another_node_joins_the_running_group`: cross-node enrolment.
-//! - `owner_death_is_survived`: SIGKILL of the owner plus route withdrawal; takeover time.
+//! - `owner_death_is_survived` (and `_in_single_port_mode`): SIGKILL of the owner plus route
+//!   withdrawal; takeover time.
 //! - `three_nodes_scale_out_unicast`: with each node's link limited by tbf, three nodes give
 //!   at least 2.5x the aggregate goodput of one.
+//! - `single_port_cluster_relays_members_by_address`: with `--single-port`, members hashed to
+//!   the node not owning their group get their ACKs relayed by address; only ports 69 and the
+//!   cluster's are used.
 //!
 //! The tests of this file run one at a time (a lock), as they measure time and rates. When one
 //! fails, every node prints its log tail (the harness's `Server` does so on drop).
@@ -1296,6 +1300,17 @@ fn late_client_on_another_node_joins_the_running_group() {
 
 #[test]
 fn owner_death_is_survived() {
+    owner_death_survived_with(&[]);
+}
+
+/// The same in single-port mode: the heir sends from its own listening port with the VIP as
+/// source, which is the (address, port) the members already know.
+#[test]
+fn owner_death_is_survived_in_single_port_mode() {
+    owner_death_survived_with(&["--single-port"]);
+}
+
+fn owner_death_survived_with(extra: &[&str]) {
     if !prerequisites(&["atftp"]) {
         return;
     }
@@ -1307,7 +1322,9 @@ fn owner_death_is_survived() {
     for i in 1..=3 {
         lab.tbf(i, "80mbit");
     }
-    let mut nodes = start_cluster(&lab, &fx, 3, &["--start-delay-ms", "1000"]);
+    let mut args = vec!["--start-delay-ms", "1000"];
+    args.extend_from_slice(extra);
+    let mut nodes = start_cluster(&lab, &fx, 3, &args);
     wait_formed(&nodes, FORM_LIMIT);
 
     let mut fetches: Vec<Fetch> = (1..=N)
@@ -1522,5 +1539,100 @@ fn three_nodes_scale_out_unicast() {
         three * 8.0 / 1e6,
         one * 8.0 / 1e6
     );
+    stop_nodes(nodes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Single-port mode.
+// ---------------------------------------------------------------------------------------------
+
+const PORT_GUARD: &str = "tcsport";
+
+/// Counts, in node `i`'s namespace, UDP sent or received on any port but 69 and the cluster's.
+fn install_port_guard(lab: &ClusterLab, i: usize) {
+    let nft = tool("nft");
+    let ns = lab.node_ns(i);
+    let ports = format!("{{ 69, {CLUSTER_PORT} }}");
+    let cmds: &[&[&str]] = &[
+        &["add", "table", "inet", PORT_GUARD],
+        &["add", "chain", "inet", PORT_GUARD, "out", "{ type filter hook output priority 0 ; }"],
+        &["add", "chain", "inet", PORT_GUARD, "in", "{ type filter hook input priority 0 ; }"],
+        &["add", "rule", "inet", PORT_GUARD, "out", "udp", "sport", "!=", &ports, "counter"],
+        &["add", "rule", "inet", PORT_GUARD, "in", "udp", "dport", "!=", &ports, "counter"],
+    ];
+    for c in cmds {
+        run_ok(&mut lab.exec(&ns, &nft, c));
+    }
+}
+
+/// Packets counted by [`install_port_guard`] on node `i`: (sent, received).
+fn port_guard(lab: &ClusterLab, i: usize) -> (u64, u64) {
+    let mut v = Vec::new();
+    for chain in ["out", "in"] {
+        let r = run_ok(&mut lab.exec(&lab.node_ns(i), tool("nft"), &["list", "chain", "inet", PORT_GUARD, chain]));
+        let w: Vec<&str> = r.stdout.split_whitespace().collect();
+        v.push(w.windows(2).find(|p| p[0] == "packets").and_then(|p| p[1].parse::<u64>().ok()).unwrap_or_else(|| panic!("no counter:\n{r}")));
+    }
+    (v[0], v[1])
+}
+
+/// `--single-port` on two nodes: a group's members hashed to the node that does not own it
+/// are enrolled there, and their ACKs, which reach that node's listening port, are relayed to
+/// the owner by member address. No node uses a UDP port but 69 and the cluster port.
+#[test]
+fn single_port_cluster_relays_members_by_address() {
+    if !prerequisites(&["atftp", "nft"]) {
+        return;
+    }
+    let _serial = serial();
+    const CLIENTS: usize = 12;
+    let fx = Fixture::new().with_big();
+    let lab = ClusterLab::up(2, CLIENTS);
+    for i in 1..=2 {
+        // Slow enough that the group still runs when the other clients come.
+        lab.tbf(i, "80mbit");
+        install_port_guard(&lab, i);
+    }
+    let nodes = start_cluster(&lab, &fx, 2, &["--single-port", "--start-delay-ms", "500"]);
+    wait_formed(&nodes, FORM_LIMIT);
+
+    let mut fetches = vec![Fetch::start(&lab, &fx, 1, &atftp_mc(), lab.service(), BIG)];
+    let owner = wait_owner(&nodes, BIG, Duration::from_secs(10));
+    // The others join mid-stream: each later becomes master and asks for what it missed,
+    // so its ACKs must reach the owner.
+    let third = BIG_SIZE as u64 / 3;
+    assert!(wait_until(FETCH_LIMIT, || fetches[0].written() >= third), "the first client never got a third of the file");
+    let others: Vec<usize> = (2..=CLIENTS).filter(|&c| lab.hash(c) != owner + 1).take(3).collect();
+    assert!(!others.is_empty(), "no client is hashed to the node that does not own the group");
+    for &c in &others {
+        fetches.push(Fetch::start(&lab, &fx, c, &atftp_mc(), lab.service(), BIG));
+    }
+    finish_all(&mut fetches, &fx, BIG, FETCH_LIMIT);
+    let other = 1 - owner;
+    for &c in &others {
+        let (node, ev) = join_of(&nodes, lab.client_ip(c), BIG).unwrap_or_else(|| panic!("client c{c}: no join logged"));
+        assert_eq!(node, other, "client c{c} must be logged by the node the router sends it to");
+        assert_eq!(field_str(&ev, "owner"), node_id(owner + 1), "client c{c} must join the owner's group: {ev}");
+    }
+    let ended = wait_until(Duration::from_secs(10), || !events_for(&nodes[owner], "group ended", BIG).is_empty());
+    assert!(ended, "the owner's group did not end\n{}", nodes[owner].log_tail(40));
+    let ev = events_for(&nodes[owner], "group ended", BIG).remove(0);
+    assert_eq!(field_u64(&ev, "members_done"), Some(1 + others.len() as u64), "every member's last ACK must reach the owner: {ev}");
+    assert_eq!(field_u64(&ev, "members_lost"), Some(0), "{ev}");
+    let st = dump_state(&nodes[other], "coordinator");
+    let relayed = field_u64(&st, "relayed").unwrap_or(0);
+    eprintln!("single-port cluster: n{} relayed {relayed} member packets to the owner n{}", other + 1, owner + 1);
+    assert!(relayed > 0, "the members' ACKs must be relayed to the owner: {st}");
+    // Unicast through the VIP: every client of each node, served from port 69.
+    for c in [1, others[0]] {
+        let out = fx.out("sp-unicast");
+        let client = Client::hpa();
+        let r = client.fetch(Some(&lab.client_ns(c)), lab.service(), ONE_MIB, &out, FETCH_LIMIT);
+        assert_fetched(&client, &r, &out, &fx.sha(ONE_MIB), 1 << 20, &format!("unicast from c{c}"));
+    }
+    for i in 1..=2 {
+        let (out, inn) = port_guard(&lab, i);
+        assert_eq!((out, inn), (0, 0), "n{i} used UDP ports other than 69 and {CLUSTER_PORT}: {out} sent, {inn} received");
+    }
     stop_nodes(nodes);
 }
