@@ -15,8 +15,8 @@
 #   512 (block numbers past 512); every download is checked against the file's SHA-256;
 #   the clients come from many source addresses (127.1.x.y);
 # - every --interval seconds samples the server's RSS (VmRSS), open file descriptors and
-#   sockets among them (from /proc/PID) into soak.csv (time, transfers so far, rss_kib, fds,
-#   sockets);
+#   sockets among them (from /proc/PID) into soak.csv (seconds, transfers of the bench runs
+#   finished so far, rss_kib, fds, sockets);
 # - prints the curve: first, middle, last sample and the maxima; exits non-zero when a
 #   transfer failed, the server died, or the fds at the end exceed those at the start.
 #
