@@ -317,14 +317,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
         }
         let m = self.members.iter().find(|m| m.id == client).unwrap();
-        // A member being promoted already knows the group: its OACK carries only multicast.
-        let pkt = if remaster {
-            let mut opts = Vec::new();
-            opts.push(("multicast".to_string(), oack_value(self.cfg.group, true)));
-            packet::Packet::Oack(opts).to_vec()
-        } else {
-            self.oack(m, true)
-        };
+        // The full options even for a member that joined long ago: passive members never
+        // acknowledge their OACK, so a member whose first OACK was lost learns the block size
+        // from this one (with `multicast` alone it would take the default 512 and refuse the
+        // group's DATA).
+        let pkt = self.oack(m, true);
         self.out.push_back(Output::ToClient { to: client, packet: pkt });
         self.master_pending = true;
         self.retries = 0;
@@ -524,13 +521,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout);
         if self.master_pending {
             let m = self.members.iter().find(|m| m.id == master).unwrap();
-            // The promotion OACK again (first OACK carries the full options).
-            let first = self.last_sent.is_none() && self.stats.remasters == 0;
-            let pkt = if first {
-                self.oack(m, true)
-            } else {
-                packet::Packet::Oack(vec![("multicast".to_string(), oack_value(self.cfg.group, true))]).to_vec()
-            };
+            // The promotion OACK again, with the full options (see `promote`).
+            let pkt = self.oack(m, true);
             self.out.push_back(Output::ToClient { to: master, packet: pkt });
         } else {
             if self.master_struggles(now) {
