@@ -6,7 +6,8 @@
 //! - membership: members <= joins (and <= distinct clients that joined); a non-empty group
 //!   always has exactly one master; an OACK with `mc=1` goes to the master, `mc=0` to a
 //!   passive member, and every OACK names the group;
-//! - strangers get exactly one ERROR 5 per packet (none for their ERROR), and cause no DATA;
+//! - strangers get exactly one ERROR 5 per packet (none for their ERROR, none for the final
+//!   ACK of a member that just finished), and cause no DATA;
 //! - DATA: only once started (start delay passed or enough clients), block index in
 //!   1..=last and <= master's request + window, payload = that block of the file, only the
 //!   last block short;
@@ -249,10 +250,12 @@ impl Harness {
         }
         let master = self.g.master() == Some(c);
         let is_error = matches!(pkt, Packet::Error { .. });
+        // A finished member's final ACK again is not answered (no ERROR 5): like an ERROR here.
+        let final_ack_again = !member && self.g.finished_recently(&c) && matches!(pkt, Packet::Ack(n) if n as u64 >= self.g.total_blocks());
         self.g.handle(self.now, c, &pkt);
         let window = self.cfg.window.max(1) as u64;
         let max = if master { window } else { 1 };
-        let stranger = (!member).then_some((c, is_error));
+        let stranger = (!member).then_some((c, is_error || final_ack_again));
         self.drain(max, stranger, what);
         if is_error && member {
             assert!(!self.g.is_member(&c), "{what}: a member's ERROR did not remove it");

@@ -133,6 +133,9 @@ pub struct GroupStats {
     pub unicast_data_packets: u64,
 }
 
+/// How many members that finished a group remembers (see `Group::done`).
+pub const RECENTLY_DONE: usize = 256;
+
 /// One multicast group.
 #[derive(Debug)]
 pub struct Group<C: Copy + Eq + std::fmt::Debug> {
@@ -140,6 +143,10 @@ pub struct Group<C: Copy + Eq + std::fmt::Debug> {
     data: Bytes,
     last: u64,
     members: VecDeque<Member<C>>,
+    /// The latest members that acknowledged the last block (at most [`RECENTLY_DONE`]): a
+    /// duplicate or retransmission of their final ACK is not a stranger's packet, and an
+    /// ERROR 5 for it would turn their completed download into a failure (atftp aborts).
+    done: VecDeque<C>,
     started: bool,
     /// The master has been sent its OACK and has not answered yet.
     master_pending: bool,
@@ -175,6 +182,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             data,
             last,
             members: VecDeque::new(),
+            done: VecDeque::new(),
             started: false,
             master_pending: false,
             base: 0,
@@ -203,6 +211,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     }
     pub fn is_member(&self, c: &C) -> bool {
         self.members.iter().any(|m| m.id == *c)
+    }
+    /// Whether `c` is one of the latest members to acknowledge the last block.
+    pub fn finished_recently(&self, c: &C) -> bool {
+        self.done.contains(c)
     }
     pub fn started(&self) -> bool {
         self.started
@@ -305,14 +317,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
         }
         let m = self.members.iter().find(|m| m.id == client).unwrap();
-        // A member being promoted already knows the group: its OACK carries only multicast.
-        let pkt = if remaster {
-            let mut opts = Vec::new();
-            opts.push(("multicast".to_string(), oack_value(self.cfg.group, true)));
-            packet::Packet::Oack(opts).to_vec()
-        } else {
-            self.oack(m, true)
-        };
+        // The full options even for a member that joined long ago: passive members never
+        // acknowledge their OACK, so a member whose first OACK was lost learns the block size
+        // from this one (with `multicast` alone it would take the default 512 and refuse the
+        // group's DATA).
+        let pkt = self.oack(m, true);
         self.out.push_back(Output::ToClient { to: client, packet: pkt });
         self.master_pending = true;
         self.retries = 0;
@@ -333,6 +342,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         let was_master = self.members[pos].role == Role::Master;
         self.members.remove(pos);
         if done {
+            if self.done.len() == RECENTLY_DONE {
+                self.done.pop_front();
+            }
+            self.done.push_back(client);
             self.stats.members_done += 1;
             self.events.push_back(Event::MemberDone { client });
         } else {
@@ -395,6 +408,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     /// Feeds a packet that arrived on the group's socket from `from`.
     pub fn handle(&mut self, now: Instant, from: C, pkt: &Packet<'_>) {
         let Some(role) = self.members.iter().find(|m| m.id == from).map(|m| m.role) else {
+            // A finished member's final ACK again (duplicated, or retransmitted while it
+            // dallies): nothing to answer.
+            if matches!(pkt, Packet::Ack(n) if *n as u64 >= self.last) && self.finished_recently(&from) {
+                return;
+            }
             // Not a member: RFC 1350 answers a stranger's packet with error 5.
             if !matches!(pkt, Packet::Error { .. }) {
                 self.out.push_back(Output::ToClient { to: from, packet: packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID") });
@@ -503,13 +521,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout);
         if self.master_pending {
             let m = self.members.iter().find(|m| m.id == master).unwrap();
-            // The promotion OACK again (first OACK carries the full options).
-            let first = self.last_sent.is_none() && self.stats.remasters == 0;
-            let pkt = if first {
-                self.oack(m, true)
-            } else {
-                packet::Packet::Oack(vec![("multicast".to_string(), oack_value(self.cfg.group, true))]).to_vec()
-            };
+            // The promotion OACK again, with the full options (see `promote`).
+            let pkt = self.oack(m, true);
             self.out.push_back(Output::ToClient { to: master, packet: pkt });
         } else {
             if self.master_struggles(now) {
@@ -861,6 +874,26 @@ mod tests {
         let Some(Output::ToClient { to: 9, packet }) = g.poll_transmit(t0) else { panic!() };
         assert!(matches!(decode(&packet), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
         assert_eq!(g.members(), 1);
+    }
+
+    #[test]
+    fn a_finished_members_repeated_final_ack_gets_no_error() {
+        let t0 = Instant::now();
+        let mut g: Group<Client> = Group::new(cfg(t0, 1), Bytes::from(file(1000)));
+        g.join(t0, 1, vec![]);
+        g.join(t0, 2, vec![]);
+        while g.poll_transmit(t0).is_some() {}
+        let last = g.total_blocks() as u16;
+        g.handle(t0, 1, &Packet::Ack(last));
+        assert!(!g.is_member(&1) && g.finished_recently(&1));
+        while g.poll_transmit(t0).is_some() {}
+        // Its final ACK again: silence. Anything else from it, or any stranger: ERROR 5.
+        g.handle(t0, 1, &Packet::Ack(last));
+        assert!(g.poll_transmit(t0).is_none(), "a finished member's repeated final ACK was answered");
+        g.handle(t0, 1, &Packet::Ack(0));
+        assert!(matches!(g.poll_transmit(t0), Some(Output::ToClient { to: 1, .. })));
+        g.handle(t0, 9, &Packet::Ack(last));
+        assert!(matches!(g.poll_transmit(t0), Some(Output::ToClient { to: 9, .. })));
     }
 
     #[test]
