@@ -56,7 +56,14 @@ fn upload_policy(v: &Validated) -> Result<Option<crate::upload::SharedUploadPoli
 /// Runs a node until SIGINT/SIGTERM. Returns the process exit code.
 pub fn run(v: Validated) -> u8 {
     let sys = actix::System::new();
-    sys.block_on(async move { serve(v).await })
+    let code = sys.block_on(async move { serve(v).await });
+    if code != 0 {
+        // A node that failed to start (a port in use, say) has actors running already; actix
+        // timers dropped with the runtime outside its context panic, so leave at once with
+        // the error already logged.
+        std::process::exit(code.into());
+    }
+    code
 }
 
 async fn serve(v: Validated) -> u8 {

@@ -549,7 +549,15 @@ fn sigkill_mid_transfer_then_restart_on_the_same_port() {
         return;
     }
     let fx = Fixture::new().with_big();
-    let mut first = Server::start(&fx.root, &[]);
+    // A port below the ephemeral range (32768..): while the server is dead, the transfer
+    // sockets of tests running beside this one (ephemeral ports) cannot take it.
+    let port = (20000..32000u16)
+        .cycle()
+        .skip(std::process::id() as usize % 12000)
+        .take(12000)
+        .find(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range");
+    let mut first = Server::start(&fx.root, &["--listen", &format!("127.0.0.1:{port}")]);
     let addr = first.addr();
     // Lock-step at 512 bytes: 81920 blocks, several seconds on loopback.
     let interrupted: Vec<_> = clients

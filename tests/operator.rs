@@ -462,3 +462,23 @@ fn container_image_is_sane_and_builds_when_an_engine_is_available() {
     assert!(r2.success(), "check-config inside the image\n{r2}");
     assert!(who.success() && who.stdout.trim() != "0", "the image must run as a non-root user\n{who}");
 }
+
+/// A listening address already taken: `serve` says so in one error line and exits 1, without
+/// a panic from the actors it had started.
+#[test]
+fn serve_exits_cleanly_when_the_port_is_taken() {
+    let fx = Fixture::new();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = Command::new(tftpcast_bin())
+        .args(["serve", "--root"])
+        .arg(&fx.root)
+        .args(["--listen", &addr.to_string()])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
