@@ -57,6 +57,9 @@ pub struct RequestPolicy {
     /// Active transfers on the node beyond which the timer floor grows.
     pub load_knee: u32,
     pub max_retries: u32,
+    /// A read transfer whose client answered at least once is abandoned only this long after
+    /// its last progress, even when `max_retries` ran out earlier (`transfer.min_give_up_s`).
+    pub min_give_up: Duration,
     pub tid_port_range: Option<(u16, u16)>,
     /// Serve every transfer from the listening port (see the module doc).
     pub single_port: bool,
@@ -580,6 +583,7 @@ impl Listener {
             max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
             max_retries: self.policy.max_retries,
             initial_retries: INITIAL_RETRIES,
+            give_up_after: self.policy.min_give_up,
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
         let endpoint = match &self.shared {

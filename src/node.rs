@@ -118,6 +118,7 @@ async fn serve(v: Validated) -> u8 {
         min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
         load_knee: s.transfer.load_knee_per_core.saturating_mul(cores as u32),
         max_retries: s.transfer.max_retries,
+        min_give_up: Duration::from_secs(s.transfer.min_give_up_s),
         tid_port_range: v.tid_port_range,
         single_port: s.server.single_port,
         lease_every: Duration::from_millis(s.pacing.lease_ms),
