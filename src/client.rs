@@ -363,6 +363,8 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
         max_timeout: MAX_TIMEOUT.max(timeout),
         max_retries: args.retries,
         initial_retries: args.retries,
+        // The client's own `--retries` decide; no time floor.
+        give_up_after: Duration::ZERO,
         adaptive: None,
     };
     let start = Instant::now();

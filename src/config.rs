@@ -92,6 +92,7 @@ pub struct Transfer {
     pub max_timeout_ms: u64,
     pub load_knee_per_core: u32,
     pub max_retries: u32,
+    pub min_give_up_s: u64,
     pub max_blksize: u16,
     pub max_windowsize: u16,
 }
@@ -334,6 +335,9 @@ impl Settings {
         }
         if t.max_retries == 0 || t.max_retries > 100 {
             return bad("transfer.max_retries", "must be 1..=100".into());
+        }
+        if t.min_give_up_s > 3600 {
+            return bad("transfer.min_give_up_s", "must be 0..=3600".into());
         }
         if !(8..=65464).contains(&t.max_blksize) {
             return bad("transfer.max_blksize", "must be 8..=65464 (RFC 2348)".into());

@@ -647,6 +647,11 @@ impl Handler<FileRequest> for FileCache {
             Ok(path) => path,
             Err(e) => return Box::pin(fut::ready(Err(e))),
         };
+        // An upload in progress is half-written: its temporary file is not there for reads
+        // (checked again on the spelling a case-insensitive lookup found).
+        if crate::upload_store::is_temp_name(&path) {
+            return Box::pin(fut::ready(Err(FileError::NotFound)));
+        }
         // Open and stat on every request, even for cached files: that is how a file changed
         // on disk is noticed.
         let root = self.root.clone();
@@ -654,6 +659,7 @@ impl Handler<FileRequest> for FileCache {
         let case_insensitive = self.cfg.case_insensitive;
         let open = blocking(move || root.open_lookup(&path, max_file_bytes, case_insensitive));
         Box::pin(open.into_actor(self).then(move |opened, act, ctx| match opened {
+            Ok((_, _, path)) if crate::upload_store::is_temp_name(&path) => Box::pin(fut::ready(Err(FileError::NotFound))),
             Ok((file, version, path)) => act.serve(path, file, version, ctx),
             Err(e) => Box::pin(fut::ready(Err(e))),
         }))
@@ -837,6 +843,22 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(name)
             );
+        }
+    }
+
+    #[actix_rt::test]
+    async fn upload_temporary_files_are_never_served() {
+        let f = fixture();
+        std::fs::create_dir(f.root.join("up")).unwrap();
+        std::fs::write(f.root.join("up/.fw.bin.4242-1.upload"), b"half").unwrap();
+        std::fs::write(f.root.join("up/.fw.bin.upload"), b"not a temp name").unwrap();
+        for cfg in [config(&f.root), FileCacheConfig { case_insensitive: true, ..config(&f.root) }] {
+            let addr = start(cfg);
+            for name in [&b"up/.fw.bin.4242-1.upload"[..], b"/up//./.fw.bin.4242-1.upload", b"UP/.FW.BIN.4242-1.UPLOAD"] {
+                assert_eq!(get(&addr, name).await.unwrap_err(), FileError::NotFound, "{:?}", String::from_utf8_lossy(name));
+            }
+            assert_eq!(&get(&addr, b"up/.fw.bin.upload").await.unwrap().data[..], b"not a temp name");
+            assert_eq!(stats(&addr).await.loads, 1, "a temporary file was read");
         }
     }
 

@@ -39,6 +39,9 @@ use crate::upload::{SharedUploadPolicy, Upload, UploadSpec};
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// The message of the ERROR 4 that answers an unparseable request or an unknown opcode.
+const BAD_REQUEST: &str = "Bad request";
+
 /// Retransmissions of a transfer's first packet while the client has acknowledged nothing.
 /// A request may come from a spoofed source or be a stale duplicate of a finished transfer;
 /// either way the server sends at most 1 + 3 packets for it (anti-amplification), while a
@@ -54,6 +57,9 @@ pub struct RequestPolicy {
     /// Active transfers on the node beyond which the timer floor grows.
     pub load_knee: u32,
     pub max_retries: u32,
+    /// A read transfer whose client answered at least once is abandoned only this long after
+    /// its last progress, even when `max_retries` ran out earlier (`transfer.min_give_up_s`).
+    pub min_give_up: Duration,
     pub tid_port_range: Option<(u16, u16)>,
     /// Serve every transfer from the listening port (see the module doc).
     pub single_port: bool,
@@ -243,11 +249,13 @@ impl Listener {
                 self.counters.malformed += 1;
                 m().request("malformed");
                 // Requests that cannot be parsed and unknown opcodes are illegal operations
-                // (RFC 1350); anything else that does not decode is dropped.
+                // (RFC 1350); anything else that does not decode is dropped. The reply is
+                // short on purpose: a 2-byte `00 01` from a spoofed source must not buy a
+                // long ERROR (16 bytes here, 17 from tftpd-hpa); the reason goes to the log.
                 let is_request = matches!(d.data.get(..2), Some([0, 1]) | Some([0, 2]));
                 if is_request || matches!(e, DecodeError::UnknownOpcode(_)) {
                     debug!(peer = %d.meta.from, error = %e, "malformed packet");
-                    self.reply_error(&d, ErrorCode::IllegalOperation, &e.to_string());
+                    self.reply_error(&d, ErrorCode::IllegalOperation, BAD_REQUEST);
                 }
             }
         }
@@ -575,6 +583,7 @@ impl Listener {
             max_timeout: if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout },
             max_retries: self.policy.max_retries,
             initial_retries: INITIAL_RETRIES,
+            give_up_after: self.policy.min_give_up,
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
         let endpoint = match &self.shared {

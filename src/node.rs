@@ -48,6 +48,12 @@ fn upload_policy(v: &Validated) -> Result<Option<crate::upload::SharedUploadPoli
     }
     let root = crate::upload_store::UploadRoot::open(&v.settings.server.root)
         .map_err(|e| format!("cannot open {} for uploads: {e}", v.settings.server.root.display()))?;
+    // Temporary files a crashed or killed run left behind: in the upload directory only.
+    match root.remove_stale_temps(&v.upload_dir, crate::upload_store::STALE_SCAN_LIMIT) {
+        Ok(removed) if !removed.is_empty() => info!(dir = %v.upload_dir, count = removed.len(), first = ?&removed[..removed.len().min(10)], "removed stale upload temporary files"),
+        Ok(_) => {}
+        Err(e) => warn!(dir = %v.upload_dir, error = %e, "cannot scan the upload directory for stale temporary files"),
+    }
     let store = crate::upload_store::StoreConfig { overwrite: u.overwrite, dir: v.upload_dir.clone(), file_mode: u.file_mode };
     info!(overwrite = u.overwrite, dir = %v.upload_dir, max_bytes = u.max_bytes, file_mode = format!("{:#o}", u.file_mode), "uploads enabled");
     Ok(Some(std::sync::Arc::new(crate::upload::UploadPolicy { root, store, max_bytes: (u.max_bytes > 0).then_some(u.max_bytes) })))
@@ -125,6 +131,7 @@ async fn serve(v: Validated) -> u8 {
         min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
         load_knee: s.transfer.load_knee_per_core.saturating_mul(cores as u32),
         max_retries: s.transfer.max_retries,
+        min_give_up: Duration::from_secs(s.transfer.min_give_up_s),
         tid_port_range: v.tid_port_range,
         single_port: s.server.single_port,
         lease_every: Duration::from_millis(s.pacing.lease_ms),

@@ -12,7 +12,10 @@
 //!   it is on the same filesystem), which is fsync'd and renamed into place only when the last
 //!   block has arrived. Create-only mode renames with `RENAME_NOREPLACE`, so a file that
 //!   appeared meanwhile (another upload racing this one) is never overwritten: that upload
-//!   ends with ERROR 6. A temporary file dropped before its commit is unlinked.
+//!   ends with ERROR 6. A temporary file dropped before its commit is unlinked. Reads never
+//!   serve a temporary name ([`is_temp_name`]; the file cache answers ERROR 1), and at startup
+//!   [`UploadRoot::remove_stale_temps`] removes those a dead process left in the upload
+//!   directory.
 //!
 //! Everything here blocks; the upload actor calls it on tokio's blocking pool.
 
@@ -31,6 +34,44 @@ use tftpcast_proto::upload::Refusal;
 use tftpcast_proto::ErrorCode;
 
 static TEMP_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Entries of the upload directory looked at by the startup cleanup, at most.
+pub const STALE_SCAN_LIMIT: usize = 100_000;
+
+/// The process id in an upload temporary name (`.NAME.PID-N.upload`), if `base` (one path
+/// component) is one.
+pub fn temp_name_pid(base: &str) -> Option<u32> {
+    let rest = base.strip_prefix('.')?.strip_suffix(".upload")?;
+    let (name, ids) = rest.rsplit_once('.')?;
+    let (pid, n) = ids.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if name.is_empty() || !digits(pid) || !digits(n) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether the last component of `rel` names an upload in progress: such a file is
+/// half-written and must not be served.
+pub fn is_temp_name(rel: &str) -> bool {
+    temp_name_pid(rel.rsplit('/').next().unwrap_or(rel)).is_some()
+}
+
+/// Whether process `pid` is gone, so its temporary files can go too. Our own pid counts as
+/// gone at startup (a restarted container often gets the same pid, and this process has no
+/// upload yet); a pid we may not signal (EPERM) is alive.
+fn process_gone(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let Ok(p) = libc::pid_t::try_from(pid) else { return true };
+    if p <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let r = unsafe { libc::kill(p, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
 
 /// Settings of uploads (section `[uploads]` of the configuration).
 #[derive(Debug, Clone)]
@@ -141,6 +182,56 @@ impl UploadRoot {
             return Err(std::io::Error::last_os_error());
         }
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Startup cleanup: removes the upload temporary files of dead processes (a crash or a
+    /// kill left them) from directory `dir` ("" = the root) itself, not its subdirectories,
+    /// looking at no more than `limit` entries. Only regular files with a temporary name go.
+    /// Returns the names removed. Blocking; call before uploads are accepted.
+    pub fn remove_stale_temps(&self, dir: &str, limit: usize) -> std::io::Result<Vec<String>> {
+        /// Closes the directory stream (and with it the descriptor) on every path out.
+        struct Stream(*mut libc::DIR);
+        impl Drop for Stream {
+            fn drop(&mut self) {
+                unsafe { libc::closedir(self.0) };
+            }
+        }
+        use std::os::fd::IntoRawFd;
+        let list = self.open_dir(dir)?.into_raw_fd();
+        // SAFETY: `list` is an open directory descriptor that the stream now owns.
+        let dirp = unsafe { libc::fdopendir(list) };
+        if dirp.is_null() {
+            let e = std::io::Error::last_os_error();
+            unsafe { libc::close(list) };
+            return Err(e);
+        }
+        let stream = Stream(dirp);
+        let mut stale = Vec::new();
+        for _ in 0..limit {
+            // SAFETY: a valid stream; the entry stays valid until the next readdir.
+            let ent = unsafe { libc::readdir(stream.0) };
+            if ent.is_null() {
+                break;
+            }
+            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if let Some(pid) = name.to_str().ok().and_then(temp_name_pid) {
+                if process_gone(pid) {
+                    stale.push(name.to_owned());
+                }
+            }
+        }
+        drop(stream);
+        let d = self.open_dir(dir)?;
+        let mut removed = Vec::new();
+        for c in stale {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid descriptor, NUL-terminated name, writable stat buffer.
+            let regular = unsafe { libc::fstatat(d.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+            if regular && unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+                removed.push(c.to_string_lossy().into_owned());
+            }
+        }
+        Ok(removed)
     }
 
     /// Checks a WRQ name and creates the temporary file its bytes go to. `Err` is the ERROR
@@ -360,6 +451,48 @@ mod tests {
         root.openat2.store(false, Ordering::Relaxed);
         assert_eq!(code(&cfg(false, ""), b"link/x"), ErrorCode::AccessViolation, "fallback refuses symlinks too");
         assert!(root.create(&cfg(false, ""), b"in/ok2").is_ok());
+    }
+
+    #[test]
+    fn temporary_names_are_recognised() {
+        let t = tempfile::tempdir().unwrap();
+        let root = UploadRoot::open(t.path()).unwrap();
+        let f = root.create(&cfg(false, ""), b"fw.v1.2.bin").unwrap();
+        let tmp = f.temp_name().to_str().unwrap().to_owned();
+        assert_eq!(temp_name_pid(&tmp), Some(std::process::id()), "{tmp}");
+        assert!(is_temp_name(&format!("dir/sub/{tmp}")));
+        for ok in [".a.1-2.upload", "x/.a.b.c.12-0.upload"] {
+            assert!(is_temp_name(ok), "{ok}");
+        }
+        for not in ["a.1-2.upload", ".a.1-2.uploadx", "..1-2.upload", ".a.1-.upload", ".a.-2.upload", ".a.12.upload", ".a.1-2x.upload", ".a.upload", ".upload", "fw.bin", ".a.1-2.upload/x", ".a.1-2.UPLOAD"] {
+            assert!(!is_temp_name(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("up/sub")).unwrap();
+        // A pid that cannot exist (above pid_max's ceiling) is dead; pid 1 is alive.
+        let dead = ".a.bin.4194305-1.upload";
+        let alive = ".b.bin.1-1.upload";
+        let ours = format!(".c.bin.{}-7.upload", std::process::id());
+        for n in [dead, alive, ours.as_str(), "keep.bin", ".hidden"] {
+            std::fs::write(t.path().join("up").join(n), b"x").unwrap();
+        }
+        std::fs::write(t.path().join("up/sub").join(dead), b"x").unwrap(); // not recursive
+        std::fs::write(t.path().join(dead), b"x").unwrap(); // outside the upload directory
+        std::fs::create_dir(t.path().join("up/.d.bin.4194305-2.upload")).unwrap(); // not a file
+        let root = UploadRoot::open(t.path()).unwrap();
+        let mut removed = root.remove_stale_temps("up", STALE_SCAN_LIMIT).unwrap();
+        removed.sort();
+        assert_eq!(removed, vec![dead.to_string(), ours.clone()]);
+        assert_eq!(entries(&t.path().join("up")), vec![".b.bin.1-1.upload", ".d.bin.4194305-2.upload", ".hidden", "keep.bin", "sub"]);
+        assert!(t.path().join("up/sub").join(dead).exists() && t.path().join(dead).exists());
+        // Bounded: a limit of 0 entries looks at nothing.
+        std::fs::write(t.path().join("up").join(dead), b"x").unwrap();
+        assert!(root.remove_stale_temps("up", 0).unwrap().is_empty());
+        assert_eq!(root.remove_stale_temps("", STALE_SCAN_LIMIT).unwrap(), vec![dead.to_string()]);
     }
 
     #[test]

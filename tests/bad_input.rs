@@ -7,7 +7,8 @@
 //! the server must never even open them, and no reply may carry their bytes.
 //!
 //! The expected behaviour, as the server documents it:
-//! - on the listening port, requests that cannot be parsed and unknown opcodes get ERROR 4;
+//! - on the listening port, requests that cannot be parsed and unknown opcodes get a short ERROR 4
+//!   ("Bad request", no more bytes per byte received than tftpd-hpa; the reason is logged);
 //!   DATA, ACK, OACK and ERROR get no answer (answering spoofed strays would make the server
 //!   a reflector); a known option with a bad value gets ERROR 8; unknown options are ignored;
 //! - file names: `..` in any spelling and anything leaving the root is ERROR 2 (access
@@ -123,6 +124,14 @@ fn expect_error(server: &Server, pkt: &[u8], code: u16, what: &str) -> String {
     let more = collect(&sock, SILENCE);
     assert!(more.is_empty(), "{what}: more than one reply: {:?}", more.iter().map(|(p, _)| show(p)).collect::<Vec<_>>());
     got.unwrap().1
+}
+
+/// Asserts that the ERROR with `msg` answering `pkt` amplifies no more than tftpd-hpa's answer
+/// to a bare `00 01` (17 bytes for 2, 8.5x): a spoofed malformed request must not buy a long
+/// reply. The detailed reason is only logged.
+fn assert_small_reply(pkt: &[u8], msg: &str, what: &str) {
+    let reply = 4 + msg.len() + 1;
+    assert!(reply * 2 <= pkt.len().max(1) * 17, "{what}: a {reply}-byte ERROR ({msg:?}) for a {}-byte request amplifies more than 8.5x", pkt.len());
 }
 
 /// Sends `pkt` to `to` from a fresh socket and asserts that nothing comes back within
@@ -428,7 +437,8 @@ fn malformed_requests_get_error_4() {
         }),
     ];
     for (what, pkt) in &cases {
-        expect_error(&server, pkt, 4, what);
+        let msg = expect_error(&server, pkt, 4, what);
+        assert_small_reply(pkt, &msg, what);
     }
     assert_still_serves(&server, &fx, "malformed requests");
     server.finish(&fx);
@@ -442,7 +452,8 @@ fn unknown_opcodes_get_error_4() {
     let fx = Fixture::new();
     let server = Server::start(&fx.root, &[]);
     for op in [0u16, 7, 8, 9, 255, 256, 257, 0x0300, 65535] {
-        expect_error(&server, &op.to_be_bytes(), 4, &format!("bare opcode {op}"));
+        let msg = expect_error(&server, &op.to_be_bytes(), 4, &format!("bare opcode {op}"));
+        assert_small_reply(&op.to_be_bytes(), &msg, &format!("bare opcode {op}"));
         let mut p = op.to_be_bytes().to_vec();
         p.extend_from_slice(b"b513.bin\0octet\0");
         expect_error(&server, &p, 4, &format!("opcode {op} with a request body"));
@@ -486,11 +497,12 @@ fn non_requests_and_truncated_packets_to_the_listener() {
     for (what, pkt) in &silent {
         expect_silence(&server, pkt, what);
     }
-    // Truncated requests are requests: ERROR 4.
-    expect_error(&server, &[0, 1], 4, "RRQ opcode only");
-    expect_error(&server, &[0, 2], 4, "WRQ opcode only");
-    expect_error(&server, &[0, 1, b'f'], 4, "RRQ, 3 bytes");
-    expect_error(&server, &[0, 2, 0], 4, "WRQ, 3 bytes");
+    // Truncated requests are requests: a short ERROR 4.
+    let truncated: [(&str, &[u8]); 4] = [("RRQ opcode only", &[0, 1]), ("WRQ opcode only", &[0, 2]), ("RRQ, 3 bytes", &[0, 1, b'f']), ("WRQ, 3 bytes", &[0, 2, 0])];
+    for (what, pkt) in truncated {
+        let msg = expect_error(&server, pkt, 4, what);
+        assert_small_reply(pkt, &msg, what);
+    }
     assert_still_serves(&server, &fx, "strays and truncated packets");
     server.finish(&fx);
 }

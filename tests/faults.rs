@@ -427,7 +427,7 @@ fn start_server(lab: &Lab, fx: &Fixture, extra: &[&str]) -> Server {
 }
 
 /// 20% loss each way: every download that completes is exact, the ones that give up say so,
-/// none hangs, and at least half complete.
+/// none hangs, at least 6 of the 10 complete, and tftpcast's own client always does.
 #[test]
 fn unicast_clients_under_20_percent_loss() {
     let _serial = serial_lab();
@@ -450,11 +450,18 @@ fn unicast_clients_under_20_percent_loss() {
     for (name, e) in &endings {
         assert!(!matches!(e, Ending::Killed), "{name} neither finished nor gave up within {FETCH_LIMIT:?}\n{}", server.log_tail(30));
     }
-    // Under 20% loss each way a client whose ACK is lost several times in a row may see the
-    // server give up (max_retries at the adaptive timer, a few seconds) before its own slower
-    // timer retransmits; tftp-hpa, curl and atftp have their own limits too. Most complete.
+    // Under 20% loss each way the server keeps a client that answered for at least
+    // transfer.min_give_up_s (10 s) after its last progress, but tftp-hpa, curl and atftp have
+    // their own limits: atftp stalls on one block (none of its re-ACKs arrive) and gives up in
+    // almost every run. Measured over twelve runs, with and without the floor alike: 7 to 9
+    // of the 10 complete, tftpcast's own client every time.
     let exact = endings.iter().filter(|(_, e)| matches!(e, Ending::Exact(_))).count();
-    assert!(exact * 2 >= endings.len(), "only {exact} of {} clients completed", endings.len());
+    assert!(exact >= 6, "only {exact} of {} clients completed", endings.len());
+    for (name, e) in &endings {
+        if name.starts_with("tftpcast") {
+            assert!(matches!(e, Ending::Exact(_)), "{name} did not complete: {e:?}\n{}", server.log_tail(30));
+        }
+    }
     assert!(lab.dropped(&lab.server) > 0 && lab.dropped(&lab.clients[1]) > 0, "the loss rules dropped nothing");
     wait_no_sessions(&server, Duration::from_secs(30), "after the lossy transfers");
     stop(server);

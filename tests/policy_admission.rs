@@ -471,3 +471,55 @@ fn multicast_requests_fold_into_a_running_group_at_the_session_limit() {
     assert!(server.is_running());
     server.stop_clean();
 }
+
+/// A write request that arrives while the session limit is taken waits in the defer queue
+/// like a read and, once the slot frees, is admitted and stored byte-exact (tftp-hpa `put`).
+#[test]
+fn a_write_request_deferred_at_the_session_limit_completes() {
+    if !testing_tftpcast() || !require_tool("tftp") {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start_in_env(
+        None,
+        &fx.root,
+        &["--allow-write"],
+        &[("TFTPCAST_LIMITS__MAX_SESSIONS", "1"), ("TFTPCAST_LIMITS__DEFER_MAX_MS", "10000")],
+    );
+    // The only slot: a read whose DATA 1 we hold without acknowledging.
+    let holder = UdpSocket::bind("127.0.0.1:0").unwrap();
+    holder.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    holder.send_to(&raw::rrq(ONE_MIB.as_bytes(), "octet", &[]), server.addr()).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let (_, tid) = holder.recv_from(&mut buf).expect("DATA 1 of the held read");
+    assert_eq!(raw::opcode(&buf), Some(raw::DATA));
+    // The upload, started while the slot is taken.
+    let src = fx.out("deferred-src");
+    let want = pseudo_random(200_000, 77);
+    fs::write(&src, &want).unwrap();
+    let (host, port) = (server.addr().ip().to_string(), server.addr().port().to_string());
+    let mut cmd = std::process::Command::new(tool("tftp"));
+    cmd.args([&host, &port, "-m", "binary", "-c", "put"]).arg(&src).arg("deferred.bin");
+    let put = thread::spawn(move || run(&mut cmd, CLIENT_LIMIT));
+    // Deferred, not started and not refused, while the read holds the slot (tftp-hpa does not
+    // retransmit its WRQ within 5 s, so only the queue keeps it).
+    let queued = Instant::now() + Duration::from_secs(10);
+    while admission_sum(&server, "deferred") == 0 {
+        assert!(Instant::now() < queued, "the WRQ was not deferred\n{}", server.log_tail(30));
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(events(&server, "upload started").is_empty(), "an upload started beyond max_sessions=1\n{}", server.log_tail(30));
+    // Free the slot: the client cancels its read.
+    let mut e = raw::ERROR.to_be_bytes().to_vec();
+    e.extend_from_slice(&[0, 0]);
+    e.extend_from_slice(b"cancel\0");
+    holder.send_to(&e, tid).unwrap();
+    let r = put.join().unwrap();
+    assert!(r.success() && !r.output().contains("Error code") && !r.output().contains("timed out"), "tftp put: {r}\n{}", server.log_tail(30));
+    assert_eq!(fs::read(fx.path("deferred.bin")).ok().map(|g| sha256(&g)), Some(sha256(&want)), "stored upload differs\n{r}");
+    assert_eq!(events(&server, "upload started").len(), 1, "one upload (no duplicate from a retransmitted WRQ)");
+    thread::sleep(Duration::from_millis(1300)); // the next admission summary line
+    assert!(admission_sum(&server, "admitted_after_defer") >= 1, "{}", server.log_tail(30));
+    assert_eq!(admission_sum(&server, "dropped_queue_full") + admission_sum(&server, "dropped_expired"), 0);
+    server.finish(&fx);
+}

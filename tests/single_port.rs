@@ -505,3 +505,53 @@ fn many_concurrent_transfers_share_the_port() {
     assert!(started.iter().all(|e| field_str(e, "tid") == server.port().to_string()), "all from the listening port");
     server.finish(&fx);
 }
+
+/// Uploads from behind the NAT in single-port mode (tftp-hpa `put`, curl -T at 512 and 1428
+/// bytes): stored byte-exact, each served from the listening port, and no other UDP port used.
+#[test]
+fn uploads_behind_nat_use_the_listening_port_only() {
+    if !testing_tftpcast() || !require_netns() || !require_tools(&["tftp", "curl", "ss", "sysctl"]) {
+        return;
+    }
+    let _serial = serial_lab();
+    let fx = Fixture::new();
+    let nat = NatLab::new("spup", 1, 0);
+    let mut server = start_server(&nat, &fx, &["--allow-write"]);
+    let ns = nat.inner[0].clone();
+    let addr = server_addr(&nat);
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let mut uploads = 0;
+    for client in ["tftp", "curl", "curl 1428"] {
+        for len in [0usize, 511, 512, 513, 70_000, 1 << 20] {
+            let remote = format!("up-{}-{len}.bin", client.replace(' ', "-"));
+            let src = fx.out(&format!("src-{remote}"));
+            let want = pseudo_random(len, seed_of(&remote));
+            fs::write(&src, &want).unwrap();
+            let local = src.to_str().unwrap();
+            let url = format!("tftp://{addr}/{remote}");
+            let mut cmd = match client {
+                "tftp" => nat.lab.exec(&ns, tool("tftp"), &[&host, &port, "-m", "binary", "-c", "put", local, &remote]),
+                "curl" => nat.lab.exec(&ns, tool("curl"), &["-sS", "-T", local, &url]),
+                _ => nat.lab.exec(&ns, tool("curl"), &["-sS", "--tftp-blksize", "1428", "-T", local, &url]),
+            };
+            let r = run(&mut cmd, FETCH_LIMIT);
+            assert!(r.success() && !r.output().contains("Error code") && !r.output().contains("timed out"), "{client} put of {len} bytes: {r}\n{}", server.log_tail(20));
+            let got = fs::read(fx.path(&remote)).unwrap_or_else(|e| panic!("{client}: {remote} not stored: {e}\n{r}"));
+            assert!(got.len() == len && sha256(&got) == sha256(&want), "{client}: stored {} bytes, sent {len} (or content differs)", got.len());
+            uploads += 1;
+        }
+    }
+    let started = events(&server, "upload started");
+    assert_eq!(started.len(), uploads, "one upload per put\n{}", server.log_tail(40));
+    for e in &started {
+        let peer: SocketAddr = field_str(e, "peer").parse().unwrap();
+        assert_eq!(peer.ip(), nat.nat_ip(), "the server must see the NAT address: {e}");
+        assert_eq!(field_str(e, "tid"), PORT.to_string(), "uploads must be served from the listening port: {e}");
+    }
+    assert_eq!(events(&server, "upload finished").len(), uploads, "{}", server.log_tail(40));
+    // 1 MiB from tftp-hpa at 512 bytes alone is 2049 ACKs from the listening port.
+    nat.assert_only_listening_port(2048);
+    assert!(server.is_running(), "{}", server.log_tail(40));
+    server.stop_clean();
+    server.assert_logs_are_json();
+}

@@ -494,3 +494,72 @@ fn uploads_and_downloads_at_once() {
     }
     server.finish(&fx);
 }
+
+/// An upload in progress is written to a hidden temporary file next to its target: a read of
+/// that name gets ERROR 1 like a missing file (it is half-written), and so does the target
+/// name until the last block arrived.
+#[test]
+fn a_temporary_upload_file_cannot_be_downloaded() {
+    if !testing_tftpcast() {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &["--allow-write"]);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(&raw::wrq(b"half.bin", "octet", &[]), server.addr()).unwrap();
+    let (reply, tid) = recv(&s);
+    assert_eq!(reply, raw::ack(0));
+    let block1 = vec![0x5Au8; 512];
+    s.send_to(&data(1, &block1), tid).unwrap();
+    assert_eq!(recv(&s).0, raw::ack(1));
+    let temps = temp_files(&fx.root);
+    assert_eq!(temps.len(), 1, "{:?}", listing(&fx.root));
+    for name in [temps[0].clone(), format!("/{}", temps[0]), "half.bin".to_string()] {
+        let r = raw::get(server.addr(), &name, "octet", &[], LIMIT);
+        assert_eq!(r.error.as_ref().map(|e| e.0), Some(1), "RRQ {name}: {r}");
+        assert!(r.data.is_empty(), "RRQ {name}: {r}");
+    }
+    // The upload itself goes on and is readable once complete.
+    s.send_to(&data(2, b"end"), tid).unwrap();
+    assert_eq!(recv(&s).0, raw::ack(2));
+    let mut want = block1;
+    want.extend_from_slice(b"end");
+    let got = raw::get(server.addr(), "half.bin", "octet", &[], LIMIT);
+    assert_eq!(got.data, want, "{got}");
+    server.finish(&fx);
+}
+
+/// Temporary files of a run that was killed (a dead process id in the name) are removed at
+/// startup, in the upload directory only: not those of a live process, not in
+/// subdirectories, not elsewhere in the root, and not when uploads are off.
+#[test]
+fn stale_temporary_files_are_removed_at_startup() {
+    if !testing_tftpcast() {
+        return;
+    }
+    let fx = Fixture::new();
+    fs::create_dir_all(fx.root.join("incoming/sub")).unwrap();
+    // No pid exceeds 4194304 (PID_MAX_LIMIT); pid 1 is always alive.
+    let dead = ".fw.bin.4194305-9.upload";
+    let alive = ".fw.bin.1-9.upload";
+    let stale = [format!("incoming/{dead}"), "incoming/.b.img.4194399-1.upload".into()];
+    let kept = [format!("incoming/{alive}"), format!("incoming/sub/{dead}"), dead.to_string(), "incoming/fw.bin".into()];
+    for p in stale.iter().chain(&kept) {
+        fs::write(fx.path(p), b"stale").unwrap();
+    }
+    let off = Server::start_in_env(None, &fx.root, &[], &[("TFTPCAST_UPLOADS__DIR", "incoming")]);
+    off.finish(&fx);
+    assert!(stale.iter().all(|p| fx.path(p).exists()), "uploads off: nothing may be removed");
+    let server = Server::start_in_env(None, &fx.root, &["--allow-write"], &[("TFTPCAST_UPLOADS__DIR", "incoming")]);
+    for p in &stale {
+        assert!(!fx.path(p).exists(), "{p} left behind: {:?}", listing(&fx.root.join("incoming")));
+    }
+    for p in &kept {
+        assert!(fx.path(p).exists(), "{p} removed");
+    }
+    let ev = events(&server, "removed stale upload temporary files");
+    assert_eq!(ev.len(), 1, "{}", server.log_tail(20));
+    assert_eq!(ev[0]["fields"]["count"], 2, "{}", ev[0]);
+    server.finish(&fx);
+}

@@ -15,10 +15,14 @@
 //! - a client ERROR ends the transfer without a reply; a client DATA gets exactly one ERROR 4;
 //! - timers: a live transfer always has a deadline; after every step it is not in the past
 //!   and not further than the longest timeout that can be in force; `handle_timeout` before
-//!   the deadline does nothing; at most `max_retries` retransmission rounds without progress,
-//!   then `TimedOut`;
-//! - liveness: a silent client makes the transfer end within `max_retries + 1` timeouts; a
-//!   client that starts ACKing properly again completes the transfer with `Complete`;
+//!   the deadline does nothing; the transfer ends with `TimedOut` exactly at the timeout
+//!   that finds the retries used up (`initial_retries` before the client answered anything,
+//!   `max_retries` after) and, once the client answered, `give_up_after` passed since the
+//!   last progress (so an unanswered first packet goes out at most 1 + `initial_retries`
+//!   times whatever the floor);
+//! - liveness: a silent client makes the transfer end within the retries plus the timeouts
+//!   the floor adds (the backoff reaches `max_timeout` after at most 17 doublings); a client
+//!   that starts ACKing properly again completes the transfer with `Complete`;
 //! - the statistics count exactly the datagrams and bytes that were handed out.
 #![no_main]
 
@@ -61,6 +65,9 @@ struct Input {
     timeout_ms: u16,
     max_timeout_ms: u16,
     max_retries: u8,
+    initial_retries: u8,
+    /// `give_up_after` in tenths of a second (below 64: none).
+    give_up: u8,
     adaptive: Option<(u16, u16)>,
     oack: bool,
     netascii: bool,
@@ -113,6 +120,12 @@ struct Harness {
     /// Longest timeout that can be in force.
     longest: Duration,
     max_retries: u32,
+    initial_retries: u32,
+    give_up_after: Duration,
+    max_timeout: Duration,
+    /// The client made progress at least once (the sender's `peer_answered`).
+    answered: bool,
+    last_progress: Instant,
     acked: u64,
     /// Contiguous blocks the simulated receiver holds.
     rx_have: u64,
@@ -223,6 +236,8 @@ impl Harness {
         }
         if progress {
             self.timeouts_without_progress = 0;
+            self.answered = true;
+            self.last_progress = self.now;
         }
         self.acked = after;
         self.rx_have = self.rx_have.max(after);
@@ -240,15 +255,18 @@ impl Harness {
         assert_eq!(fired, !self.ended && deadline.is_some_and(|d| self.now >= d), "{what}: timer fired at the wrong time");
         if fired {
             self.timeouts_without_progress += 1;
-            assert!(
-                self.timeouts_without_progress <= self.max_retries + 1,
-                "{what}: {} timeouts without progress, max_retries {}",
+            let limit = if self.answered { self.max_retries } else { self.max_retries.min(self.initial_retries) };
+            let floor_passed = !self.answered || self.now - self.last_progress >= self.give_up_after;
+            let should_end = self.timeouts_without_progress > limit && floor_passed;
+            assert_eq!(
+                matches!(self.s.outcome(), Some(Outcome::TimedOut { .. })),
+                should_end,
+                "{what}: {} timeouts without progress (retries {limit}, answered {}), {:?} since the last progress (floor {:?})",
                 self.timeouts_without_progress,
-                self.max_retries
+                self.answered,
+                self.now - self.last_progress,
+                self.give_up_after
             );
-            if self.timeouts_without_progress == self.max_retries + 1 {
-                assert!(matches!(self.s.outcome(), Some(Outcome::TimedOut { .. })), "{what}: not given up after max_retries");
-            }
         }
         self.drain(if fired { Allowance::Window } else { Allowance::None }, what);
     }
@@ -291,7 +309,10 @@ fuzz_target!(|input: Input| {
         (min, min.max(Duration::from_millis(b as u64 % 20_000)))
     });
     let max_retries = 1 + input.max_retries as u32 % 10;
-    let cfg = SenderConfig { blksize, windowsize, timeout, max_timeout, max_retries, initial_retries: max_retries, adaptive };
+    let initial_retries = input.initial_retries as u32 % 11;
+    // Bounded in timeouts at max_timeout, so the silent tail below stays short.
+    let give_up_after = if input.give_up < 64 { Duration::ZERO } else { Duration::from_millis(input.give_up as u64 * 100).min(max_timeout * 200) };
+    let cfg = SenderConfig { blksize, windowsize, timeout, max_timeout, max_retries, initial_retries, give_up_after, adaptive };
     let t0 = Instant::now();
     let source = if input.netascii { Source::netascii(Bytes::from(data)) } else { Source::octet(Bytes::from(data)) };
     assert_eq!(source.wire_len(), wire.len() as u64);
@@ -311,6 +332,11 @@ fuzz_target!(|input: Input| {
         oack,
         longest,
         max_retries,
+        initial_retries,
+        give_up_after,
+        max_timeout,
+        answered: false,
+        last_progress: t0,
         acked: 0,
         rx_have: 0,
         timeouts_without_progress: 0,
@@ -396,8 +422,11 @@ fuzz_target!(|input: Input| {
         assert!(h.ended, "a well-behaved receiver could not finish the transfer in {bound} rounds");
         assert_eq!(h.s.outcome(), Some(&Outcome::Complete), "well-behaved receiver, outcome {:?}", h.s.outcome());
     } else {
-        // Silent client: the transfer must give up by itself within max_retries + 1 timeouts.
-        for _ in 0..=h.max_retries + 1 {
+        // Silent client: the transfer must give up by itself after the retries and the floor;
+        // past 17 doublings from >= 1 ms every timeout waits at least max_timeout.
+        let floor = (h.give_up_after.as_nanos() / h.max_timeout.as_nanos().max(1)) as u32;
+        let bound = h.max_retries + 1 + 17 + floor + 1;
+        for _ in 0..=bound {
             if h.ended {
                 break;
             }
@@ -405,6 +434,6 @@ fuzz_target!(|input: Input| {
             h.now = d;
             h.fire("silent client");
         }
-        assert!(h.ended, "transfer to a silent client did not end after max_retries + 1 timeouts");
+        assert!(h.ended, "transfer to a silent client did not end after {bound} timeouts");
     }
 });

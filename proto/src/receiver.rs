@@ -1200,6 +1200,7 @@ mod tests {
                         max_timeout: n.timeout * 4,
                         max_retries: 50,
                         initial_retries: 50,
+                        give_up_after: Duration::ZERO,
                         adaptive: self.adaptive,
                     };
                     self.sender = Some(Sender::new(now, cfg, source, oack));

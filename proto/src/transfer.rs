@@ -177,6 +177,13 @@ pub struct SenderConfig {
     /// source or be a stale duplicate, so an unanswered first packet is sent only this many
     /// more times (anti-amplification).
     pub initial_retries: u32,
+    /// Once the peer has answered, `max_retries` consecutive timeouts end the transfer only
+    /// if this long has also passed since the last progress (zero: no floor). The adaptive
+    /// timer can exhaust the retries within a few seconds on a fast path, while clients like
+    /// atftp ignore duplicate DATA and re-ACK on their own 1 s timer, so a short burst of lost
+    /// ACKs would end a live transfer. The backoff stays capped at `max_timeout`, so the floor
+    /// costs at most `give_up_after / max_timeout` more windows, and only to a proven peer.
+    pub give_up_after: Duration,
     /// Adapt `timeout` to measured round trips (floor, ceiling). `None` keeps it fixed, as
     /// it must stay when the client negotiated a timeout (RFC 2349).
     pub adaptive: Option<(Duration, Duration)>,
@@ -234,6 +241,9 @@ pub struct Sender {
     rto: Option<Rto>,
     /// The peer acknowledged something (ACK 0 of an OACK or a block): its address is real.
     peer_answered: bool,
+    /// When the transfer last moved forward (start, ACK 0, a new ACK): `give_up_after` counts
+    /// from here.
+    last_progress: Instant,
 }
 
 impl Sender {
@@ -263,6 +273,7 @@ impl Sender {
             stats: SenderStats::default(),
             rtt_probe: None,
             last_rtt: None,
+            last_progress: now,
         };
         if let Some(o) = oack {
             s.state = State::AwaitOptionAck;
@@ -415,6 +426,7 @@ impl Sender {
 
     fn progress(&mut self, now: Instant) {
         self.retries = 0;
+        self.last_progress = now;
         self.current_timeout = self.cfg.timeout;
         self.arm(now);
     }
@@ -427,11 +439,13 @@ impl Sender {
         }
         self.stats.timeouts += 1;
         let limit = if self.peer_answered { self.cfg.max_retries } else { self.cfg.max_retries.min(self.cfg.initial_retries) };
-        if self.retries >= limit {
+        // Before the peer answered, `initial_retries` alone decides (anti-amplification).
+        let floor_pending = self.peer_answered && now.saturating_duration_since(self.last_progress) < self.cfg.give_up_after;
+        if self.retries >= limit && !floor_pending {
             self.finish(Outcome::TimedOut { retries: self.retries });
             return;
         }
-        self.retries += 1;
+        self.retries = self.retries.saturating_add(1);
         self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout.max(self.cfg.timeout));
         match self.state {
             State::AwaitOptionAck => {
@@ -507,6 +521,7 @@ mod tests {
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
             initial_retries: 5,
+            give_up_after: Duration::ZERO,
             adaptive: None,
         }
     }
@@ -630,6 +645,121 @@ mod tests {
         }
         assert_eq!(sent, 3, "one packet and two retransmissions");
         assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 2 }));
+    }
+
+    /// Drives a silent peer's timeouts to the end; returns the instants of the timeouts that
+    /// retransmitted and how long after `from` the transfer ended.
+    fn run_silent(s: &mut Sender, from: Instant) -> (Vec<Duration>, Duration) {
+        let mut resent = Vec::new();
+        let mut now = from;
+        while let Some(d) = s.poll_timeout() {
+            now = d;
+            s.handle_timeout(now);
+            if !drain(s, now).is_empty() {
+                resent.push(now - from);
+            }
+        }
+        (resent, now - from)
+    }
+
+    #[test]
+    fn give_up_after_keeps_a_proven_peer_until_the_floor() {
+        let t0 = Instant::now();
+        let mut c = cfg(512, 1);
+        c.timeout = Duration::from_millis(100);
+        c.max_timeout = Duration::from_secs(2);
+        c.max_retries = 3;
+        c.give_up_after = Duration::from_secs(10);
+        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, t0);
+        let t1 = t0 + Duration::from_millis(5);
+        s.handle(t1, &Packet::Ack(1));
+        assert_eq!(blocks(&drain(&mut s, t1)), vec![2]);
+        let (resent, ended) = run_silent(&mut s, t1);
+        // 0.1, 0.2, 0.4 s (3 retries, 0.7 s in all) would have ended it at 1.5 s; the floor
+        // keeps it at 0.8, 1.6, 2 s... until 10 s after the last progress.
+        let ms: Vec<u128> = resent.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, vec![100, 300, 700, 1500, 3100, 5100, 7100, 9100], "retransmissions, ms after the last progress");
+        assert_eq!(ended, Duration::from_millis(11_100), "ends at the first timeout past the floor");
+        assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 8 }));
+        // The backoff stayed capped: no gap longer than max_timeout.
+        assert!(resent.windows(2).all(|w| w[1] - w[0] <= Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn give_up_after_counts_from_the_last_progress() {
+        let t0 = Instant::now();
+        let mut c = cfg(512, 1);
+        c.timeout = Duration::from_millis(100);
+        c.max_timeout = Duration::from_secs(2);
+        c.max_retries = 3;
+        c.give_up_after = Duration::from_secs(10);
+        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, t0);
+        s.handle(t0, &Packet::Ack(1));
+        drain(&mut s, t0);
+        // Eight seconds of silence, then the client acknowledges block 2: the clock restarts.
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(8) {
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            drain(&mut s, now);
+        }
+        assert!(s.outcome().is_none());
+        s.handle(now, &Packet::Ack(2));
+        assert_eq!(blocks(&drain(&mut s, now)), vec![3]);
+        let (_, ended) = run_silent(&mut s, now);
+        assert_eq!(ended, Duration::from_millis(11_100));
+        // A duplicate ACK is not progress.
+        let mut s = Sender::new(t0, s.cfg.clone(), Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, t0);
+        s.handle(t0, &Packet::Ack(1));
+        drain(&mut s, t0);
+        let t = t0 + Duration::from_secs(9);
+        while s.poll_timeout().unwrap() < t {
+            let d = s.poll_timeout().unwrap();
+            s.handle_timeout(d);
+            s.handle(d, &Packet::Ack(1));
+            drain(&mut s, d);
+        }
+        let (_, ended) = run_silent(&mut s, t0);
+        assert_eq!(ended, Duration::from_millis(11_100));
+    }
+
+    #[test]
+    fn give_up_after_does_not_extend_an_unanswered_first_packet() {
+        // Anti-amplification: before the peer answered, 1 + initial_retries packets whatever
+        // the floor, with and without an OACK.
+        for oack in [false, true] {
+            let t0 = Instant::now();
+            let mut c = cfg(512, 1);
+            c.timeout = Duration::from_millis(100);
+            c.max_retries = 6;
+            c.initial_retries = 3;
+            c.give_up_after = Duration::from_secs(60);
+            let o = oack.then(|| b"\x00\x06tsize\x005000\x00".to_vec());
+            let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), o);
+            assert_eq!(drain(&mut s, t0).len(), 1);
+            let (resent, ended) = run_silent(&mut s, t0);
+            assert_eq!(resent.len(), 3, "oack {oack}");
+            assert!(ended < Duration::from_secs(2), "oack {oack}: ended after {ended:?}");
+            assert_eq!(s.outcome(), Some(&Outcome::TimedOut { retries: 3 }));
+        }
+    }
+
+    #[test]
+    fn give_up_after_zero_keeps_the_retry_count_alone() {
+        let t0 = Instant::now();
+        let mut c = cfg(512, 1);
+        c.timeout = Duration::from_millis(100);
+        c.max_retries = 3;
+        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        drain(&mut s, t0);
+        s.handle(t0, &Packet::Ack(1));
+        drain(&mut s, t0);
+        let (resent, ended) = run_silent(&mut s, t0);
+        assert_eq!(resent.len(), 3);
+        assert_eq!(ended, Duration::from_millis(1500));
     }
 
     #[test]
@@ -764,6 +894,7 @@ mod adaptive_tests {
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
             initial_retries: 5,
+            give_up_after: Duration::ZERO,
             adaptive,
         };
         for (adaptive, want) in [(Some((Duration::from_millis(100), Duration::from_secs(4))), Duration::from_millis(100)), (None, Duration::from_secs(1))] {

@@ -209,6 +209,7 @@ mod tests {
             max_timeout: Duration::from_secs(4),
             max_retries: 5,
             initial_retries: 5,
+            give_up_after: Duration::ZERO,
             adaptive: None,
         }
     }
