@@ -637,9 +637,7 @@ mod tests {
         c.initial_retries = 2;
         let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
         let mut sent = blocks(&drain(&mut s, t0)).len();
-        let mut now = t0;
-        while let Some(d) = s.poll_timeout() {
-            now = d;
+        while let Some(now) = s.poll_timeout() {
             s.handle_timeout(now);
             sent += blocks(&drain(&mut s, now)).len();
         }
