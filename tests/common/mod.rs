@@ -16,6 +16,9 @@
 //!   namespaces on a private /24), deleted on drop even when a test panics; `add_loss` adds
 //!   random input loss with nftables. Every namespace routes 224.0.0.0/4 through its veth, so
 //!   multicast stays in the lab; `in_ns`/`spawn_in_ns` run test code (sockets) inside one.
+//! - `logs`: the server's JSON log as events (`events`, `field_str`, `field_u64`, ...) and
+//!   `wait_until`; `fetch`: [`Fetch`], a client fetch in the background inside a lab namespace,
+//!   and `finish_all`; `wire`: [`Wire`], nftables counters of what a namespace sent.
 //!
 //! Traffic goes only to 127.0.0.0/8 or, inside lab namespaces, to their addresses and to
 //! multicast groups routed through the lab's veths.
