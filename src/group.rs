@@ -29,7 +29,8 @@ use tftpcast_proto::packet;
 use tracing::{info, warn, Span};
 
 use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
-use crate::pacing::{self, Pacing, Report};
+use crate::lease::{self, Leased};
+use crate::pacing::{Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
 use crate::transport::{Endpoint, Transport};
@@ -259,19 +260,7 @@ impl GroupSession {
         let Some(g) = self.group.as_ref() else { return };
         let members = g.member_list().into_iter().map(|(client, master, options)| MemberInfo { client, master, options }).collect();
         self.coordinator.do_send(GroupProgress { id: self.id, block: g.current_block(), started: g.started(), members });
-        let report = self.report();
-        self.pacing
-            .send(pacing::Renew { id: self.id | GROUP_ID_BIT, report })
-            .into_actor(self)
-            .map(|res, act, ctx| {
-                if let Ok(lease) = res {
-                    if lease.rate != act.bucket.rate() {
-                        act.bucket.set_rate_auto(Instant::now(), lease.rate);
-                        act.rearm(ctx);
-                    }
-                }
-            })
-            .spawn(ctx);
+        lease::renew(self, ctx);
     }
 
     fn log_end(&mut self, why: &'static str) {
@@ -298,8 +287,28 @@ impl GroupSession {
             why,
             "group ended"
         );
-        let report = self.report();
-        self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report });
+        lease::unregister(self);
+    }
+}
+
+impl Leased for GroupSession {
+    fn lease_id(&self) -> u64 {
+        self.id | GROUP_ID_BIT
+    }
+    fn pacing(&self) -> &Addr<Pacing> {
+        &self.pacing
+    }
+    fn bucket(&mut self) -> &mut TokenBucket {
+        &mut self.bucket
+    }
+    fn report(&mut self) -> Report {
+        GroupSession::report(self)
+    }
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        GroupSession::flush(self, ctx)
+    }
+    fn rearm(&mut self, ctx: &mut Context<Self>) {
+        GroupSession::rearm(self, ctx)
     }
 }
 
@@ -330,16 +339,7 @@ impl Actor for GroupSession {
                 return;
             }
         }
-        self.pacing
-            .send(pacing::Register { id: self.id | GROUP_ID_BIT })
-            .into_actor(self)
-            .map(|res, act, ctx| {
-                if let Ok(lease) = res {
-                    act.bucket.set_rate_auto(Instant::now(), lease.rate);
-                }
-                act.flush(ctx);
-            })
-            .wait(ctx);
+        lease::register(self, ctx);
         ctx.run_interval(self.lease_every, |act, ctx| act.renew(ctx));
     }
 
@@ -351,7 +351,8 @@ impl Actor for GroupSession {
         if self.group.is_some() {
             self.log_end("ended");
         } else {
-            self.pacing.do_send(pacing::Unregister { id: self.id | GROUP_ID_BIT, report: Report::default() });
+            // Never started: nothing was sent (the report is empty).
+            lease::unregister(self);
         }
     }
 }

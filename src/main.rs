@@ -26,6 +26,7 @@ mod config;
 mod coordinator;
 mod file_cache;
 mod group;
+mod lease;
 mod listener;
 mod logging;
 mod mapping;

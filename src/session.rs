@@ -15,7 +15,8 @@ use tftpcast_proto::packet::{self, ErrorCode};
 use tftpcast_proto::{Outcome, Sender};
 use tracing::{info, warn, Span};
 
-use crate::pacing::{self, Pacing, Report};
+use crate::lease::{self, Leased};
+use crate::pacing::{Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
 use crate::transport::{Endpoint, Routed, Transport};
@@ -180,21 +181,26 @@ impl Session {
         self.reported = now;
         report
     }
+}
 
-    fn renew(&mut self, ctx: &mut Context<Self>) {
-        let report = self.report();
-        self.pacing
-            .send(pacing::Renew { id: self.id, report })
-            .into_actor(self)
-            .map(|res, act, ctx| {
-                if let Ok(lease) = res {
-                    if lease.rate != act.bucket.rate() {
-                        act.bucket.set_rate_auto(Instant::now(), lease.rate);
-                        act.rearm(ctx);
-                    }
-                }
-            })
-            .spawn(ctx);
+impl Leased for Session {
+    fn lease_id(&self) -> u64 {
+        self.id
+    }
+    fn pacing(&self) -> &Addr<Pacing> {
+        &self.pacing
+    }
+    fn bucket(&mut self) -> &mut TokenBucket {
+        &mut self.bucket
+    }
+    fn report(&mut self) -> Report {
+        Session::report(self)
+    }
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        Session::flush(self, ctx)
+    }
+    fn rearm(&mut self, ctx: &mut Context<Self>) {
+        Session::rearm(self, ctx)
     }
 }
 
@@ -226,17 +232,8 @@ impl Actor for Session {
             }
         }
         // The first lease decides whether block 1 may leave at full speed.
-        self.pacing
-            .send(pacing::Register { id: self.id })
-            .into_actor(self)
-            .map(|res, act, ctx| {
-                if let Ok(lease) = res {
-                    act.bucket.set_rate_auto(Instant::now(), lease.rate);
-                }
-                act.flush(ctx);
-            })
-            .wait(ctx);
-        ctx.run_interval(self.lease_every, |act, ctx| act.renew(ctx));
+        lease::register(self, ctx);
+        ctx.run_interval(self.lease_every, lease::renew);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -280,8 +277,7 @@ impl Actor for Session {
                 warn!(bytes, duration_ms = elapsed.as_millis() as u64, retransmits = stats.retransmits, reason, "transfer failed")
             }
         }
-        let report = self.report();
-        self.pacing.do_send(pacing::Unregister { id: self.id, report });
+        lease::unregister(self);
         self.ended.do_send(SessionEnded { peer: self.peer, id: self.id, ok });
     }
 }

@@ -24,13 +24,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -49,10 +47,6 @@ const CLUSTER_PORT: u16 = 7946;
 const FORM_LIMIT: Duration = Duration::from_secs(5);
 /// Any single client transfer of these tests ends within this.
 const FETCH_LIMIT: Duration = Duration::from_secs(60);
-/// IPv4 + UDP headers of one packet.
-const IP_UDP: u64 = 28;
-/// The TFTP DATA header.
-const DATA_HDR: u64 = 4;
 /// Block size of every multicast client: 40 MiB stays under 65536 blocks (DESIGN.md section 7).
 const MC_BLKSIZE: &str = "blksize 1428";
 
@@ -181,11 +175,6 @@ impl ClusterLab {
         format!("{}-n{i}", self.prefix)
     }
 
-    fn client_ns(&self, c: usize) -> String {
-        assert!((1..=self.clients).contains(&c), "no client {c}");
-        format!("{}-c{c}", self.prefix)
-    }
-
     /// Withdraws node `i` from the router's ECMP route (as a health check would).
     fn route_del(&self, i: usize) {
         run_ok(&mut script(&["route-del", &self.prefix, &i.to_string()]));
@@ -207,9 +196,15 @@ impl ClusterLab {
 
     /// `program args` inside namespace `ns`.
     fn exec(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
-        let mut c = Command::new(tool("ip"));
-        c.args(["netns", "exec", ns]).arg(program).args(args);
-        c
+        ns_command(ns, program, args)
+    }
+}
+
+/// Clients are numbered from 1, like the lab script's namespaces.
+impl ClientNamespaces for ClusterLab {
+    fn client_ns(&self, c: usize) -> String {
+        assert!((1..=self.clients).contains(&c), "no client {c}");
+        format!("{}-c{c}", self.prefix)
     }
 }
 
@@ -331,66 +326,6 @@ fn stop_nodes(nodes: Vec<Server>) {
 // Logs.
 // ---------------------------------------------------------------------------------------------
 
-fn parse_events(server: &Server) -> Vec<Value> {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
-}
-
-/// Every JSON log event whose message is `msg`.
-fn events(server: &Server, msg: &str) -> Vec<Value> {
-    parse_events(server)
-        .into_iter()
-        .filter(|v| v["fields"]["message"].as_str() == Some(msg))
-        .collect()
-}
-
-/// A field of an event, or of the span it was logged in.
-fn field<'a>(ev: &'a Value, key: &str) -> &'a Value {
-    let f = &ev["fields"][key];
-    if f.is_null() {
-        &ev["span"][key]
-    } else {
-        f
-    }
-}
-
-fn field_str(ev: &Value, key: &str) -> String {
-    match field(ev, key) {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn field_u64(ev: &Value, key: &str) -> Option<u64> {
-    let f = field(ev, key);
-    f.as_u64()
-        .or_else(|| f.as_str().and_then(|s| s.parse().ok()))
-}
-
-fn ip_of(ev: &Value, key: &str) -> Option<IpAddr> {
-    let s = field_str(ev, key);
-    s.parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok())
-}
-
-fn names_file(ev: &Value, remote: &str) -> bool {
-    let f = field_str(ev, "file");
-    f == remote || f.ends_with(&format!("/{remote}"))
-}
-
-fn events_for(server: &Server, msg: &str, remote: &str) -> Vec<Value> {
-    events(server, msg)
-        .into_iter()
-        .filter(|e| names_file(e, remote))
-        .collect()
-}
-
 const JOINED: &str = "multicast request joined group";
 const CREATED: &str = "group created: waiting for the start delay";
 const RACE_LOST: &str = "start race lost: handing members over";
@@ -402,20 +337,6 @@ fn members_up(server: &Server) -> Vec<String> {
         .iter()
         .map(|e| field_str(e, "node"))
         .collect()
-}
-
-/// Polls until `cond` holds or `limit` passes; returns whether it held.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Waits until every node of `nodes` (n1..) has logged `member up` for every other one.
@@ -517,123 +438,6 @@ fn join_of(nodes: &[Server], client: Ipv4Addr, remote: &str) -> Option<(usize, V
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bytes on the wire: nftables counters on each node's output.
-// ---------------------------------------------------------------------------------------------
-
-const WIRE_TABLE: &str = "tcwire";
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Wire {
-    /// UDP to 224.0.0.0/4 (IP headers included).
-    mc_packets: u64,
-    mc_bytes: u64,
-    /// Other UDP (clients, peers).
-    uc_packets: u64,
-    uc_bytes: u64,
-}
-
-impl Wire {
-    fn install(lab: &ClusterLab, node: usize) {
-        let nft = tool("nft");
-        let ns = lab.node_ns(node);
-        let cmds: &[&[&str]] = &[
-            &["add", "table", "ip", WIRE_TABLE],
-            &["add", "counter", "ip", WIRE_TABLE, "mc_out"],
-            &["add", "counter", "ip", WIRE_TABLE, "uc_out"],
-            &[
-                "add",
-                "chain",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "{ type filter hook output priority 0 ; }",
-            ],
-            &[
-                "add",
-                "rule",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "ip",
-                "daddr",
-                "224.0.0.0/4",
-                "meta",
-                "l4proto",
-                "udp",
-                "counter",
-                "name",
-                "mc_out",
-            ],
-            &[
-                "add",
-                "rule",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "ip",
-                "daddr",
-                "!=",
-                "224.0.0.0/4",
-                "meta",
-                "l4proto",
-                "udp",
-                "counter",
-                "name",
-                "uc_out",
-            ],
-        ];
-        for c in cmds {
-            run_ok(&mut lab.exec(&ns, &nft, c));
-        }
-    }
-
-    fn read(lab: &ClusterLab, node: usize) -> Wire {
-        let r = run_ok(&mut lab.exec(
-            &lab.node_ns(node),
-            tool("nft"),
-            &["list", "table", "ip", WIRE_TABLE],
-        ));
-        let counter = |name: &str| -> (u64, u64) {
-            let at = r
-                .stdout
-                .find(&format!("counter {name} {{"))
-                .unwrap_or_else(|| panic!("no counter {name} in nft output:\n{r}"));
-            let w: Vec<&str> = r.stdout[at..].split_whitespace().take(8).collect();
-            let get = |k: &str| {
-                w.windows(2)
-                    .find(|p| p[0] == k)
-                    .and_then(|p| p[1].parse::<u64>().ok())
-                    .unwrap_or_else(|| panic!("no `{k}` for counter {name} in nft output:\n{r}"))
-            };
-            (get("packets"), get("bytes"))
-        };
-        let (mc_packets, mc_bytes) = counter("mc_out");
-        let (uc_packets, uc_bytes) = counter("uc_out");
-        Wire {
-            mc_packets,
-            mc_bytes,
-            uc_packets,
-            uc_bytes,
-        }
-    }
-
-    /// UDP payload sent to groups (TFTP DATA, headers included).
-    fn mc_payload(&self) -> u64 {
-        self.mc_bytes - IP_UDP * self.mc_packets
-    }
-
-    /// UDP payload sent to single addresses (OACKs, unicast DATA, cluster traffic).
-    fn uc_payload(&self) -> u64 {
-        self.uc_bytes - IP_UDP * self.uc_packets
-    }
-
-    /// File bytes carried by multicast DATA.
-    fn mc_file_bytes(&self) -> u64 {
-        self.mc_payload() - DATA_HDR * self.mc_packets
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Clients running in the background.
 // ---------------------------------------------------------------------------------------------
 
@@ -641,178 +445,6 @@ fn atftp_mc() -> Client {
     Client::Atftp {
         options: vec!["multicast", MC_BLKSIZE, "timeout 1"],
     }
-}
-
-fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-/// A client fetch in its own process group, killed (group-wide) on drop.
-struct Fetch {
-    /// Client index (1-based) in the lab.
-    c: usize,
-    client: Client,
-    out: PathBuf,
-    what: String,
-    child: Option<ChildGuard>,
-    stdout: Option<mpsc::Receiver<Vec<u8>>>,
-    stderr: Option<mpsc::Receiver<Vec<u8>>>,
-    started: Instant,
-    /// When the process was seen to have exited (set by `poll`).
-    ended: Option<Instant>,
-    run: Option<Run>,
-}
-
-impl Fetch {
-    fn start(
-        lab: &ClusterLab,
-        fx: &Fixture,
-        c: usize,
-        client: &Client,
-        server: SocketAddr,
-        remote: &str,
-    ) -> Fetch {
-        let ns = lab.client_ns(c);
-        let out = fx.out(&format!("c{c}-{remote}"));
-        let mut cmd = client.command(Some(&ns), server, remote, &out);
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("{cmd:?}");
-        let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = reader(child.stdout.take().unwrap());
-        let stderr = reader(child.stderr.take().unwrap());
-        Fetch {
-            c,
-            client: client.clone(),
-            out,
-            what,
-            child: Some(ChildGuard(child)),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            started,
-            ended: None,
-            run: None,
-        }
-    }
-
-    fn written(&self) -> u64 {
-        fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Non-blocking: true once the client has exited (and records when).
-    fn poll(&mut self) -> bool {
-        if self.run.is_some() {
-            return true;
-        }
-        let exited = match self.child.as_mut() {
-            Some(g) => !matches!(g.0.try_wait(), Ok(None)),
-            None => true,
-        };
-        if exited {
-            self.ended = Some(Instant::now());
-            self.collect(false);
-        }
-        exited
-    }
-
-    /// Kills the client's process group (its leader, our child, is not reaped yet).
-    fn kill(&mut self) {
-        if let Some(g) = self.child.as_mut() {
-            if let Ok(None) = g.0.try_wait() {
-                // SAFETY: kill(2) on the process group our own live child leads.
-                unsafe {
-                    libc::kill(-(g.0.id() as i32), libc::SIGKILL);
-                }
-            }
-        }
-    }
-
-    fn collect(&mut self, timed_out: bool) {
-        let Some(mut guard) = self.child.take() else {
-            return;
-        };
-        let status = guard.0.wait().ok();
-        let grab = |rx: Option<mpsc::Receiver<Vec<u8>>>| {
-            let b = rx
-                .and_then(|rx| rx.recv_timeout(Duration::from_secs(3)).ok())
-                .unwrap_or_default();
-            String::from_utf8_lossy(&b).into_owned()
-        };
-        self.run = Some(Run {
-            what: self.what.clone(),
-            status,
-            stdout: grab(self.stdout.take()),
-            stderr: grab(self.stderr.take()),
-            elapsed: self.ended.unwrap_or_else(Instant::now) - self.started,
-            timed_out,
-        });
-    }
-
-    /// Waits for the exit until `deadline` (then kills it).
-    fn wait(&mut self, deadline: Instant) -> &Run {
-        while !self.poll() {
-            if Instant::now() > deadline {
-                self.kill();
-                self.ended = Some(Instant::now());
-                self.collect(true);
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.run.as_ref().unwrap()
-    }
-
-    /// Why this fetch did not deliver `remote` byte-exact, if it did not.
-    fn failure(&self, fx: &Fixture, remote: &str, want: &[u8; 32]) -> Option<String> {
-        let r = self.run.as_ref().expect("waited");
-        let len = fs::metadata(fx.path(remote)).unwrap().len() as usize;
-        let ctx = format!("client c{} fetching {remote}", self.c);
-        let (client, out) = (self.client.clone(), self.out.clone());
-        std::panic::catch_unwind(|| assert_fetched(&client, r, &out, want, len, &ctx))
-            .err()
-            .map(|e| {
-                e.downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| format!("{ctx}: {r}"))
-            })
-    }
-}
-
-impl Drop for Fetch {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Waits for every fetch (until `limit` from now) and asserts all got `remote` byte-exact.
-fn finish_all(fetches: &mut [Fetch], fx: &Fixture, remote: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let want = fx.sha(remote);
-    let mut failures = Vec::new();
-    for f in fetches.iter_mut() {
-        f.wait(deadline);
-        if let Some(why) = f.failure(fx, remote, &want) {
-            failures.push(why);
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} fetch(es) failed:\n{}",
-        failures.len(),
-        fetches.len(),
-        failures.join("\n\n")
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1093,7 +725,7 @@ fn cluster_forms_and_rejects_a_wrong_key() {
         seen["fields"]["groups"]
     );
 
-    n4_fetch.kill();
+    n4_fetch.kill_group();
     drop(n4_fetch);
     drop(outsider);
     stop_nodes(nodes);
@@ -1114,7 +746,7 @@ fn twenty_four_clients_one_stream() {
     let size = BIG_SIZE as u64;
     let lab = ClusterLab::up(3, N);
     for i in 1..=3 {
-        Wire::install(&lab, i);
+        Wire::install(&lab.node_ns(i));
     }
     let nodes = start_cluster(&lab, &fx, 3, &["--start-delay-ms", "2000"]);
     wait_formed(&nodes, FORM_LIMIT);
@@ -1127,7 +759,7 @@ fn twenty_four_clients_one_stream() {
     let wall = t0.elapsed();
     // Let a retransmission in flight land in the counters.
     thread::sleep(Duration::from_millis(500));
-    let wires: Vec<Wire> = (1..=3).map(|i| Wire::read(&lab, i)).collect();
+    let wires: Vec<Wire> = (1..=3).map(|i| Wire::read(&lab.node_ns(i))).collect();
 
     // Where the router sent each client, and what each node logged.
     let per_node: Vec<usize> = nodes
@@ -1215,7 +847,7 @@ fn late_client_on_another_node_joins_the_running_group() {
     for i in 1..=3 {
         // Slow enough that the group is still running when the late client comes.
         lab.tbf(i, "80mbit");
-        Wire::install(&lab, i);
+        Wire::install(&lab.node_ns(i));
     }
     let nodes = start_cluster(&lab, &fx, 3, &["--start-delay-ms", "1000"]);
     wait_formed(&nodes, FORM_LIMIT);
@@ -1286,7 +918,7 @@ fn late_client_on_another_node_joins_the_running_group() {
         node + 1
     );
     finish_all(&mut fetches, &fx, BIG, FETCH_LIMIT);
-    let wires: Vec<Wire> = (1..=3).map(|i| Wire::read(&lab, i)).collect();
+    let wires: Vec<Wire> = (1..=3).map(|i| Wire::read(&lab.node_ns(i))).collect();
     eprintln!(
         "multicast file bytes per node: {:?} (file {size})",
         wires.iter().map(Wire::mc_file_bytes).collect::<Vec<_>>()
@@ -1406,7 +1038,7 @@ fn owner_death_survived_with(extra: &[&str]) {
         thread::sleep(Duration::from_millis(10));
     }
     finish_all(&mut fetches, &fx, BIG, Duration::from_secs(1));
-    let last_done = fetches.iter().filter_map(|f| f.ended).max().unwrap();
+    let last_done = fetches.iter().filter_map(Fetch::ended).max().unwrap();
     let after_kill = last_done - t_kill;
     eprintln!(
         "after the kill: member down seen at {member_down:?}, takeover logged by {:?} at {:?}; \
@@ -1447,7 +1079,7 @@ fn unicast_round(lab: &ClusterLab, fx: &Fixture, clients: &[usize], what: &str) 
         .map(|&c| Fetch::start(lab, fx, c, &curl, lab.service(), ONE_MIB))
         .collect();
     finish_all(&mut fetches, fx, ONE_MIB, FETCH_LIMIT);
-    let last = fetches.iter().filter_map(|f| f.ended).max().unwrap();
+    let last = fetches.iter().filter_map(Fetch::ended).max().unwrap();
     let wall = last - t0;
     let bytes = (clients.len() * (1 << 20)) as f64;
     let goodput = bytes / wall.as_secs_f64();

@@ -13,13 +13,7 @@ use common::*;
 
 /// Sum of a numeric field over the server's JSON log events with this message.
 fn sum_field(server: &Server, message: &str, field: &str) -> u64 {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .map(|v| v["fields"][field].as_u64().unwrap_or(0))
-        .sum()
+    events(server, message).iter().map(|v| v["fields"][field].as_u64().unwrap_or(0)).sum()
 }
 
 fn count(server: &Server, message: &str) -> usize {
@@ -47,14 +41,6 @@ fn fetch_all(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: Vec<(Cli
         })
         .collect();
     handles.into_iter().map(|h| h.join().expect("a client failed")).collect()
-}
-
-/// Stops a server running in a lab namespace (the harness's own check sends a request from
-/// the root namespace, which cannot reach the lab).
-fn stop(mut server: Server) {
-    assert!(server.is_running(), "the server died\n{}", server.log_tail(60));
-    server.stop_clean();
-    server.assert_logs_are_json();
 }
 
 fn tc(lab: &Lab, ns: &str, args: &[&str]) {
@@ -95,7 +81,7 @@ fn slow_link_pacing_on_retransmits_less_than_off() {
         eprintln!("adaptive={adaptive}: wall {wall:.2?}, slowest client {:.2?}, retransmitted {rtx} bytes, {decreases} rate decreases", times.iter().max().unwrap());
         assert_eq!(count(&server, "group created: waiting for the start delay"), 1, "the multicast clients share one group");
         results.push((rtx, decreases));
-        stop(server);
+        server.finish_in_lab();
     }
     let sum = |i: usize| (results[i].0 + results[i + 2].0, results[i].1 + results[i + 2].1);
     let ((on, on_decreases), (off, off_decreases)) = (sum(0), sum(1));
@@ -140,7 +126,7 @@ fn a_lossy_client_does_not_hold_back_the_group() {
         } else {
             clean = others;
         }
-        stop(server);
+        server.finish_in_lab();
     }
 }
 
@@ -186,5 +172,5 @@ fn node_rate_cap_is_respected() {
     let mbps = payload as f64 * 8.0 / secs / 1e6;
     eprintln!("sent {payload} bytes in {secs:.2} s: {mbps:.1} Mbit/s against a 40 Mbit/s cap");
     assert!((36.0..=44.0).contains(&mbps), "{mbps:.1} Mbit/s is not within 10% of the 40 Mbit/s cap");
-    stop(server);
+    server.finish_in_lab();
 }

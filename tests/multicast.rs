@@ -17,12 +17,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,10 +33,6 @@ const FETCH_LIMIT: Duration = Duration::from_secs(90);
 const START_DELAY_MS: u64 = 1500;
 /// How long after its last member the group may take to log `group ended`.
 const END_LIMIT: Duration = Duration::from_secs(15);
-/// IPv4 + UDP header bytes of one packet (no IP options).
-const IP_UDP: u64 = 28;
-/// The TFTP DATA header.
-const DATA_HDR: u64 = 4;
 /// Unicast bytes a group may send per member besides DATA: OACKs (first, repeated, and the
 /// promotion OACK) and error packets are well under this.
 const PER_MEMBER_ALLOWANCE: u64 = 2048;
@@ -80,233 +73,6 @@ fn want_sha(fx: &Fixture, name: &str) -> [u8; 32] {
     h
 }
 
-fn reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-/// A client fetch running in the background, in its own process group (so it can be killed
-/// as a whole: `ip netns exec` execs the client, and the group covers anything it forks).
-struct Fetch {
-    label: String,
-    ns: String,
-    client: Client,
-    out: PathBuf,
-    what: String,
-    child: Option<ChildGuard>,
-    stdout: Option<mpsc::Receiver<Vec<u8>>>,
-    stderr: Option<mpsc::Receiver<Vec<u8>>>,
-    started: Instant,
-    /// Exit status, when it was noticed, and whether the time limit killed it.
-    exited: Option<(Option<std::process::ExitStatus>, Instant, bool)>,
-}
-
-impl Fetch {
-    /// Starts `client` in client namespace `i` of `lab`, fetching `remote` into a fresh file.
-    fn start(
-        lab: &Lab,
-        fx: &Fixture,
-        i: usize,
-        client: &Client,
-        server: SocketAddr,
-        remote: &str,
-    ) -> Fetch {
-        let ns = lab.clients[i].clone();
-        let out = fx.out(&format!("c{i}-{remote}"));
-        let mut cmd = client.command(Some(&ns), server, remote, &out);
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("{cmd:?}");
-        let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = reader(child.stdout.take().unwrap());
-        let stderr = reader(child.stderr.take().unwrap());
-        Fetch {
-            label: format!("c{i}"),
-            ns,
-            client: client.clone(),
-            out,
-            what,
-            child: Some(ChildGuard(child)),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            started,
-            exited: None,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").0.id() as i32
-    }
-
-    fn running(&mut self) -> bool {
-        !self.poll()
-    }
-
-    /// Bytes written to the output file so far.
-    fn written(&self) -> u64 {
-        fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// For failure messages: the run so far if the client has exited, else how far it got.
-    fn describe(&mut self) -> String {
-        if self.child.is_some() && self.poll() {
-            let r = self.wait(Instant::now());
-            format!("{} exited early after {:.2?}:\n{r}", self.label, r.elapsed)
-        } else {
-            format!(
-                "{} is running, {} bytes written",
-                self.label,
-                self.written()
-            )
-        }
-    }
-
-    /// SIGKILLs the process group (only while its leader, our child, has not been reaped, so
-    /// the group id cannot have been reused).
-    fn kill_group(&mut self) {
-        if self.running() {
-            // SAFETY: kill(2) on the process group our own live child leads.
-            unsafe {
-                libc::kill(-self.pid(), libc::SIGKILL);
-            }
-        }
-    }
-
-    /// Notes the exit (and its instant) if the client has exited; true once it has.
-    fn poll(&mut self) -> bool {
-        if self.exited.is_some() {
-            return true;
-        }
-        let Some(guard) = self.child.as_mut() else {
-            return true;
-        };
-        match guard.0.try_wait() {
-            Ok(Some(st)) => {
-                self.exited = Some((Some(st), Instant::now(), false));
-                true
-            }
-            Ok(None) => false,
-            Err(e) => panic!("waiting for {}: {e}", self.what),
-        }
-    }
-
-    /// Waits until the client exits or `deadline` passes (then kills it); returns the run.
-    fn wait(&mut self, deadline: Instant) -> Run {
-        while !self.poll() {
-            if Instant::now() > deadline {
-                let guard = self.child.as_mut().expect("not reaped");
-                // SAFETY: our child is alive (not reaped), so it still leads its process group.
-                unsafe {
-                    libc::kill(-(guard.0.id() as i32), libc::SIGKILL);
-                }
-                let st = guard.0.wait().ok();
-                self.exited = Some((st, Instant::now(), true));
-                break;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        self.child = None;
-        let (status, at, timed_out) = self.exited.expect("exited");
-        let grab = |rx: Option<mpsc::Receiver<Vec<u8>>>| {
-            let bytes = rx
-                .and_then(|rx| rx.recv_timeout(Duration::from_secs(3)).ok())
-                .unwrap_or_default();
-            String::from_utf8_lossy(&bytes).into_owned()
-        };
-        Run {
-            what: self.what.clone(),
-            status,
-            stdout: grab(self.stdout.take()),
-            stderr: grab(self.stderr.take()),
-            elapsed: at.saturating_duration_since(self.started),
-            timed_out,
-        }
-    }
-}
-
-impl Drop for Fetch {
-    fn drop(&mut self) {
-        self.kill_group();
-    }
-}
-
-/// Waits for every fetch (bounded by `limit` from now) and checks each got `remote`
-/// byte-exact. Panics listing every failure. Returns the runs in order.
-fn finish_all(fetches: &mut [Fetch], fx: &Fixture, remote: &str, limit: Duration) -> Vec<Run> {
-    let deadline = Instant::now() + limit;
-    let want = want_sha(fx, remote);
-    let len = file_len(fx, remote);
-    // Poll them all, so that each exit is timed when it happens.
-    while Instant::now() < deadline {
-        let mut all = true;
-        for f in fetches.iter_mut() {
-            all &= f.poll();
-        }
-        if all {
-            break;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let mut failures = Vec::new();
-    let mut runs = Vec::new();
-    for f in fetches.iter_mut() {
-        let r = f.wait(deadline);
-        let ctx = format!("{} (namespace {}) fetching {remote}", f.label, f.ns);
-        let (client, out) = (f.client.clone(), f.out.clone());
-        let check =
-            std::panic::catch_unwind(|| assert_fetched(&client, &r, &out, &want, len, &ctx));
-        if let Err(e) = check {
-            failures.push(
-                e.downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| format!("{ctx}: {r}")),
-            );
-        }
-        runs.push(r);
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} fetch(es) failed:\n{}",
-        failures.len(),
-        fetches.len(),
-        failures.join("\n\n")
-    );
-    runs
-}
-
-/// When the last of `fetches` exited (all must have been waited for).
-fn last_exit(fetches: &[Fetch]) -> Instant {
-    fetches
-        .iter()
-        .map(|f| f.exited.expect("waited for").1)
-        .max()
-        .expect("some fetches")
-}
-
-/// Polls until `cond` holds or `limit` passes; returns whether it held.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The server and its log.
 // ---------------------------------------------------------------------------------------------
@@ -330,65 +96,6 @@ fn start_server(lab: &Lab, fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -
     server
 }
 
-fn stop_server(mut server: Server) {
-    assert!(
-        server.is_running(),
-        "the server died\n{}",
-        server.log_tail(60)
-    );
-    server.stop_clean();
-    server.assert_logs_are_json();
-}
-
-/// Every JSON log event whose message is `msg`.
-fn events(server: &Server, msg: &str) -> Vec<Value> {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"].as_str() == Some(msg))
-        .collect()
-}
-
-/// A field of an event, or of the span it was logged in.
-fn field<'a>(ev: &'a Value, key: &str) -> &'a Value {
-    let f = &ev["fields"][key];
-    if f.is_null() {
-        &ev["span"][key]
-    } else {
-        f
-    }
-}
-
-fn field_str(ev: &Value, key: &str) -> String {
-    match field(ev, key) {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn field_u64(ev: &Value, key: &str) -> u64 {
-    let f = field(ev, key);
-    f.as_u64()
-        .or_else(|| f.as_str().and_then(|s| s.parse().ok()))
-        .unwrap_or_else(|| panic!("event has no numeric field `{key}`: {ev}"))
-}
-
-/// The IP address a `peer`/`client` field (`IP:PORT`) names.
-fn ip_of(ev: &Value, key: &str) -> Option<IpAddr> {
-    field_str(ev, key)
-        .parse::<SocketAddr>()
-        .ok()
-        .map(|a| a.ip())
-}
-
-/// `file` fields name the served path; compare by file name.
-fn names_file(ev: &Value, remote: &str) -> bool {
-    let f = field_str(ev, "file");
-    f == remote || f.ends_with(&format!("/{remote}"))
-}
-
 /// When an event was logged, as (date, seconds of the day): comparable with `<`.
 fn when(ev: &Value) -> (String, f64) {
     let ts = ev["timestamp"]
@@ -408,27 +115,9 @@ fn when(ev: &Value) -> (String, f64) {
     (date.to_string(), secs)
 }
 
-/// Waits (bounded) for the first event `msg` that satisfies `pred`.
-fn wait_event(server: &Server, msg: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut found = None;
-    let ok = wait_until(limit, || {
-        found = events(server, msg).into_iter().find(|e| pred(e));
-        found.is_some()
-    });
-    assert!(
-        ok,
-        "the server did not log `{msg}` within {limit:?}\n{}",
-        server.log_tail(80)
-    );
-    found.unwrap()
-}
-
 /// `multicast request joined group` events for `remote`.
 fn joins(server: &Server, remote: &str) -> Vec<Value> {
-    events(server, "multicast request joined group")
-        .into_iter()
-        .filter(|e| names_file(e, remote))
-        .collect()
+    events_for(server, "multicast request joined group", remote)
 }
 
 /// Writes the server's whole log to a file in the temporary directory when the test fails
@@ -469,139 +158,6 @@ fn start_master(lab: &Lab, fx: &Fixture, server: &Server, client: &Client, remot
 // Bytes on the wire, counted by nftables in the server's namespace.
 // ---------------------------------------------------------------------------------------------
 
-const WIRE_TABLE: &str = "tcwire";
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Wire {
-    /// UDP packets/bytes (IP headers included) the server sent to 224.0.0.0/4.
-    mc_packets: u64,
-    mc_bytes: u64,
-    /// UDP packets/bytes the server sent to anything else (single clients).
-    uc_packets: u64,
-    uc_bytes: u64,
-}
-
-impl Wire {
-    /// Adds the counting table to the server's namespace (output hook: what the server sends).
-    fn install(lab: &Lab) {
-        let nft = tool("nft");
-        let ns = &lab.server;
-        let cmds: &[&[&str]] = &[
-            &["add", "table", "ip", WIRE_TABLE],
-            &["add", "counter", "ip", WIRE_TABLE, "mc_out"],
-            &["add", "counter", "ip", WIRE_TABLE, "uc_out"],
-            &[
-                "add",
-                "chain",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "{ type filter hook output priority 0 ; }",
-            ],
-            &[
-                "add",
-                "rule",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "ip",
-                "daddr",
-                "224.0.0.0/4",
-                "meta",
-                "l4proto",
-                "udp",
-                "counter",
-                "name",
-                "mc_out",
-            ],
-            &[
-                "add",
-                "rule",
-                "ip",
-                WIRE_TABLE,
-                "out",
-                "ip",
-                "daddr",
-                "!=",
-                "224.0.0.0/4",
-                "meta",
-                "l4proto",
-                "udp",
-                "counter",
-                "name",
-                "uc_out",
-            ],
-        ];
-        for c in cmds {
-            run_ok(&mut lab.exec(ns, &nft, c));
-        }
-    }
-
-    /// Both counters, from one listing.
-    fn read(lab: &Lab) -> Wire {
-        let r = run_ok(&mut lab.exec(
-            &lab.server,
-            tool("nft"),
-            &["list", "table", "ip", WIRE_TABLE],
-        ));
-        let counter = |name: &str| -> (u64, u64) {
-            let at = r
-                .stdout
-                .find(&format!("counter {name} {{"))
-                .unwrap_or_else(|| panic!("no counter {name} in nft output:\n{r}"));
-            let w: Vec<&str> = r.stdout[at..].split_whitespace().take(8).collect();
-            let get = |k: &str| {
-                w.windows(2)
-                    .find(|p| p[0] == k)
-                    .and_then(|p| p[1].parse::<u64>().ok())
-                    .unwrap_or_else(|| panic!("no `{k}` for counter {name} in nft output:\n{r}"))
-            };
-            (get("packets"), get("bytes"))
-        };
-        let (mc_packets, mc_bytes) = counter("mc_out");
-        let (uc_packets, uc_bytes) = counter("uc_out");
-        Wire {
-            mc_packets,
-            mc_bytes,
-            uc_packets,
-            uc_bytes,
-        }
-    }
-
-    fn since(self, before: Wire) -> Wire {
-        Wire {
-            mc_packets: self.mc_packets - before.mc_packets,
-            mc_bytes: self.mc_bytes - before.mc_bytes,
-            uc_packets: self.uc_packets - before.uc_packets,
-            uc_bytes: self.uc_bytes - before.uc_bytes,
-        }
-    }
-
-    /// UDP payload sent to multicast groups (TFTP DATA packets, headers included).
-    fn mc_payload(&self) -> u64 {
-        self.mc_bytes - IP_UDP * self.mc_packets
-    }
-
-    /// File bytes carried by multicast DATA (payload without the TFTP DATA header).
-    fn mc_file_bytes(&self) -> u64 {
-        self.mc_payload() - DATA_HDR * self.mc_packets
-    }
-
-    /// UDP payload sent to single clients.
-    fn uc_payload(&self) -> u64 {
-        self.uc_bytes - IP_UDP * self.uc_packets
-    }
-
-    /// UDP payload the server sent, to groups and to single clients.
-    fn udp_payload(&self) -> u64 {
-        self.mc_payload() + self.uc_payload()
-    }
-
-    fn udp_packets(&self) -> u64 {
-        self.mc_packets + self.uc_packets
-    }
-}
-
 /// The multicast address every OACK `multicast=addr,port,mc` value must name: the server's
 /// default range.
 fn in_default_range(group: &str) -> bool {
@@ -628,7 +184,7 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
     };
     let size = file_len(&fx, remote) as u64;
     let lab = Lab::new(prefix, N);
-    Wire::install(&lab);
+    Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, prefix);
 
@@ -639,7 +195,7 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
     let runs = finish_all(&mut fetches, &fx, remote, FETCH_LIMIT);
     let mc_wall = last_exit(&fetches) - t0;
     let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, remote));
-    let wire = Wire::read(&lab);
+    let wire = Wire::read(&lab.server);
 
     let created: Vec<Value> = events(&server, "group created: waiting for the start delay")
         .into_iter()
@@ -681,11 +237,11 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
         "the joins must come from the {N} client namespaces: {js:?}"
     );
     assert_eq!(
-        field_u64(&ended, "members_done"),
+        expect_u64(&ended, "members_done"),
         N as u64,
         "group ended: {ended}"
     );
-    assert_eq!(field_u64(&ended, "members_lost"), 0, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_lost"), 0, "group ended: {ended}");
 
     let limit = size + size / 10;
     let allowance = PER_MEMBER_ALLOWANCE * N as u64;
@@ -715,17 +271,17 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
     );
     // The group's DATA went to the group, except what the last member left got by unicast
     // (`multicast.lone_member_unicast`): its count must match the wire within that.
-    let data_bytes = field_u64(&ended, "data_bytes");
+    let data_bytes = expect_u64(&ended, "data_bytes");
     assert!(
         data_bytes >= wire.mc_payload() && data_bytes <= wire.mc_payload() + wire.uc_payload(),
         "the group's data_bytes {data_bytes} must match the payload counted on the wire: {wire:?}\n{ended}"
     );
-    if field_u64(&ended, "unicast_data_packets") == 0 {
+    if expect_u64(&ended, "unicast_data_packets") == 0 {
         assert_eq!(data_bytes, wire.mc_payload(), "no unicast DATA: all of it was multicast: {wire:?}\n{ended}");
     }
 
     // The reference: one unicast client, same lab, same block size, nothing else running.
-    let before = Wire::read(&lab);
+    let before = Wire::read(&lab.server);
     let out = fx.out("unicast-ref");
     let uni = atftp_unicast().fetch(
         Some(&lab.clients[0]),
@@ -742,21 +298,21 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
         size as usize,
         "unicast reference",
     );
-    let uni_wire = Wire::read(&lab).since(before);
+    let uni_wire = Wire::read(&lab.server).since(before);
     assert_eq!(
         uni_wire.mc_packets, 0,
         "the unicast reference must not use the group: {uni_wire:?}"
     );
 
     // And the same {N} clients at once by unicast: what the group saves.
-    let before = Wire::read(&lab);
+    let before = Wire::read(&lab.server);
     let t1 = Instant::now();
     let mut uc: Vec<Fetch> = (0..N)
         .map(|i| Fetch::start(&lab, &fx, i, &atftp_unicast(), server.addr(), remote))
         .collect();
     finish_all(&mut uc, &fx, remote, FETCH_LIMIT);
     let uc_wall = last_exit(&uc) - t1;
-    let uc_wire = Wire::read(&lab).since(before);
+    let uc_wire = Wire::read(&lab.server).since(before);
     assert_eq!(
         uc_wire.mc_packets, 0,
         "unicast clients must not use a group: {uc_wire:?}"
@@ -776,8 +332,8 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
         wire.mc_payload() as f64 / size as f64,
         wire.udp_payload() as f64 / size as f64,
         field_str(&ended, "wire_ratio"),
-        field_u64(&ended, "retransmits"),
-        field_u64(&ended, "unexpected"),
+        expect_u64(&ended, "retransmits"),
+        expect_u64(&ended, "unexpected"),
         uni.elapsed,
         uni_wire.udp_payload() as f64 / size as f64,
         uc_wire.udp_payload() as f64 / size as f64,
@@ -787,7 +343,7 @@ fn eight_clients_share_one_stream(prefix: &str, remote: &str, big: bool, mc: Cli
         secs(mc_wall.saturating_sub(delay)) / secs(uc_wall),
     );
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 #[test]
@@ -832,7 +388,7 @@ fn late_joiner_gets_the_whole_file() {
     let fx = Fixture::new().with_big();
     let size = BIG_SIZE as u64;
     let lab = Lab::new("mclate", 4);
-    Wire::install(&lab);
+    Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, "late_joiner");
     let mc = atftp_mc(&[]);
@@ -861,7 +417,7 @@ fn late_joiner_gets_the_whole_file() {
     );
     finish_all(&mut fetches, &fx, BIG, FETCH_LIMIT);
     let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
-    let wire = Wire::read(&lab);
+    let wire = Wire::read(&lab.server);
 
     assert_eq!(
         field(&join, "new_group").as_bool(),
@@ -884,8 +440,8 @@ fn late_joiner_gets_the_whole_file() {
         1,
         "the group must have started before the late join"
     );
-    assert_eq!(field_u64(&ended, "members_done"), 4, "group ended: {ended}");
-    assert_eq!(field_u64(&ended, "members_lost"), 0, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_done"), 4, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_lost"), 0, "group ended: {ended}");
     // The late joiner lacked the first half (at least): it must have been sent again once
     // the late joiner was master: by multicast, or by unicast when it was the last member
     // left (`multicast.lone_member_unicast`), and no more than once more.
@@ -907,7 +463,7 @@ fn late_joiner_gets_the_whole_file() {
         mc + wire.uc_payload()
     );
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -989,11 +545,11 @@ fn killing_the_master_remasters_and_others_finish() {
         "a `master changed` must hand over from the dead master {master_ip}: {changed:?}\n{}",
         server.log_tail(60)
     );
-    assert!(field_u64(&ended, "remasters") >= 1, "group ended: {ended}");
-    assert_eq!(field_u64(&ended, "members_lost"), 1, "group ended: {ended}");
-    assert_eq!(field_u64(&ended, "members_done"), 3, "group ended: {ended}");
+    assert!(expect_u64(&ended, "remasters") >= 1, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_lost"), 1, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_done"), 3, "group ended: {ended}");
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1013,7 +569,7 @@ fn all_finish_under_5_percent_loss() {
     for ns in &lab.clients {
         lab.add_loss(ns, 5);
     }
-    Wire::install(&lab);
+    Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, "all_finish_under_5_percent_loss");
     let mc = atftp_mc(&["timeout 1"]);
@@ -1024,7 +580,7 @@ fn all_finish_under_5_percent_loss() {
     let ended = wait_event(&server, "group ended", END_LIMIT, |e| {
         names_file(e, ONE_MIB)
     });
-    let wire = Wire::read(&lab);
+    let wire = Wire::read(&lab.server);
     for ns in &lab.clients {
         let d = lab.dropped(ns);
         assert!(
@@ -1051,7 +607,7 @@ fn all_finish_under_5_percent_loss() {
         wire.mc_payload() as f64 / size as f64
     );
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1200,8 +756,8 @@ fn unexpected_ack_flood_is_bounded() {
 
     let runs = finish_all(std::slice::from_mut(&mut master), &fx, BIG, FETCH_LIMIT);
     let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
-    let unexpected = field_u64(&ended, "unexpected");
-    let resent = field_u64(&ended, "unexpected_retransmits");
+    let unexpected = expect_u64(&ended, "unexpected");
+    let resent = expect_u64(&ended, "unexpected_retransmits");
     // At most one retransmission per round-trip estimate, floored at transfer.min_timeout_ms (50 ms).
     let bound = (flood.duration.as_millis() / 50) as u64 + 2;
     eprintln!(
@@ -1226,9 +782,9 @@ fn unexpected_ack_flood_is_bounded() {
         dropped.iter().any(|e| ip_of(e, "client") == Some(raw_ip)),
         "the ERROR must take the raw member out of the group: {dropped:?}"
     );
-    assert_eq!(field_u64(&ended, "members_done"), 1, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_done"), 1, "group ended: {ended}");
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1244,7 +800,7 @@ fn unicast_clients_unaffected_while_a_group_runs() {
     let fx = Fixture::new().with_big();
     let size = BIG_SIZE as u64;
     let lab = Lab::new("mcuni", 6);
-    Wire::install(&lab);
+    Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, "unicast_clients_unaffected_while_a_group_runs");
     let mc = atftp_mc(&[]);
@@ -1261,14 +817,14 @@ fn unicast_clients_unaffected_while_a_group_runs() {
         server.log_tail(40)
     );
     let unicast_clients = [Client::hpa(), Client::Curl { args: vec![] }];
-    let before = Wire::read(&lab);
+    let before = Wire::read(&lab.server);
     let mut unicast: Vec<Fetch> = unicast_clients
         .iter()
         .enumerate()
         .map(|(k, c)| Fetch::start(&lab, &fx, 4 + k, c, server.addr(), ONE_MIB))
         .collect();
     let uni_runs = finish_all(&mut unicast, &fx, ONE_MIB, FETCH_LIMIT);
-    let during = Wire::read(&lab).since(before);
+    let during = Wire::read(&lab.server).since(before);
     finish_all(&mut group, &fx, BIG, FETCH_LIMIT);
     let ended = wait_event(&server, "group ended", END_LIMIT, |e| names_file(e, BIG));
     let started = wait_event(
@@ -1334,7 +890,7 @@ fn unicast_clients_unaffected_while_a_group_runs() {
     }
     let created = events(&server, "group created: waiting for the start delay");
     assert_eq!(created.len(), 1, "one group only: {created:?}");
-    assert_eq!(field_u64(&ended, "members_done"), 4, "group ended: {ended}");
+    assert_eq!(expect_u64(&ended, "members_done"), 4, "group ended: {ended}");
     let uni_bytes = during.uc_payload();
     eprintln!(
         "while the group ran: tftp-hpa {:.2?}, curl {:.2?} (alone afterwards: {:.2?}, {:.2?}); \
@@ -1352,7 +908,7 @@ fn unicast_clients_unaffected_while_a_group_runs() {
         "the unicast clients' bytes did not go by unicast: {during:?}"
     );
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1369,7 +925,7 @@ fn multicast_disabled_serves_atftp_by_unicast() {
     let fx = Fixture::new();
     let size = file_len(&fx, ONE_MIB) as u64;
     let lab = Lab::new("mcoff", N);
-    Wire::install(&lab);
+    Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[("TFTPCAST_MULTICAST__ENABLED", "false")]);
     let dump = DumpOnPanic(&server, "multicast_disabled_serves_atftp_by_unicast");
     let mc = atftp_mc(&[]);
@@ -1377,7 +933,7 @@ fn multicast_disabled_serves_atftp_by_unicast() {
         .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), ONE_MIB))
         .collect();
     finish_all(&mut fetches, &fx, ONE_MIB, FETCH_LIMIT);
-    let wire = Wire::read(&lab);
+    let wire = Wire::read(&lab.server);
     assert_eq!(
         wire.mc_packets, 0,
         "multicast is disabled, yet the server sent to a group: {wire:?}"
@@ -1416,5 +972,5 @@ fn multicast_disabled_serves_atftp_by_unicast() {
         server.log_tail(40)
     );
     drop(dump);
-    stop_server(server);
+    server.finish_in_lab();
 }

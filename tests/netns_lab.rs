@@ -77,16 +77,6 @@ fn start_lab_server(lab: &Lab, fx: &Fixture) -> Server {
     server
 }
 
-fn stop_lab_server(mut server: Server) {
-    assert!(
-        server.is_running(),
-        "the server died\n{}",
-        server.log_tail(60)
-    );
-    server.stop_clean();
-    server.assert_logs_are_json();
-}
-
 #[test]
 fn lab_real_clients_fetch_over_a_bridge() {
     if !require_netns() || !require_tools(&["tftp", "atftp", "curl"]) {
@@ -106,7 +96,7 @@ fn lab_real_clients_fetch_over_a_bridge() {
         },
     ];
     fetch_in_lab(&lab, &fx, server.addr(), &clients, Duration::from_secs(60));
-    stop_lab_server(server);
+    server.finish_in_lab();
 }
 
 #[test]
@@ -137,5 +127,5 @@ fn lab_real_clients_fetch_under_5_percent_loss() {
         );
         eprintln!("{ns}: {dropped} packets dropped");
     }
-    stop_lab_server(server);
+    server.finish_in_lab();
 }

@@ -65,16 +65,6 @@ fn raw_error(server: &Server, fx: &Fixture, name: &[u8]) -> (u16, String) {
     })
 }
 
-/// The JSON log events whose message is `msg`.
-fn events(server: &Server, msg: &str) -> Vec<serde_json::Value> {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == msg)
-        .collect()
-}
-
 /// A config file in the fixture's directory.
 fn config_file(fx: &Fixture, name: &str, text: &str) -> PathBuf {
     let p = fx.base().join(name);

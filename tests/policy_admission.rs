@@ -12,24 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The `fields` of every JSON log line whose message is `message`.
-fn events(server: &Server, message: &str) -> Vec<serde_json::Value> {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("fields").cloned())
-        .filter(|f| f.get("message").and_then(|m| m.as_str()) == Some(message))
-        .collect()
-}
-
-fn field_u64(f: &serde_json::Value, k: &str) -> u64 {
-    f.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
-}
-
 /// Sum of a counter over every admission summary line.
 fn admission_sum(server: &Server, k: &str) -> u64 {
-    events(server, "admission: requests deferred at a session limit or rate limit").iter().map(|f| field_u64(f, k)).sum()
+    events(server, "admission: requests deferred at a session limit or rate limit").iter().map(|e| field_u64(e, k).unwrap_or(0)).sum()
 }
 
 fn write_config(fx: &Fixture, name: &str, text: &str) -> PathBuf {
@@ -199,7 +184,7 @@ deny = true
     // Every applied rule is logged with what it changed.
     let applied = events(&server, "client option policy applied");
     let rules: Vec<(String, String)> =
-        applied.iter().map(|f| (f["rule"].as_str().unwrap_or("").to_string(), f["changes"].as_str().unwrap_or("").to_string())).collect();
+        applied.iter().map(|e| (e["fields"]["rule"].as_str().unwrap_or("").to_string(), e["fields"]["changes"].as_str().unwrap_or("").to_string())).collect();
     assert_eq!(
         rules,
         vec![
@@ -211,7 +196,7 @@ deny = true
     );
     let denied = events(&server, "request denied by client option policy");
     assert_eq!(denied.len(), 1, "{denied:?}");
-    assert_eq!(denied[0]["rule"], "no-secrets");
+    assert_eq!(denied[0]["fields"]["rule"], "no-secrets");
     server.finish(&fx);
 }
 
@@ -446,7 +431,7 @@ fn multicast_requests_fold_into_a_running_group_at_the_session_limit() {
     let mut more: Vec<_> = (2..4).map(spawn_mc).collect();
     wait_log("multicast request joined group", 3);
     let joined = events(&server, "multicast request joined group");
-    assert_eq!(joined.iter().filter(|f| f["new_group"] == true).count(), 1, "{joined:?}");
+    assert_eq!(joined.iter().filter(|e| e["fields"]["new_group"] == true).count(), 1, "{joined:?}");
     assert_eq!(events(&server, "transfer started").len(), 1, "the slot holder is still the only session");
     let want = fs::read(fx.path(ONE_MIB)).unwrap();
     for (child, out) in std::iter::once(&mut first).chain(more.iter_mut()) {

@@ -15,7 +15,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 const PORT: u16 = 69;
 const FETCH_LIMIT: Duration = Duration::from_secs(60);
@@ -126,25 +125,6 @@ fn start_server_with(nat: &NatLab, fx: &Fixture, single_port: bool, wildcard: &s
     }
     args.extend_from_slice(extra);
     Server::start_in(Some(&nat.lab.server), &fx.root, &args)
-}
-
-fn events(server: &Server, msg: &str) -> Vec<Value> {
-    server
-        .logs()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"].as_str() == Some(msg))
-        .collect()
-}
-
-/// A field of an event, or of the span it was logged in, as text.
-fn field_str(ev: &Value, key: &str) -> String {
-    let f = if ev["fields"][key].is_null() { &ev["span"][key] } else { &ev["fields"][key] };
-    match f {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 fn peers_started(server: &Server) -> Vec<SocketAddr> {

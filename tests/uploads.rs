@@ -10,10 +10,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const BIG_LIMIT: Duration = Duration::from_secs(180);
@@ -79,11 +78,6 @@ fn put_ok(r: &Run) -> bool {
     r.success() && !r.output().contains("Error code") && !r.output().contains("timed out")
 }
 
-/// Every JSON log event whose message is `msg`.
-fn events(server: &Server, msg: &str) -> Vec<Value> {
-    server.logs().iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["fields"]["message"].as_str() == Some(msg)).collect()
-}
-
 /// Raw WRQ: the first reply's (code, message) if it is an ERROR.
 fn wrq_error(server: SocketAddr, name: &[u8], opts: &[(&str, &str)]) -> Option<(u16, String)> {
     let (reply, _) = raw::exchange(server, &raw::wrq(name, "octet", opts), Duration::from_secs(3)).expect("an answer to the WRQ");
@@ -101,17 +95,6 @@ fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = vec![0u8; 70000];
     let (n, from) = s.recv_from(&mut buf).expect("a reply within the timeout");
     (buf[..n].to_vec(), from)
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 #[test]

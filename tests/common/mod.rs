@@ -16,6 +16,9 @@
 //!   namespaces on a private /24), deleted on drop even when a test panics; `add_loss` adds
 //!   random input loss with nftables. Every namespace routes 224.0.0.0/4 through its veth, so
 //!   multicast stays in the lab; `in_ns`/`spawn_in_ns` run test code (sockets) inside one.
+//! - `logs`: the server's JSON log as events (`events`, `field_str`, `field_u64`, ...) and
+//!   `wait_until`; `fetch`: [`Fetch`], a client fetch in the background inside a lab namespace,
+//!   and `finish_all`; `wire`: [`Wire`], nftables counters of what a namespace sent.
 //!
 //! Traffic goes only to 127.0.0.0/8 or, inside lab namespaces, to their addresses and to
 //! multicast groups routed through the lab's veths.
@@ -33,6 +36,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+mod fetch;
+mod logs;
+mod wire;
+// Not every test binary uses every module.
+#[allow(unused_imports)]
+pub use {fetch::*, logs::*, wire::*};
 
 /// How long a server may take to log its `listening` event.
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,7 +245,8 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
-fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
+/// Reads `r` to its end on a thread; the receiver gets everything once it closes.
+pub fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut buf = Vec::new();
@@ -947,6 +958,14 @@ impl Server {
         self.stop_clean();
         self.assert_logs_are_json();
     }
+
+    /// [`Server::finish`] for a server in a lab namespace, which the root namespace cannot
+    /// reach: checks it is alive, stops it and checks its log.
+    pub fn finish_in_lab(mut self) {
+        assert!(self.is_running(), "the server died\n{}", self.log_tail(60));
+        self.stop_clean();
+        self.assert_logs_are_json();
+    }
 }
 
 impl Drop for Server {
@@ -1509,9 +1528,7 @@ impl Lab {
 
     /// A command running `program args...` inside namespace `ns`.
     pub fn exec(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
-        let mut c = ip_cmd();
-        c.args(["netns", "exec", ns]).arg(program).args(args);
-        c
+        ns_command(ns, program, args)
     }
 
     /// Runs `f` on a new thread that first enters network namespace `ns` (`setns(2)` acts on
