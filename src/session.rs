@@ -19,7 +19,7 @@ use crate::lease::{self, Leased};
 use crate::pacing::{Pacing, Report};
 use crate::state::DumpState;
 use crate::timer::{earliest, Timer};
-use crate::transport::{Endpoint, Routed, Transport};
+use crate::transport::{Endpoint, Routed, Strangers, Transport};
 use crate::udp::Datagram;
 
 /// Sent by a session to its listener when it stops.
@@ -73,9 +73,8 @@ pub struct Session {
     reported: Report,
     /// Times the socket's send queue was full.
     backpressure: u64,
-    unknown_tid_packets: u64,
-    /// Answers to strangers: a token per answer, 10 a second, bursts of 10.
-    unknown_tid_bucket: TokenBucket,
+    /// Packets from other TIDs, and the budget for answering them.
+    strangers: Strangers,
 }
 
 impl Session {
@@ -100,8 +99,7 @@ impl Session {
             gso: true,
             reported: Report::default(),
             backpressure: 0,
-            unknown_tid_packets: 0,
-            unknown_tid_bucket: TokenBucket::new(now, Some(10), 10),
+            strangers: Strangers::new(now),
         }
     }
 
@@ -285,20 +283,7 @@ impl Actor for Session {
 impl StreamHandler<Datagram> for Session {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         if d.meta.from != self.peer {
-            // RFC 1350: a packet from another TID gets error 5; our transfer goes on. An ERROR
-            // is never answered (two ports would bounce errors forever), and the answers are
-            // rate-limited (bursts of 10, then 10 a second) so a spray at this port cannot
-            // turn the server into a reflector.
-            self.unknown_tid_packets += 1;
-            let is_error = d.data.get(..2) == Some(&[0, 5][..]);
-            let now = Instant::now();
-            self.unknown_tid_bucket.set_rate(now, Some(10));
-            if !is_error && self.unknown_tid_bucket.ready_at(now).is_none() {
-                self.unknown_tid_bucket.consume(1);
-                if let Some(s) = &self.sock {
-                    let _ = s.send_bytes(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
-                }
-            }
+            self.strangers.answer(self.sock.as_ref(), &d);
             return;
         }
         match packet::decode(&d.data) {
@@ -338,7 +323,7 @@ impl Handler<DumpState> for Session {
             timeout_ms = self.sender.timeout().as_millis() as u64,
             retransmits = s.retransmits,
             rate_bps = self.bucket.rate().map(|r| r * 8),
-            unknown_tid_packets = self.unknown_tid_packets,
+            unknown_tid_packets = self.strangers.packets,
             "state"
         );
     }

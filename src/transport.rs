@@ -176,3 +176,32 @@ impl Transport {
 #[derive(actix::Message)]
 #[rtype(result = "()")]
 pub struct Routed(pub Datagram);
+
+/// Packets from another TID than the transfer's peer (RFC 1350: answered with error 5, the
+/// transfer goes on). An ERROR is never answered (two ports would bounce errors forever), and
+/// the answers are rate-limited (bursts of 10, then 10 a second) so a spray at a transfer
+/// port cannot turn the server into a reflector. One per session and per upload.
+pub struct Strangers {
+    pub packets: u64,
+    bucket: tftpcast_proto::pacing::TokenBucket,
+}
+
+impl Strangers {
+    pub fn new(now: std::time::Instant) -> Self {
+        Strangers { packets: 0, bucket: tftpcast_proto::pacing::TokenBucket::new(now, Some(10), 10) }
+    }
+
+    /// Counts a stranger's datagram and answers it when the budget allows.
+    pub fn answer(&mut self, sock: Option<&Transport>, d: &Datagram) {
+        self.packets += 1;
+        let is_error = d.data.get(..2) == Some(&[0, 5][..]);
+        let now = std::time::Instant::now();
+        self.bucket.set_rate(now, Some(10));
+        if !is_error && self.bucket.ready_at(now).is_none() {
+            self.bucket.consume(1);
+            if let Some(s) = sock {
+                let _ = s.send_bytes(&packet::error_packet(packet::ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
+            }
+        }
+    }
+}

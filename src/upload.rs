@@ -25,8 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tftpcast_proto::pacing::TokenBucket;
-use tftpcast_proto::packet::{self, ErrorCode, Mode};
+use tftpcast_proto::packet::{ErrorCode, Mode};
 use tftpcast_proto::upload::{self, Refusal, UploadConfig};
 use tftpcast_proto::{Receiver, ReceiverOutcome};
 use tracing::{info, warn, Span};
@@ -34,7 +33,7 @@ use tracing::{info, warn, Span};
 use crate::session::SessionEnded;
 use crate::state::DumpState;
 use crate::timer::Timer;
-use crate::transport::{Endpoint, Routed, Transport};
+use crate::transport::{Endpoint, Routed, Strangers, Transport};
 use crate::udp::Datagram;
 use crate::upload_store::{StoreConfig, TempFile, UploadRoot};
 
@@ -104,8 +103,8 @@ pub struct Upload {
     ended: Recipient<SessionEnded>,
     started: Instant,
     timer: Timer,
-    unknown_tid_packets: u64,
-    unknown_tid_bucket: TokenBucket,
+    /// Packets from other TIDs, and the budget for answering them.
+    strangers: Strangers,
 }
 
 impl Upload {
@@ -136,8 +135,7 @@ impl Upload {
             ended: spec.ended,
             started: now,
             timer: Timer::default(),
-            unknown_tid_packets: 0,
-            unknown_tid_bucket: TokenBucket::new(now, Some(10), 10),
+            strangers: Strangers::new(now),
         }
     }
 
@@ -316,19 +314,7 @@ impl Handler<Routed> for Upload {
 impl StreamHandler<Datagram> for Upload {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         if d.meta.from != self.peer {
-            // RFC 1350: a packet from another TID gets error 5 and our transfer goes on;
-            // never an answer to an ERROR, and at most 10 a second after a burst of 10 (as
-            // in `session`).
-            self.unknown_tid_packets += 1;
-            let is_error = d.data.get(..2) == Some(&[0, 5][..]);
-            let now = Instant::now();
-            self.unknown_tid_bucket.set_rate(now, Some(10));
-            if !is_error && self.unknown_tid_bucket.ready_at(now).is_none() {
-                self.unknown_tid_bucket.consume(1);
-                if let Some(s) = &self.sock {
-                    let _ = s.send_bytes(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
-                }
-            }
+            self.strangers.answer(self.sock.as_ref(), &d);
             return;
         }
         // Garbage from our own peer is ignored: the transfer recovers or times out.
@@ -356,7 +342,7 @@ impl Handler<DumpState> for Upload {
             mode = self.mode.as_str(),
             duplicates = s.duplicates,
             retransmits = s.retransmits,
-            unknown_tid_packets = self.unknown_tid_packets,
+            unknown_tid_packets = self.strangers.packets,
             "state"
         );
     }
