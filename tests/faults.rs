@@ -37,7 +37,8 @@ use common::*;
 const FILE: &str = "faults_200k.bin";
 const FILE_SIZE: usize = 200 << 10;
 /// Time limit of one client under faults.
-const FETCH_LIMIT: Duration = Duration::from_secs(75);
+/// atftp 512 under 20% loss each way took 39 to 82 s in six runs (see `unicast_clients`).
+const FETCH_LIMIT: Duration = Duration::from_secs(120);
 
 fn fixture() -> Arc<Fixture> {
     let fx = Fixture::new();
@@ -397,9 +398,17 @@ fn unicast_clients() -> Vec<(&'static str, Client)> {
         ("curl 1428", Client::Curl { args: vec!["-v", "--max-time", "45", "--tftp-blksize", "1428"] }),
         ("busybox 512", Client::Busybox { blksize: None }),
         ("busybox 1428", Client::Busybox { blksize: Some(1428) }),
-        // atftp recovers from loss only with a short timeout (DESIGN.md section 7).
-        ("atftp 512", Client::Atftp { options: vec!["timeout 1"] }),
-        ("atftp 1428 w8", Client::Atftp { options: vec!["blksize 1428", "windowsize 8", "timeout 1"] }),
+        // atftp 0.8.0 sends one ACK per DATA block and one extra ACK on the first duplicate
+        // of it, then ignores ("got wrong block, ignoring") every further duplicate of that
+        // block until its own timer fires: --tftp-timeout, 5 s by default, restarted by every
+        // packet it receives, ignored ones included. If both ACKs are lost (4% of the blocks
+        // at 20% each way, so in nearly every 200 KiB run) the server retransmits every
+        // second (timeout 1) for transfer.min_give_up_s and gives up, atftp's 5 s of silence
+        // only begin then; its re-ACK meets a closed port, ICMP port unreachable, "tftp:
+        // unknown error". The server is right to retransmit and is never answered.
+        // --tftp-timeout=1 makes atftp re-ACK whenever one of those retransmissions is lost.
+        ("atftp 512", Client::Atftp { options: vec!["--tftp-timeout=1", "timeout 1"] }),
+        ("atftp 1428 w8", Client::Atftp { options: vec!["--tftp-timeout=1", "blksize 1428", "windowsize 8", "timeout 1"] }),
         ("tftpcast 512", Client::Tftpcast { args: vec![] }),
         ("tftpcast 512 w8", Client::Tftpcast { args: vec!["--windowsize", "8"] }),
         ("tftpcast 1428 w8", Client::Tftpcast { args: vec!["--blksize", "1428", "--windowsize", "8"] }),
@@ -449,15 +458,19 @@ fn unicast_clients_under_20_percent_loss() {
         assert!(!matches!(e, Ending::Killed), "{name} neither finished nor gave up within {FETCH_LIMIT:?}\n{}", server.log_tail(30));
     }
     // Under 20% loss each way the server keeps a client that answered for at least
-    // transfer.min_give_up_s (10 s) after its last progress, but tftp-hpa, curl and atftp have
-    // their own limits: atftp stalls on one block (none of its re-ACKs arrive) and gives up in
-    // almost every run. Measured over twelve runs, with and without the floor alike: 7 to 9
-    // of the 10 complete, tftpcast's own client every time.
+    // transfer.min_give_up_s (10 s) after its last progress, but tftp-hpa and curl have their
+    // own limits. atftp completes with --tftp-timeout=1 (without it, it stalled on one block in
+    // nearly every run, see `unicast_clients`) unless its ACK 0 is lost (ATFTP_REPEATED_OACK).
+    // Measured over twelve runs before that change: 7 to 9 of the 10 complete, tftpcast's own
+    // client every time.
     let exact = endings.iter().filter(|(_, e)| matches!(e, Ending::Exact(_))).count();
     assert!(exact >= 6, "only {exact} of {} clients completed", endings.len());
     for (name, e) in &endings {
         if name.starts_with("tftpcast") {
             assert!(matches!(e, Ending::Exact(_)), "{name} did not complete: {e:?}\n{}", server.log_tail(30));
+        }
+        if name.starts_with("atftp") {
+            assert!(matches!(e, Ending::Exact(_) | Ending::GaveUp(_, Some(_))), "{name} gave up for an unknown reason: {e:?}\n{}", server.log_tail(30));
         }
     }
     assert!(lab.dropped(&lab.server) > 0 && lab.dropped(&lab.clients[1]) > 0, "the loss rules dropped nothing");

@@ -995,7 +995,8 @@ impl Drop for Server {
 pub enum Client {
     /// tftp-hpa `tftp HOST PORT -m MODE -c get FILE OUT`; MODE `binary` or `netascii`.
     Hpa { mode: &'static str },
-    /// `atftp [--option "..."]... -g -r FILE -l OUT HOST PORT`.
+    /// `atftp [--option "..."]... -g -r FILE -l OUT HOST PORT`; an entry starting with `--`
+    /// is passed as it is (e.g. `--tftp-timeout=1`, atftp's own retransmission timeout).
     Atftp { options: Vec<&'static str> },
     /// `curl -sS [ARGS] tftp://HOST:PORT/FILE -o OUT` (with `--path-as-is`).
     Curl { args: Vec<&'static str> },
@@ -1056,7 +1057,11 @@ impl Client {
             }
             Client::Atftp { options } => {
                 for o in options {
-                    cmd.args(["--option", o]);
+                    if o.starts_with("--") {
+                        cmd.arg(o);
+                    } else {
+                        cmd.args(["--option", o]);
+                    }
                 }
                 cmd.args(["-g", "-r", remote, "-l"])
                     .arg(out)
