@@ -22,11 +22,15 @@ fn count(server: &Server, message: &str) -> usize {
 
 /// Runs `clients[i]` in `lab.clients[i]` at once (after `stagger[i]`), each fetching `file`;
 /// checks every download byte for byte and returns each one's wall time.
-fn fetch_all(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: Vec<(Client, &'static str, Duration)>, limit: Duration) -> Vec<Duration> {
+/// Runs the clients at once, each in its own namespace; every one must complete byte-exact,
+/// except client `may_give_up`, which may instead report a failure (never wrong bytes).
+/// Returns each client's time and whether it completed.
+fn fetch_all(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: Vec<(Client, &'static str, Duration)>, limit: Duration, may_give_up: Option<usize>) -> Vec<(Duration, bool)> {
     let handles: Vec<_> = clients
         .into_iter()
         .zip(lab.clients.clone())
-        .map(|((client, file, stagger), ns)| {
+        .enumerate()
+        .map(|(i, ((client, file, stagger), ns))| {
             let fx = fx.clone();
             thread::spawn(move || {
                 thread::sleep(stagger);
@@ -35,8 +39,12 @@ fn fetch_all(lab: &Lab, fx: &Arc<Fixture>, server: SocketAddr, clients: Vec<(Cli
                 let run = client.fetch(Some(&ns), server, file, &out, limit);
                 let took = t.elapsed();
                 let len = std::fs::metadata(fx.path(file)).unwrap().len() as usize;
+                if may_give_up == Some(i) && (!run.success() || client.reported_error(&run)) {
+                    eprintln!("{client:?} in {ns} gave up after {took:.2?} (allowed):\n{run}");
+                    return (took, false);
+                }
                 assert_fetched(&client, &run, &out, &fx.sha(file), len, &format!("{client:?} in {ns}"));
-                took
+                (took, true)
             })
         })
         .collect();
@@ -73,7 +81,7 @@ fn slow_link_pacing_on_retransmits_less_than_off() {
         let server = Server::start_in_env(Some(&lab.server), &fx.root, &["--listen", &listen, "--start-delay-ms", "1000"], &[("TFTPCAST_PACING__ADAPTIVE", adaptive)]);
         let clients: Vec<_> = (0..16).map(|i| if i < 8 { (mc(), ONE_MIB, Duration::ZERO) } else { (windowed(), ONE_MIB, Duration::ZERO) }).collect();
         let t = Instant::now();
-        let times = fetch_all(&lab, &fx, server.addr(), clients, Duration::from_secs(120));
+        let times: Vec<Duration> = fetch_all(&lab, &fx, server.addr(), clients, Duration::from_secs(120), None).into_iter().map(|(t, _)| t).collect();
         let wall = t.elapsed();
         thread::sleep(Duration::from_millis(300));
         let rtx = sum_field(&server, "transfer complete", "retransmitted_bytes") + sum_field(&server, "group ended", "retransmitted_bytes");
@@ -120,7 +128,9 @@ fn a_lossy_client_does_not_hold_back_the_group() {
         // up on it (see tests/faults.rs `unicast_clients`).
         let lossy_mc = Client::Atftp { options: vec!["--tftp-timeout=1", "multicast", "blksize 1428", "timeout 1"] };
         let clients: Vec<_> = (0..6).map(|i| if i == 0 { (lossy_mc.clone(), BIG, Duration::ZERO) } else { (mc(), BIG, Duration::from_millis(200)) }).collect();
-        let times = fetch_all(&lab, &fx, server.addr(), clients, Duration::from_secs(240));
+        // Under 10 % loss atftp itself may give up (its retransmission rules, see above); what
+        // this test is about is that the others are not held back by it.
+        let times: Vec<Duration> = fetch_all(&lab, &fx, server.addr(), clients, Duration::from_secs(240), lossy.then_some(0)).into_iter().map(|(t, _)| t).collect();
         let others = *times[1..].iter().max().unwrap();
         eprintln!("lossy={lossy}: others done in {others:.2?}, lossy client in {:.2?}", times[0]);
         if lossy {
