@@ -261,37 +261,46 @@ impl Listener {
         }
     }
 
-    /// A read request, new (`ticket` None) or deferred and now admitted (`ticket` holds its
-    /// session slot).
-    fn on_read_request(&mut self, d: Datagram, req: Request, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
+    /// What read and write requests share before their own handling: counting, duplicates
+    /// (a repeated request of a running or queued transfer), mail mode and option parsing.
+    /// `fresh`: a new datagram, not one admitted from the defer queue. None: answered or
+    /// dropped here.
+    fn check_request(&mut self, d: &Datagram, req: &Request, fresh: bool) -> Option<options::Requested> {
         let peer = d.meta.from;
-        if ticket.is_none() {
+        if fresh {
             self.counters.requests += 1;
         }
-        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) || (ticket.is_none() && admission::refresh(&self.admission, &d)) {
+        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) || (fresh && admission::refresh(&self.admission, d)) {
             // The client repeated its request because our first answer was lost or slow:
-            // the session's own timer retransmits, so a second session must not start (a
+            // the transfer's own timer retransmits, so a second transfer must not start (a
             // queued request keeps its place).
             self.counters.duplicates += 1;
             m().request("duplicate");
-            return;
+            return None;
         }
         if req.mode == Mode::Mail {
             self.counters.malformed += 1;
             m().request("malformed");
-            self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
-            return;
+            self.reply_error(d, ErrorCode::IllegalOperation, "Mail mode is not supported");
+            return None;
         }
-        let mut requested = match options::parse(&req.options) {
-            Ok(r) => r,
+        match options::parse(&req.options) {
+            Ok(r) => Some(r),
             Err(e) => {
                 self.counters.option_refused += 1;
                 m().request("options_refused");
                 info!(peer = %peer, file = %req.filename_lossy(), error = %e, "options refused");
-                self.reply_error(&d, ErrorCode::OptionRefused, &e.to_string());
-                return;
+                self.reply_error(d, ErrorCode::OptionRefused, &e.to_string());
+                None
             }
-        };
+        }
+    }
+
+    /// A read request, new (`ticket` None) or deferred and now admitted (`ticket` holds its
+    /// session slot).
+    fn on_read_request(&mut self, d: Datagram, req: Request, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
+        let peer = d.meta.from;
+        let Some(mut requested) = self.check_request(&d, &req, ticket.is_none()) else { return };
         let Some((ticket, applied)) = self.admit(&d, &req, &mut requested, ticket, ctx) else { return };
         let name = match self.policy.mapper.map_request(&req.filename, peer) {
             Ok(n) => n.into_owned(),
@@ -347,27 +356,7 @@ impl Listener {
     /// arbiter with its own transfer socket.
     fn on_write_request(&mut self, d: Datagram, req: Request, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
         let peer = d.meta.from;
-        if ticket.is_none() {
-            self.counters.requests += 1;
-        }
-        if self.sessions.contains_key(&peer) || self.uploads.contains_key(&peer) || self.pending.contains(&peer) || (ticket.is_none() && admission::refresh(&self.admission, &d)) {
-            self.counters.duplicates += 1;
-            return;
-        }
-        if req.mode == Mode::Mail {
-            self.counters.malformed += 1;
-            self.reply_error(&d, ErrorCode::IllegalOperation, "Mail mode is not supported");
-            return;
-        }
-        let mut requested = match options::parse(&req.options) {
-            Ok(r) => r,
-            Err(e) => {
-                self.counters.option_refused += 1;
-                info!(peer = %peer, file = %req.filename_lossy(), error = %e, "options refused");
-                self.reply_error(&d, ErrorCode::OptionRefused, &e.to_string());
-                return;
-            }
-        };
+        let Some(mut requested) = self.check_request(&d, &req, ticket.is_none()) else { return };
         // Uploads go through the same client option policy and admission control as reads;
         // a WRQ has no multicast.
         requested.multicast = false;
