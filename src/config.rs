@@ -69,6 +69,11 @@ pub struct Multicast {
     pub master_retries: u32,
     pub slow_master_repairs: u32,
     pub lone_member_unicast: bool,
+    pub probe_blocks: u32,
+    pub rate_control: bool,
+    pub rate_floor_kbps: u64,
+    pub rate_loss_threshold_pct: u32,
+    pub rate_decrease_pct: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -404,6 +409,15 @@ impl Settings {
         }
         if m.master_retries == 0 {
             return bad("multicast.master_retries", "must be at least 1".into());
+        }
+        if m.rate_floor_kbps == 0 {
+            return bad("multicast.rate_floor_kbps", "must be at least 1".into());
+        }
+        if m.rate_loss_threshold_pct == 0 || m.rate_loss_threshold_pct > 100 {
+            return bad("multicast.rate_loss_threshold_pct", "must be 1..=100".into());
+        }
+        if m.rate_decrease_pct == 0 || m.rate_decrease_pct > 99 {
+            return bad("multicast.rate_decrease_pct", "must be 1..=99".into());
         }
         if self.limits.defer_max_ms > 60_000 {
             return bad("limits.defer_max_ms", "must be 0..=60000".into());

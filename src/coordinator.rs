@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use tftpcast_proto::cluster::{GroupInfo, MemberInfo, Message as ClusterMessage, NodeId, StreamKey};
-use tftpcast_proto::multicast::GroupConfig;
+use tftpcast_proto::multicast::{GroupConfig, RateConfig};
 use tracing::{debug, info, info_span, warn};
 
 use crate::file_cache::{FileCache, FileRequest};
@@ -90,8 +90,12 @@ pub struct MulticastPolicy {
     pub min_timeout: Duration,
     pub max_timeout: Duration,
     pub master_retries: u32,
+    /// A master that answered before is kept this long after its last progress.
+    pub give_up_after: Duration,
     pub slow_master_repairs: u32,
     pub lone_member_unicast: bool,
+    pub probe_blocks: u32,
+    pub rate: RateConfig,
     pub lease_every: Duration,
     /// Groups send from the listening socket (`UseSocket`) instead of their own.
     pub single_port: bool,
@@ -305,10 +309,13 @@ impl Coordinator {
             min_timeout: self.policy.min_timeout,
             max_timeout: self.policy.max_timeout,
             master_retries: self.policy.master_retries,
+            give_up_after: self.policy.give_up_after,
             start_at,
             start_min_clients: self.policy.start_min_clients,
             slow_master_repairs: self.policy.slow_master_repairs,
             lone_member_unicast: self.policy.lone_member_unicast,
+            probe_blocks: self.policy.probe_blocks,
+            rate: self.policy.rate.clone(),
         }
     }
 

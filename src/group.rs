@@ -23,10 +23,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use tftpcast_proto::cluster::MemberInfo;
-use tftpcast_proto::multicast::{Event, Group, GroupConfig, Output};
+use tftpcast_proto::multicast::rate::RateChange;
+use tftpcast_proto::multicast::{Event, Group, GroupConfig, GroupStats, Output};
 use tftpcast_proto::pacing::TokenBucket;
 use tftpcast_proto::packet;
-use tracing::{info, warn, Span};
+use tftpcast_proto::transfer::Transmit;
+use tracing::{debug, info, warn, Span};
 
 use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
 use crate::lease::{self, Leased};
@@ -112,6 +114,12 @@ pub struct GroupSession {
     relayed: u64,
     /// Join messages received (repeats included), matched by the coordinator's count.
     join_requests: u64,
+    /// The group sets its own rate (`multicast.rate_control`): pacing applies the caps only.
+    own_rate: bool,
+    /// `multicast.window`: the widest window.
+    window_max: u16,
+    /// The path takes segmented sends (cleared when the kernel refuses one).
+    gso: bool,
 }
 
 /// Group ids share the pacing table with session ids; this bit keeps them apart.
@@ -120,13 +128,14 @@ const GROUP_ID_BIT: u64 = 1 << 63;
 impl GroupSession {
     pub fn new(spec: GroupSpec) -> Self {
         let tid = spec.tid;
-        let (group, dest, file_len) = match spec.owner {
+        let (group, dest, file_len, own_rate, window_max) = match spec.owner {
             Some((cfg, data)) => {
                 let dest = SocketAddr::V4(cfg.group);
                 let len = data.len() as u64;
-                (Some(Group::new(cfg, data)), Some(dest), len)
+                let (own, window) = (cfg.rate.enabled, cfg.window);
+                (Some(Group::new(cfg, data)), Some(dest), len, own, window)
             }
-            None => (None, None, 0),
+            None => (None, None, 0, false, 0),
         };
         GroupSession {
             id: spec.id,
@@ -150,19 +159,35 @@ impl GroupSession {
             backpressure: 0,
             relayed: 0,
             join_requests: 0,
+            own_rate,
+            window_max,
+            gso: true,
         }
     }
 
+    /// Sends what the group has, as far as the pacing budget allows. Consecutive DATA to
+    /// one destination leaves as one segmented send (UDP GSO) when the path takes it: one
+    /// system call, and one packet through the bridge or switch queue to each receiver,
+    /// which wakes once for the run (the budget is still charged per datagram).
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        let (Some(sock), Some(dest)) = (self.sock.clone(), self.dest) else { return };
+        let (Some(sock), Some(group_dest)) = (self.sock.clone(), self.dest) else { return };
+        let mut batch: Vec<Transmit> = Vec::new();
+        let mut batch_dest = group_dest;
         while !self.blocked {
             let now = Instant::now();
-            if self.bucket.ready_at(now).is_some() {
-                break;
+            let out = if self.bucket.ready_at(now).is_some() { None } else { self.group.as_mut().and_then(|g| g.poll_transmit(now)) };
+            let (data, dest) = match &out {
+                Some(Output::ToGroup(t)) => (Some(t), group_dest),
+                Some(Output::ToMember { to, data }) => (Some(data), *to),
+                _ => (None, group_dest),
+            };
+            let joins = data.is_some_and(|t| dest == batch_dest && crate::udp::batchable(&batch, t));
+            if !batch.is_empty() && !joins {
+                self.send_batch(&sock, &mut batch, batch_dest, ctx);
             }
-            let Some(out) = self.group.as_mut().and_then(|g| g.poll_transmit(now)) else { break };
             match out {
-                Output::ToClient { to, packet } => {
+                None => break,
+                Some(Output::ToClient { to, packet }) => {
                     self.unicast_bytes += packet.len() as u64;
                     self.bucket.consume(packet.len() as u64);
                     if let Err(e) = sock.send_bytes(&packet, to) {
@@ -170,33 +195,40 @@ impl GroupSession {
                         warn!(client = %to, error = %e, "cannot send to member");
                     }
                 }
-                Output::ToGroup(_) | Output::ToMember { .. } => {
-                    let (t, dest) = match out {
-                        Output::ToGroup(t) => (t, dest),
-                        Output::ToMember { to, data } => (data, to),
-                        Output::ToClient { .. } => unreachable!(),
-                    };
+                Some(Output::ToGroup(t)) | Some(Output::ToMember { data: t, .. }) => {
                     self.bucket.consume(t.len() as u64);
-                    match sock.send_transmit(&t, dest) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            self.blocked = true;
-                            self.backpressure += 1;
-                            ctx.spawn(sock.clone().send_when_writable(t, dest).into_actor(self).map(|_, act, ctx| {
-                                act.blocked = false;
-                                act.flush(ctx);
-                            }));
-                        }
-                        Err(e) => {
-                            let _g = self.span.enter();
-                            warn!(error = %e, "cannot send to group");
-                        }
-                    }
+                    batch_dest = dest;
+                    batch.push(t);
                 }
             }
         }
+        if !batch.is_empty() && !self.blocked {
+            self.send_batch(&sock, &mut batch, batch_dest, ctx);
+        }
         self.log_events();
         self.rearm(ctx);
+    }
+
+    /// Sends a run of DATA; on a full send queue the rest goes when the socket has room.
+    fn send_batch(&mut self, sock: &Transport, batch: &mut Vec<Transmit>, dest: SocketAddr, ctx: &mut Context<Self>) {
+        match sock.send_batch(batch, dest, &mut self.gso) {
+            Ok(()) => batch.clear(),
+            Err((sent, e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.blocked = true;
+                self.backpressure += 1;
+                let rest: Vec<_> = batch.drain(sent..).collect();
+                batch.clear();
+                ctx.spawn(sock.clone().send_batch_when_writable(rest, dest).into_actor(self).map(|_, act, ctx| {
+                    act.blocked = false;
+                    act.flush(ctx);
+                }));
+            }
+            Err((_, e)) => {
+                batch.clear();
+                let _g = self.span.enter();
+                warn!(error = %e, "cannot send to group");
+            }
+        }
     }
 
     fn log_events(&mut self) {
@@ -213,8 +245,46 @@ impl GroupSession {
                         info!(members, waited_ms = self.created.elapsed().as_millis() as u64, "group started after the start delay")
                     }
                 }
-                Event::MasterChanged { from, to, .. } => {
-                    info!(from = ?from, to = %to, block = g.current_block(), members = g.members(), "master changed")
+                Event::MasterChanged { from, to, why } => {
+                    info!(from = ?from, to = %to, why = why.as_str(), block = g.current_block(), frontier = g.frontier(), members = g.members(), "master changed")
+                }
+                Event::Rate { change, lost, of, members } => {
+                    let bps = |r: Option<u64>| r.map(|r| r * 8);
+                    let frontier = g.frontier();
+                    match change {
+                        RateChange::Slowed { from, to, loss_permille } => info!(
+                            old_bps = bps(from),
+                            new_bps = to * 8,
+                            repair_pct = loss_permille as f64 / 10.0,
+                            lost,
+                            of,
+                            members,
+                            frontier,
+                            "group rate lowered: a probed member lost blocks"
+                        ),
+                        RateChange::Restored { to, loss_permille } => info!(
+                            new_bps = bps(to),
+                            repair_pct = loss_permille as f64 / 10.0,
+                            lost,
+                            of,
+                            members,
+                            frontier,
+                            "group rate restored: slowing down did not reduce the loss (taken for the link's)"
+                        ),
+                        RateChange::Raised { from, to } => {
+                            debug!(old_bps = from * 8, new_bps = bps(to), lost, of, frontier, "group rate raised after a clean probe")
+                        }
+                    }
+                }
+                Event::Window { from, to, master_loss_permille } => {
+                    let loss_pct = master_loss_permille as f64 / 10.0;
+                    // The extremes at info (lock-step on a lossy master, back to full), the
+                    // steps between at debug.
+                    if to == 1 || to as u16 == self.window_max {
+                        info!(old = from, new = to, master_loss_pct = loss_pct, "group window changed with the master's loss");
+                    } else {
+                        debug!(old = from, new = to, master_loss_pct = loss_pct, "group window changed with the master's loss");
+                    }
                 }
                 Event::MemberDone { client } => info!(client = %client, members_left = g.members(), "member finished"),
                 Event::MemberLost { client, reason } => warn!(client = %client, reason, members_left = g.members(), "member dropped"),
@@ -246,10 +316,10 @@ impl GroupSession {
             bytes: st.data_bytes + self.unicast_bytes,
             packets: st.data_packets,
             // Blocks a late joiner asks for are not loss; only what the path lost counts.
-            retransmits: st.loss_retransmits,
+            retransmits: st.repairs.loss(),
             timeouts: st.timeouts,
             backpressure: self.backpressure,
-            repairs: st.remasters,
+            repairs: st.remasters + st.probes,
         };
         let report = now.since(&self.reported);
         self.reported = now;
@@ -269,17 +339,30 @@ impl GroupSession {
         let Some(g) = self.group.as_ref() else { return };
         let st = g.stats();
         let ratio = st.data_bytes as f64 / self.file_len.max(1) as f64;
+        let payload_ratio = payload_ratio(&st, self.file_len);
         info!(
             duration_ms = self.created.elapsed().as_millis() as u64,
             sending_ms = self.started_at.map(|t| t.elapsed().as_millis() as u64),
             data_bytes = st.data_bytes,
             wire_ratio = format!("{ratio:.3}"),
+            payload_ratio = format!("{payload_ratio:.3}"),
             data_packets = st.data_packets,
+            first_pass = st.first_pass,
             retransmits = st.retransmits,
             retransmitted_bytes = st.retransmitted_bytes,
+            repairs_hole = st.repairs.hole,
+            repairs_timeout = st.repairs.timeout,
+            repairs_remaster = st.repairs.remaster,
+            repairs_late_join = st.repairs.late_join,
+            repairs_unexpected = st.repairs.unexpected,
             unexpected = st.unexpected,
             unexpected_retransmits = st.unexpected_retransmits,
+            duplicate_acks = st.duplicate_acks,
+            timeouts = st.timeouts,
             remasters = st.remasters,
+            probes = st.probes,
+            rate_changes = st.rate_changes,
+            rate_bps = g.rate().map(|r| r * 8),
             members_done = st.members_done,
             members_lost = st.members_lost,
             demotions = st.demotions,
@@ -291,9 +374,19 @@ impl GroupSession {
     }
 }
 
+/// DATA payload sent (first pass and repairs) per byte of the file: 1.0 when the file
+/// crossed the wire exactly once.
+fn payload_ratio(st: &GroupStats, file_len: u64) -> f64 {
+    let payload = st.data_bytes.saturating_sub(4 * st.data_packets);
+    payload as f64 / file_len.max(1) as f64
+}
+
 impl Leased for GroupSession {
     fn lease_id(&self) -> u64 {
         self.id | GROUP_ID_BIT
+    }
+    fn own_rate_control(&self) -> bool {
+        self.own_rate
     }
     fn pacing(&self) -> &Addr<Pacing> {
         &self.pacing
@@ -424,6 +517,7 @@ impl Handler<TakeOver> for GroupSession {
         self.file_len = m.data.len() as u64;
         self.reported = Report::default();
         self.unicast_bytes = 0;
+        self.window_max = m.cfg.window;
         let mut g = Group::new(m.cfg, m.data);
         g.take_over(Instant::now(), m.members);
         self.group = Some(g);
@@ -447,14 +541,27 @@ impl Handler<DumpState> for GroupSession {
             role = "owner",
             started = g.started(),
             block = g.current_block(),
+            frontier = g.frontier(),
             blocks = g.total_blocks(),
             members = g.members(),
             master = ?g.master(),
             timeout_ms = g.timeout().as_millis() as u64,
+            window = g.window(),
+            master_loss_pct = g.master_loss_permille() as f64 / 10.0,
             data_bytes = st.data_bytes,
+            first_pass = st.first_pass,
             retransmits = st.retransmits,
+            repairs_hole = st.repairs.hole,
+            repairs_timeout = st.repairs.timeout,
+            repairs_remaster = st.repairs.remaster,
+            repairs_late_join = st.repairs.late_join,
+            repairs_unexpected = st.repairs.unexpected,
             unexpected = st.unexpected,
-            rate_bps = self.bucket.rate().map(|r| r * 8),
+            probes = st.probes,
+            rate_changes = st.rate_changes,
+            payload_ratio = format!("{:.3}", payload_ratio(&st, self.file_len)),
+            group_rate_bps = g.rate().map(|r| r * 8),
+            lease_rate_bps = self.bucket.rate().map(|r| r * 8),
             "state"
         );
     }

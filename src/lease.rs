@@ -14,6 +14,11 @@ use crate::pacing::{self, Pacing, Report};
 pub trait Leased: Actor<Context = Context<Self>> {
     /// The id the lease is held under.
     fn lease_id(&self) -> u64;
+    /// Whether the sender sets its own rate from its receivers' reports (pacing then only
+    /// applies the caps).
+    fn own_rate_control(&self) -> bool {
+        false
+    }
     fn pacing(&self) -> &Addr<Pacing>;
     /// The bucket the granted rate applies to.
     fn bucket(&mut self) -> &mut TokenBucket;
@@ -29,7 +34,7 @@ pub trait Leased: Actor<Context = Context<Self>> {
 /// the first packets already leave at the granted rate; then flushes.
 pub fn register<A: Leased>(act: &mut A, ctx: &mut Context<A>) {
     act.pacing()
-        .send(pacing::Register { id: act.lease_id() })
+        .send(pacing::Register { id: act.lease_id(), own_rate_control: act.own_rate_control() })
         .into_actor(act)
         .map(|res, act, ctx| {
             if let Ok(lease) = res {

@@ -169,8 +169,17 @@ async fn serve(v: Validated) -> u8 {
                 min_timeout: Duration::from_millis(s.transfer.min_timeout_ms),
                 max_timeout: s.transfer.max_timeout(),
                 master_retries: m.master_retries,
+                give_up_after: Duration::from_secs(s.transfer.min_give_up_s),
                 slow_master_repairs: m.slow_master_repairs,
                 lone_member_unicast: m.lone_member_unicast,
+                probe_blocks: m.probe_blocks,
+                rate: tftpcast_proto::multicast::RateConfig {
+                    enabled: m.rate_control,
+                    floor: m.rate_floor_kbps * 1000 / 8,
+                    loss_threshold_pct: m.rate_loss_threshold_pct,
+                    decrease_pct: m.rate_decrease_pct,
+                    ..Default::default()
+                },
                 lease_every: Duration::from_millis(s.pacing.lease_ms),
                 single_port: s.server.single_port,
             };

@@ -37,6 +37,9 @@ pub type Report = Signals;
 #[rtype(result = "Lease")]
 pub struct Register {
     pub id: u64,
+    /// The sender controls its rate from its own receivers' reports (a multicast group):
+    /// pacing grants it the caps only, and counts its reports for the node's advice.
+    pub own_rate_control: bool,
 }
 
 /// A sender renews its lease and reports.
@@ -89,6 +92,8 @@ pub struct PacingPolicy {
 
 struct Entry {
     aimd: Aimd,
+    /// AIMD applies (false: the sender has its own rate control).
+    adaptive: bool,
     last_report: Instant,
     bytes: u64,
     retransmits: u64,
@@ -151,7 +156,7 @@ impl Pacing {
 
     fn lease(&self, id: u64) -> Lease {
         let share = session_share(self.node_cap, self.senders.len(), self.session_cap);
-        let adaptive = self.policy.adaptive.then(|| self.senders.get(&id).map(|e| e.aimd.rate())).flatten();
+        let adaptive = self.policy.adaptive.then(|| self.senders.get(&id).filter(|e| e.adaptive).map(|e| e.aimd.rate())).flatten();
         let rate = match (share, adaptive) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -227,7 +232,7 @@ impl Actor for Pacing {
 impl Handler<Register> for Pacing {
     type Result = MessageResult<Register>;
     fn handle(&mut self, m: Register, _: &mut Context<Self>) -> Self::Result {
-        let e = Entry { aimd: self.new_aimd(), last_report: Instant::now(), bytes: 0, retransmits: 0 };
+        let e = Entry { aimd: self.new_aimd(), adaptive: !m.own_rate_control, last_report: Instant::now(), bytes: 0, retransmits: 0 };
         self.senders.insert(m.id, e);
         MessageResult(self.lease(m.id))
     }
@@ -243,7 +248,7 @@ impl Handler<Renew> for Pacing {
             e.retransmits += m.report.retransmits;
             let interval = now.saturating_duration_since(e.last_report);
             e.last_report = now;
-            if self.policy.adaptive {
+            if self.policy.adaptive && e.adaptive {
                 match e.aimd.on_report(now, interval, &m.report) {
                     Change::Decreased { from, to } => {
                         self.decreases += 1;

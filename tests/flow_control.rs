@@ -102,10 +102,9 @@ fn slow_link_pacing_on_retransmits_less_than_off() {
 
 /// One client of a multicast group sits behind 10% loss and leads first. The others finish
 /// within twice the loss-free time plus 8 s: the lossy master is demoted after
-/// `multicast.slow_master_repairs` (16) losses, each costing a fast retransmission or at most
-/// a timeout (up to 0.5 s while the first round trips are measured), so the others lose a
-/// few seconds at most; without the demotion they would move at the lossy client's pace
-/// (about 40 s here).
+/// `multicast.slow_master_repairs` (4) losses past its own repairs, each costing a fast
+/// retransmission or at most a timeout, so the others lose a few seconds at most; without
+/// the demotion they would move at the lossy client's pace (about 40 s here).
 #[test]
 fn a_lossy_client_does_not_hold_back_the_group() {
     let _serial = serial_lab();

@@ -1302,10 +1302,13 @@ mod tests {
             min_timeout: Duration::from_millis(20),
             max_timeout: Duration::from_secs(1),
             master_retries: 3,
+            give_up_after: Duration::ZERO,
             start_at: t0 + Duration::from_millis(50),
             start_min_clients: 0,
             slow_master_repairs: if sc.server_tricks { 8 } else { 0 },
             lone_member_unicast: sc.server_tricks,
+            probe_blocks: if sc.server_tricks { 256 } else { 0 },
+            rate: crate::multicast::RateConfig::default(),
         };
         let mut group: Group<usize> = Group::new(gcfg, Bytes::from(data.clone()));
         let mut clients: Vec<Client> = (0..sc.clients)
@@ -1486,7 +1489,7 @@ mod tests {
                 continue;
             }
             let rx = c.rx.as_ref().unwrap();
-            assert_eq!(rx.outcome(), Some(&ReceiverOutcome::Complete), "client {i}: {:?}", rx.stats());
+            assert_eq!(rx.outcome(), Some(&ReceiverOutcome::Complete), "client {i}: {:?}; group {:?}", rx.stats(), r.group.stats());
             assert_eq!(rx.file_len(), Some(r.data.len() as u64));
             assert!(c.file == r.data, "client {i}: file differs");
         }
@@ -1512,8 +1515,8 @@ mod tests {
             clients: 5,
             window: 8,
             loss: 5,
-            late: Some((4, Duration::from_millis(400))),
-            kill: Some((0, Duration::from_millis(300))),
+            late: Some((4, Duration::from_millis(120))),
+            kill: Some((0, Duration::from_millis(90))),
             spoof: true,
             server_tricks: false,
         });

@@ -46,8 +46,13 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, now: Instant) {
+        // A bucket made with an instant still to come (a group's start time) counts from its
+        // first use instead: otherwise it would not refill until then.
+        if now < self.last {
+            self.last = now;
+        }
         let elapsed = now.saturating_duration_since(self.last);
-        self.last = now.max(self.last);
+        self.last = now;
         if let Some(r) = self.rate {
             // u64 arithmetic on the per-packet path (a u128 division costs ~100 instructions);
             // u128 only when the product would overflow (long idle at a high rate).
@@ -132,6 +137,16 @@ mod tests {
         // A 16-block window at 20 Mbit/s leaves over about 9 ms, not at once.
         let wait = b.ready_at(t0).unwrap() - t0;
         assert!(wait > Duration::from_millis(5) && wait < Duration::from_millis(10), "{wait:?}");
+    }
+
+    #[test]
+    fn a_bucket_made_for_a_later_instant_refills_from_its_first_use() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0 + Duration::from_secs(5), Some(1_000_000), 1000);
+        b.consume(2000);
+        let t = b.ready_at(t0).expect("in debt");
+        assert!(t <= t0 + Duration::from_millis(2), "{:?}", t - t0);
+        assert_eq!(b.ready_at(t0 + Duration::from_millis(2)), None);
     }
 
     #[test]

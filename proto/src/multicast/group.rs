@@ -42,8 +42,6 @@ struct Member<C> {
     held_back: bool,
     /// It has led before: `loss` is its own.
     led: bool,
-    /// When it was last told again that it is not master.
-    reminded: Option<Instant>,
 }
 
 impl<C> Member<C> {
@@ -60,7 +58,6 @@ impl<C> Member<C> {
             keeps_out_of_order: false,
             held_back: false,
             led: false,
-            reminded: None,
         }
     }
 }
@@ -99,6 +96,9 @@ struct Sweep {
     /// The highest block sent for it so far: a block sent again is not a new hole.
     counted_upto: u64,
 }
+
+/// Options of a member's OACK besides `multicast`.
+pub type Options = Vec<(String, String)>;
 
 /// One multicast group.
 #[derive(Debug)]
@@ -141,7 +141,7 @@ pub struct Group<C: Copy + Eq + std::fmt::Debug> {
     missing_upto: u64,
     sweep: Option<Sweep>,
     /// The master before the current one, and when it stopped leading: its ACKs still on
-    /// the way are neither unexpected nor a reason to remind it.
+    /// the way are not unexpected.
     former: Option<(C, Instant)>,
     window: Window,
     /// The frontier window last used, to report changes.
@@ -277,7 +277,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     }
 
     /// Members in join order: (client, is master, OACK options), for announcements.
-    pub fn member_list(&self) -> Vec<(C, bool, Vec<(String, String)>)> {
+    pub fn member_list(&self) -> Vec<(C, bool, Options)> {
         self.members.iter().map(|m| (m.id, m.role == Role::Master, m.options.clone())).collect()
     }
 
@@ -542,9 +542,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         }
     }
 
-    /// An ACK from a passive member. The master it replaced may still have ACKs on the way;
-    /// anyone else acknowledging believes it is master (the OACK that said otherwise was
-    /// lost): it is told again, at most once per round trip.
+    /// An ACK from a passive member: unexpected, unless it comes from the master it replaced
+    /// within about a round trip (ACKs it sent before its OACK reached it). Nothing is sent
+    /// back to the member: a group port must not answer a member's stray packets (the OACK
+    /// that makes a member passive went twice, see `tell_passive`).
     fn on_passive_ack(&mut self, now: Instant, from: C) {
         // Its ACKs sent before the OACK reached it arrive within about a round trip.
         let grace = self.rto.srtt().map_or(self.cfg.min_timeout, |s| s * 3);
@@ -553,18 +554,6 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
                 self.stats.duplicate_acks += 1;
                 return;
             }
-        }
-        let rt = self.round_trip();
-        let remind = match self.members.iter_mut().find(|m| m.id == from) {
-            Some(m) if m.reminded.is_none_or(|t| now.saturating_duration_since(t) >= rt) => {
-                m.reminded = Some(now);
-                true
-            }
-            _ => false,
-        };
-        if remind {
-            self.stats.reminders += 1;
-            self.tell_passive(from);
         }
         self.unexpected(now);
     }
@@ -634,6 +623,16 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
             self.after_progress(now);
         } else if n == self.base && self.outstanding() > 0 {
+            // A master that keeps reporting the same hole, however often it is repaired, is
+            // not silent, and each repair restarts the timer: it is dropped when it has made
+            // no progress for as long as a silent one would have been kept.
+            let stall = self.cfg.give_up_after.max(self.rto.timeout() * (self.cfg.master_retries + 1));
+            if now.saturating_duration_since(self.last_progress) >= stall {
+                if let Some(m) = self.master() {
+                    self.remove(now, m, false, "master makes no progress");
+                }
+                return;
+            }
             // The master still lacks block n+1 although it went out (and maybe later ones):
             // a hole. Unless that hole was repaired less than two round trips ago: then the
             // report answers blocks sent before the repair (a bitmap client ACKs every block
@@ -644,8 +643,6 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
                 self.stats.duplicate_acks += 1;
                 return;
             }
-            // Whoever acknowledges is alive: its silence count starts again.
-            self.retries = 0;
             self.on_hole(now, n + 1, Cause::Hole);
         } else {
             self.unexpected(now);
