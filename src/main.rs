@@ -1,48 +1,9 @@
-//! tftpcast: a TFTP server for labs that boot hundreds of machines at once.
-//!
-//! # Layout
-//! - `listener`: owns the listening sockets, parses requests, starts sessions.
-//! - `session`: one actor per transfer, with its own TID socket, driving `tftpcast_proto`.
-//! - `pacing`: the node-wide send budget handed to sessions as rate leases.
-//! - `group`: one actor per multicast group (RFC 2090).
-//! - `coordinator`: the table of active multicast groups; every multicast request joins or
-//!   starts a group here.
-//! - `file_cache`: root confinement and shared file contents.
-//! - `upload`, `upload_store`: one actor per write request; temporary files renamed into
-//!   place only when complete.
-//! - `node`: wires the actors together, signals, state dumps, shutdown.
-//! - `config`, `logging`, `net`, `udp`: configuration layers, tracing setup, socket plumbing.
-//! - `client`: `tftpcast get` and `tftpcast put`.
-//! - `mapping`: client file names to paths under the root (backslashes, rewrite rules).
-//! - `check_config`: `tftpcast check-config`, the effective settings and where they came from.
-//! - `policy`, `admission`, `metrics`: per-client option rules, session and request-rate
-//!   limits with a defer queue, the Prometheus endpoint.
+//! The `tftpcast` command: parses the command line and runs the library's `serve`, `get`,
+//! `put`, `bench` or `check-config` (see `lib.rs` for the layout).
 
-mod admission;
-mod bench;
-mod check_config;
-mod client;
-mod config;
-mod coordinator;
-mod file_cache;
-mod group;
-mod lease;
-mod listener;
-mod logging;
-mod mapping;
-mod membership;
-mod metrics;
-mod net;
-mod node;
-mod pacing;
-mod policy;
-mod session;
-mod state;
-mod timer;
-mod transport;
-mod udp;
-mod upload;
-mod upload_store;
+use tftpcast::client::{self, bench};
+use tftpcast::config::{self, check as check_config};
+use tftpcast::{logging, node};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

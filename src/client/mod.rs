@@ -27,6 +27,9 @@
 //! temporary file first, since blocks arrive out of order). On a terminal, stderr shows a
 //! progress line.
 
+pub mod bench;
+
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, IsTerminal, Seek, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};

@@ -45,12 +45,12 @@ use tftpcast_proto::cluster::{GroupInfo, MemberInfo, Message as ClusterMessage, 
 use tftpcast_proto::multicast::{GroupConfig, RateConfig};
 use tracing::{debug, info, info_span, warn};
 
-use crate::file_cache::{FileCache, FileRequest};
-use crate::membership::ClusterEvent;
-use crate::group::{BecomeRelay, EndGroup, GroupSession, GroupSpec, Incoming, Join, TakeOver};
-use crate::pacing::Pacing;
+use crate::fs::file_cache::{FileCache, FileRequest};
+use crate::cluster::membership::{ClusterEvent, Outbound};
+use crate::cluster::group::{BecomeRelay, EndGroup, GroupIdle, GroupNotices, GroupProgress, GroupSession, GroupSpec, Incoming, Join, RelayOut, TakeOver};
+use crate::flow::pacing::Pacing;
 use crate::state::DumpState;
-use crate::transport::{Endpoint, SharedSend};
+use crate::net::transport::{Endpoint, SharedSend};
 
 /// Identity of a stream: same key, same bytes in the same blocks, on every node (content
 /// hash, not modification time).
@@ -115,14 +115,6 @@ pub struct MemberPacket {
     pub packet: Bytes,
 }
 
-/// A message for peer coordinators; `to: None` is every live member.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct Outbound {
-    pub to: Option<NodeId>,
-    pub msg: ClusterMessage,
-}
-
 /// This node's identity in the cluster and the way out to its peers.
 #[derive(Clone)]
 pub struct ClusterLink {
@@ -158,38 +150,10 @@ pub struct Joined {
     pub owner: Option<NodeId>,
 }
 
-/// A group has no member left. `joins` is how many join messages it had received (repeated
-/// requests included), so a join already on its way keeps it alive.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct GroupIdle {
-    pub id: u64,
-    pub joins: u64,
-}
-
-/// Periodic progress of an owned group, for the table, the announcements and the dump.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct GroupProgress {
-    pub id: u64,
-    pub block: u64,
-    pub started: bool,
-    pub members: Vec<MemberInfo>,
-}
-
 /// How many groups this node owns (shutdown waits for them).
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct OwnedGroups;
-
-/// A client packet reached a relay socket: forward it to the group's owner.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RelayOut {
-    pub tid: SocketAddr,
-    pub client: SocketAddr,
-    pub packet: Vec<u8>,
-}
 
 struct Entry {
     key: GroupKey,
@@ -366,7 +330,7 @@ impl Coordinator {
             owner: owner_of,
             span,
             pacing: self.pacing.clone(),
-            coordinator: ctx.address(),
+            notices: GroupNotices { idle: ctx.address().recipient(), progress: ctx.address().recipient(), relay: ctx.address().recipient() },
             lease_every: self.policy.lease_every,
         };
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];

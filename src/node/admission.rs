@@ -27,7 +27,7 @@ use actix::prelude::*;
 use tracing::warn;
 
 use crate::metrics::m;
-use crate::udp::Datagram;
+use crate::net::udp::Datagram;
 
 /// Clients whose request-rate buckets are remembered. Beyond it, buckets that have refilled
 /// (idle clients: forgetting them loses nothing) are evicted first, then the least recent.

@@ -5,6 +5,12 @@
 //! close the listening sockets, wait up to `server.shutdown_grace_s` for running transfers,
 //! then stop the system.
 
+pub mod admission;
+pub mod listener;
+pub mod session;
+pub mod upload;
+
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,12 +20,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::Validated;
-use crate::coordinator::{ClusterLink, Coordinator, MulticastPolicy, OwnedGroups};
-use crate::membership::{Leave, Membership, MembershipConfig};
-use crate::file_cache::{FileCache, FileCacheConfig};
-use crate::admission::{Admission, AdmissionConfig};
-use crate::listener::{ActiveSessions, Listener, RequestPolicy, StopAccepting};
-use crate::pacing::{Pacing, PacingPolicy, Subscribe};
+use crate::cluster::coordinator::{ClusterLink, Coordinator, MulticastPolicy, OwnedGroups};
+use crate::cluster::membership::{Leave, Membership, MembershipConfig};
+use crate::fs::file_cache::{FileCache, FileCacheConfig};
+use crate::node::admission::{Admission, AdmissionConfig};
+use crate::node::listener::{ActiveSessions, Listener, RequestPolicy, StopAccepting};
+use crate::flow::pacing::{Pacing, PacingPolicy, Subscribe};
 use crate::state::DumpState;
 
 /// Binds every listening socket. A dual-stack wildcard on a host without IPv6 falls back to
@@ -41,22 +47,22 @@ fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::UdpSocket>, String> {
 }
 
 /// The upload settings, with the root opened for writing; `None` when uploads are off.
-fn upload_policy(v: &Validated) -> Result<Option<crate::upload::SharedUploadPolicy>, String> {
+fn upload_policy(v: &Validated) -> Result<Option<crate::node::upload::SharedUploadPolicy>, String> {
     let u = &v.settings.uploads;
     if !u.enabled {
         return Ok(None);
     }
-    let root = crate::upload_store::UploadRoot::open(&v.settings.server.root)
+    let root = crate::fs::upload_store::UploadRoot::open(&v.settings.server.root)
         .map_err(|e| format!("cannot open {} for uploads: {e}", v.settings.server.root.display()))?;
     // Temporary files a crashed or killed run left behind: in the upload directory only.
-    match root.remove_stale_temps(&v.upload_dir, crate::upload_store::STALE_SCAN_LIMIT) {
+    match root.remove_stale_temps(&v.upload_dir, crate::fs::upload_store::STALE_SCAN_LIMIT) {
         Ok(removed) if !removed.is_empty() => info!(dir = %v.upload_dir, count = removed.len(), first = ?&removed[..removed.len().min(10)], "removed stale upload temporary files"),
         Ok(_) => {}
         Err(e) => warn!(dir = %v.upload_dir, error = %e, "cannot scan the upload directory for stale temporary files"),
     }
-    let store = crate::upload_store::StoreConfig { overwrite: u.overwrite, dir: v.upload_dir.clone(), file_mode: u.file_mode };
+    let store = crate::fs::upload_store::StoreConfig { overwrite: u.overwrite, dir: v.upload_dir.clone(), file_mode: u.file_mode };
     info!(overwrite = u.overwrite, dir = %v.upload_dir, max_bytes = u.max_bytes, file_mode = format!("{:#o}", u.file_mode), "uploads enabled");
-    Ok(Some(std::sync::Arc::new(crate::upload::UploadPolicy { root, store, max_bytes: (u.max_bytes > 0).then_some(u.max_bytes) })))
+    Ok(Some(std::sync::Arc::new(crate::node::upload::UploadPolicy { root, store, max_bytes: (u.max_bytes > 0).then_some(u.max_bytes) })))
 }
 
 /// Runs a node until SIGINT/SIGTERM. Returns the process exit code.

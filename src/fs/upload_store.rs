@@ -1,7 +1,7 @@
 //! upload_store: where an upload's bytes go on disk, and the promise that a failed upload
 //! leaves nothing.
 //!
-//! - **Confinement.** A WRQ name is normalised like a read ([`crate::file_cache`]'s rules:
+//! - **Confinement.** A WRQ name is normalised like a read ([`crate::fs::file_cache`]'s rules:
 //!   no `..`, no NUL, UTF-8, bounded length), must lie under the configured upload
 //!   directory, and its parent directory is opened with `openat2(2)` relative to the root
 //!   with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: no symlink is followed at all on the way
@@ -33,29 +33,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tftpcast_proto::upload::Refusal;
 use tftpcast_proto::ErrorCode;
 
+use crate::fs::names::{normalize_name, temp_name_pid};
+#[cfg(test)]
+use crate::fs::names::is_temp_name;
+
 static TEMP_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Entries of the upload directory looked at by the startup cleanup, at most.
 pub const STALE_SCAN_LIMIT: usize = 100_000;
-
-/// The process id in an upload temporary name (`.NAME.PID-N.upload`), if `base` (one path
-/// component) is one.
-pub fn temp_name_pid(base: &str) -> Option<u32> {
-    let rest = base.strip_prefix('.')?.strip_suffix(".upload")?;
-    let (name, ids) = rest.rsplit_once('.')?;
-    let (pid, n) = ids.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if name.is_empty() || !digits(pid) || !digits(n) {
-        return None;
-    }
-    pid.parse().ok()
-}
-
-/// Whether the last component of `rel` names an upload in progress: such a file is
-/// half-written and must not be served.
-pub fn is_temp_name(rel: &str) -> bool {
-    temp_name_pid(rel.rsplit('/').next().unwrap_or(rel)).is_some()
-}
 
 /// Whether process `pid` is gone, so its temporary files can go too. Our own pid counts as
 /// gone at startup (a restarted container often gets the same pid, and this process has no
@@ -237,7 +222,7 @@ impl UploadRoot {
     /// Checks a WRQ name and creates the temporary file its bytes go to. `Err` is the ERROR
     /// to answer the WRQ with.
     pub fn create(&self, cfg: &StoreConfig, name: &[u8]) -> Result<TempFile, Refusal> {
-        let rel = crate::file_cache::normalize_name(name).map_err(|e| denied(&e.to_string().replace("access violation: ", "")))?;
+        let rel = normalize_name(name).map_err(denied)?;
         if rel.is_empty() {
             return Err(denied("no file name"));
         }

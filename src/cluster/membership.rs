@@ -34,8 +34,8 @@ use tftpcast_proto::Transmit;
 use tracing::{debug, info, warn};
 
 use crate::state::DumpState;
-use crate::timer::Timer;
-use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
+use crate::net::timer::Timer;
+use crate::net::udp::{self, Datagram, DatagramStream, SharedSocket};
 
 /// Largest foca packet: keeps a sealed SWIM datagram (foca bytes + envelope header, length
 /// prefix and tag) under 1400 bytes, so membership traffic never fragments.
@@ -642,9 +642,17 @@ impl StreamHandler<Datagram> for Membership {
 }
 
 /// The coordinator's way out: `to: None` broadcasts to every live member.
-impl Handler<crate::coordinator::Outbound> for Membership {
+/// A message for peer coordinators; `to: None` is every live member.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Outbound {
+    pub to: Option<NodeId>,
+    pub msg: tftpcast_proto::cluster::Message,
+}
+
+impl Handler<Outbound> for Membership {
     type Result = ();
-    fn handle(&mut self, m: crate::coordinator::Outbound, ctx: &mut Self::Context) {
+    fn handle(&mut self, m: Outbound, ctx: &mut Self::Context) {
         match m.to {
             Some(node) => {
                 let _ = Handler::<SendTo>::handle(self, SendTo { node, msg: m.msg }, ctx);

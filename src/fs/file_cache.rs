@@ -36,10 +36,8 @@ use sha2::{Digest, Sha256};
 use tftpcast_proto::ErrorCode;
 use tokio::sync::oneshot;
 
-/// Longest client name accepted, in bytes.
-const MAX_NAME_BYTES: usize = 1024;
-/// Longest single path component accepted (NAME_MAX on Linux).
-const MAX_COMPONENT_BYTES: usize = 255;
+use crate::fs::names::{is_temp_name, normalize_name};
+
 /// How often a read is retried when the file changes while being read.
 const READ_ATTEMPTS: usize = 3;
 /// How often `openat2` is retried when it reports a rename race (`EAGAIN`).
@@ -407,36 +405,6 @@ fn open_error(e: &std::io::Error) -> FileError {
     }
 }
 
-/// Turns the name a client sent into a path relative to the root, or refuses it.
-///
-/// Leading `/` means the root (PXE clients ask for `/pxelinux.0`); `.` and empty components
-/// are dropped; `..` is refused outright rather than resolved, also inside a component
-/// split on `\`, so that a later Windows-style name mapping cannot turn it into an escape.
-/// The result is `/`-separated with no leading `/`, and is the cache key.
-pub(crate) fn normalize_name(name: &[u8]) -> Result<String, FileError> {
-    if name.contains(&0) {
-        return Err(FileError::Denied("NUL byte in name"));
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err(FileError::Denied("name too long"));
-    }
-    let name = std::str::from_utf8(name).map_err(|_| FileError::Denied("name is not UTF-8"))?;
-    let mut parts: Vec<&str> = Vec::new();
-    for part in name.split('/') {
-        if part.len() > MAX_COMPONENT_BYTES {
-            return Err(FileError::Denied("path component too long"));
-        }
-        if part.is_empty() || part == "." {
-            continue;
-        }
-        if part.split('\\').any(|p| p == "..") {
-            return Err(FileError::Denied("`..` in name"));
-        }
-        parts.push(part);
-    }
-    Ok(parts.join("/"))
-}
-
 /// Reads the whole file and hashes it. Blocking. The file is stat'ed before and after the
 /// read so a file being rewritten is never cached as a torn mix of old and new bytes.
 fn read_contents(file: &File, path: &str, max_file_bytes: u64) -> Result<(FileReady, Version), FileError> {
@@ -643,13 +611,13 @@ impl Handler<FileRequest> for FileCache {
     type Result = ResponseActFuture<Self, Reply>;
 
     fn handle(&mut self, msg: FileRequest, _ctx: &mut Self::Context) -> Self::Result {
-        let path = match normalize_name(&msg.name) {
+        let path = match normalize_name(&msg.name).map_err(FileError::Denied) {
             Ok(path) => path,
             Err(e) => return Box::pin(fut::ready(Err(e))),
         };
         // An upload in progress is half-written: its temporary file is not there for reads
         // (checked again on the spelling a case-insensitive lookup found).
-        if crate::upload_store::is_temp_name(&path) {
+        if is_temp_name(&path) {
             return Box::pin(fut::ready(Err(FileError::NotFound)));
         }
         // Open and stat on every request, even for cached files: that is how a file changed
@@ -659,7 +627,7 @@ impl Handler<FileRequest> for FileCache {
         let case_insensitive = self.cfg.case_insensitive;
         let open = blocking(move || root.open_lookup(&path, max_file_bytes, case_insensitive));
         Box::pin(open.into_actor(self).then(move |opened, act, ctx| match opened {
-            Ok((_, _, path)) if crate::upload_store::is_temp_name(&path) => Box::pin(fut::ready(Err(FileError::NotFound))),
+            Ok((_, _, path)) if is_temp_name(&path) => Box::pin(fut::ready(Err(FileError::NotFound))),
             Ok((file, version, path)) => act.serve(path, file, version, ctx),
             Err(e) => Box::pin(fut::ready(Err(e))),
         }))
@@ -734,24 +702,6 @@ mod tests {
 
     async fn stats(addr: &Addr<FileCache>) -> CacheStats {
         addr.send(GetStats).await.unwrap()
-    }
-
-    #[test]
-    fn normalize_name_rules() {
-        assert_eq!(normalize_name(b"pxelinux.0").unwrap(), "pxelinux.0");
-        assert_eq!(normalize_name(b"/pxelinux.0").unwrap(), "pxelinux.0");
-        assert_eq!(normalize_name(b"//a/./b//c").unwrap(), "a/b/c");
-        assert_eq!(normalize_name(b"/etc/passwd").unwrap(), "etc/passwd");
-        // Backslashes stay ordinary characters unless they hide a `..`.
-        assert_eq!(normalize_name(b"a\\b").unwrap(), "a\\b");
-        assert_eq!(normalize_name(b"a..b/..c").unwrap(), "a..b/..c");
-        for bad in [&b".."[..], b"a/../../x", b"a/..", b"..\\x", b"..\\..\\etc\\passwd", b"a\\..\\b", b"a\0b"] {
-            assert!(matches!(normalize_name(bad), Err(FileError::Denied(_))), "{:?}", String::from_utf8_lossy(bad));
-        }
-        assert!(matches!(normalize_name(b"\xff\xfe"), Err(FileError::Denied(_))));
-        assert!(matches!(normalize_name(&[b'a'; 1025]), Err(FileError::Denied(_))));
-        assert!(normalize_name(&[b'a'; 255]).is_ok());
-        assert!(matches!(normalize_name(&[b'a'; 256]), Err(FileError::Denied(_))));
     }
 
     #[test]

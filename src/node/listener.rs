@@ -26,16 +26,16 @@ use tftpcast_proto::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request
 use tftpcast_proto::{Sender, SenderConfig, Source};
 use tracing::{debug, info, info_span, warn};
 
-use crate::admission::{self, Admitted, Decision, SharedAdmission, Ticket};
-use crate::coordinator::{Coordinator, GroupKey, MemberPacket, MulticastRequest, UseSocket};
-use crate::file_cache::{FileCache, FileError, FileReady, FileRequest};
+use crate::node::admission::{self, Admitted, Decision, SharedAdmission, Ticket};
+use crate::cluster::coordinator::{Coordinator, GroupKey, MemberPacket, MulticastRequest, UseSocket};
+use crate::fs::file_cache::{FileCache, FileError, FileReady, FileRequest};
 use crate::metrics::m;
-use crate::pacing::{Advice, Pacing};
-use crate::session::{Session, SessionEnded, SessionSpec};
+use crate::flow::pacing::{Advice, Pacing};
+use crate::node::session::{Session, SessionEnded, SessionSpec};
 use crate::state::DumpState;
-use crate::transport::{Endpoint, Routed, SharedSend};
-use crate::udp::{self, Datagram, DatagramStream, SharedSocket};
-use crate::upload::{SharedUploadPolicy, Upload, UploadSpec};
+use crate::net::transport::{Endpoint, Routed, SharedSend};
+use crate::net::udp::{self, Datagram, DatagramStream, SharedSocket};
+use crate::node::upload::{SharedUploadPolicy, Upload, UploadSpec};
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -65,9 +65,9 @@ pub struct RequestPolicy {
     pub single_port: bool,
     pub lease_every: Duration,
     /// `[mapping]`: client names to paths under the root.
-    pub mapper: std::sync::Arc<crate::mapping::Mapper>,
+    pub mapper: std::sync::Arc<crate::fs::mapping::Mapper>,
     /// Client option rules (`[[policy]]`).
-    pub rules: Arc<crate::policy::Policy>,
+    pub rules: Arc<crate::config::policy::Policy>,
 }
 
 /// Stop reading requests (shutdown); active transfers go on.
@@ -386,7 +386,7 @@ impl Listener {
         };
         self.pending.insert(peer);
         let p = policy.clone();
-        let task = tokio::task::spawn_blocking(move || crate::upload::prepare(&p, &name));
+        let task = tokio::task::spawn_blocking(move || crate::node::upload::prepare(&p, &name));
         actix::fut::wrap_future::<_, Self>(task)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
@@ -445,7 +445,7 @@ impl Listener {
     /// may change the options or deny the request) and admission control (which may defer or
     /// drop it). `ticket` is the slot of a request admitted from the defer queue. None: the
     /// request is done with (answered, queued or dropped).
-    fn admit(&mut self, d: &Datagram, req: &Request, requested: &mut options::Requested, ticket: Option<Ticket>, ctx: &mut Context<Self>) -> Option<(Option<Ticket>, Option<crate::policy::Applied>)> {
+    fn admit(&mut self, d: &Datagram, req: &Request, requested: &mut options::Requested, ticket: Option<Ticket>, ctx: &mut Context<Self>) -> Option<(Option<Ticket>, Option<crate::config::policy::Applied>)> {
         let peer = d.meta.from;
         let applied = if self.policy.rules.is_empty() { None } else { self.policy.rules.apply(peer.ip(), &req.filename_lossy(), requested) };
         if let Some(a) = applied.as_ref().filter(|a| a.deny) {

@@ -2,6 +2,10 @@
 //! `TFTPCAST_<SECTION>__<KEY>` < command-line flags. A bad value becomes a one-line
 //! [`ConfigError`] naming the setting; `main` exits 2 with it.
 
+pub mod check;
+pub mod policy;
+
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The defaults, compiled in so `tftpcast serve --root DIR` needs no file.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -27,10 +31,10 @@ pub struct Settings {
     pub multicast: Multicast,
     pub cluster: Cluster,
     pub log: Log,
-    pub mapping: crate::mapping::MappingSettings,
+    pub mapping: crate::fs::mapping::MappingSettings,
     /// Client option rules (`[[policy]]`), first match applies.
     #[serde(default)]
-    pub policy: Vec<crate::policy::RuleConfig>,
+    pub policy: Vec<crate::config::policy::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -210,8 +214,8 @@ pub struct Validated {
     /// `uploads.dir`, normalised ("" = the whole root).
     pub upload_dir: String,
     /// The compiled `[mapping]` rules.
-    pub mapper: crate::mapping::Mapper,
-    pub policy: crate::policy::Policy,
+    pub mapper: crate::fs::mapping::Mapper,
+    pub policy: crate::config::policy::Policy,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -432,7 +436,7 @@ impl Settings {
                 Err(_) => return bad("server.metrics_listen", format!("{a:?} is not ADDR:PORT")),
             },
         };
-        let policy = crate::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
+        let policy = crate::config::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
         let cluster = self.cluster_settings()?;
         let upload_dir = self.upload_dir()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -441,7 +445,7 @@ impl Settings {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        let mapper = crate::mapping::Mapper::new(&self.mapping)?;
+        let mapper = crate::fs::mapping::Mapper::new(&self.mapping).map_err(ConfigError)?;
         Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen })
     }
 
@@ -451,7 +455,7 @@ impl Settings {
         if u.file_mode > 0o777 {
             return bad("uploads.file_mode", format!("{:#o} is not a mode within 0o777 (no setuid, setgid or sticky bits)", u.file_mode));
         }
-        let dir = match crate::file_cache::normalize_name(u.dir.as_bytes()) {
+        let dir = match crate::fs::names::normalize_name(u.dir.as_bytes()) {
             Ok(d) => d,
             Err(e) => return bad("uploads.dir", format!("{:?}: {e}", u.dir)),
         };
@@ -549,7 +553,7 @@ fn check_file_keys(f: &Path) -> Result<(), ConfigError> {
         }
     }
     if let Some(rules) = t.get("mapping").and_then(|m| m.get("rewrite")) {
-        crate::mapping::check_rule_tables(rules).map_err(|e| ConfigError(format!("{e} (config file {})", f.display())))?;
+        crate::fs::mapping::check_rule_tables(rules).map_err(|e| ConfigError(format!("{e} (config file {})", f.display())))?;
     }
     Ok(())
 }

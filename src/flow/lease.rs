@@ -8,7 +8,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use tftpcast_proto::pacing::TokenBucket;
 
-use crate::pacing::{self, Pacing, Report};
+use crate::flow::pacing::{self, Pacing, Report};
 
 /// A sender paced by a lease from [`Pacing`].
 pub trait Leased: Actor<Context = Context<Self>> {

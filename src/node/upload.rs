@@ -2,7 +2,7 @@
 //!
 //! The listener checks the request ([`prepare`]: options, announced size, name, an existing
 //! file) and starts an [`Upload`] on a session arbiter with its own transfer socket (the
-//! server's TID) and the temporary file from [`crate::upload_store`]. The actor drives the
+//! server's TID) and the temporary file from [`crate::fs::upload_store`]. The actor drives the
 //! sans-IO receiving machine ([`tftpcast_proto::upload::accept`]): datagrams and timer
 //! expiries in, ACKs and file bytes out. It is the only actor on its transfer's packet path.
 //!
@@ -30,12 +30,12 @@ use tftpcast_proto::upload::{self, Refusal, UploadConfig};
 use tftpcast_proto::{Receiver, ReceiverOutcome};
 use tracing::{info, warn, Span};
 
-use crate::session::SessionEnded;
+use crate::node::session::SessionEnded;
 use crate::state::DumpState;
-use crate::timer::Timer;
-use crate::transport::{Endpoint, Routed, Strangers, Transport};
-use crate::udp::Datagram;
-use crate::upload_store::{StoreConfig, TempFile, UploadRoot};
+use crate::net::timer::Timer;
+use crate::net::transport::{Endpoint, Routed, Strangers, Transport};
+use crate::net::udp::Datagram;
+use crate::fs::upload_store::{StoreConfig, TempFile, UploadRoot};
 
 /// Received bytes gathered before a write is handed to the blocking pool.
 const WRITE_BATCH: usize = 256 << 10;

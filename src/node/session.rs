@@ -15,12 +15,12 @@ use tftpcast_proto::packet::{self, ErrorCode};
 use tftpcast_proto::{Outcome, Sender};
 use tracing::{info, warn, Span};
 
-use crate::lease::{self, Leased};
-use crate::pacing::{Pacing, Report};
+use crate::flow::lease::{self, Leased};
+use crate::flow::pacing::{Pacing, Report};
 use crate::state::DumpState;
-use crate::timer::{earliest, Timer};
-use crate::transport::{Endpoint, Routed, Strangers, Transport};
-use crate::udp::Datagram;
+use crate::net::timer::{earliest, Timer};
+use crate::net::transport::{Endpoint, Routed, Strangers, Transport};
+use crate::net::udp::Datagram;
 
 /// Sent by a session to its listener when it stops.
 #[derive(Message)]
@@ -116,7 +116,7 @@ impl Session {
             let now = Instant::now();
             let next = if self.bucket.ready_at(now).is_some() { None } else { self.sender.poll_transmit(now) };
             let full = match &next {
-                Some(t) => !batch.is_empty() && !crate::udp::batchable(&batch, t),
+                Some(t) => !batch.is_empty() && !crate::net::udp::batchable(&batch, t),
                 None => !batch.is_empty(),
             };
             if full {

@@ -30,13 +30,12 @@ use tftpcast_proto::packet;
 use tftpcast_proto::transfer::Transmit;
 use tracing::{debug, info, warn, Span};
 
-use crate::coordinator::{Coordinator, GroupIdle, GroupProgress, RelayOut};
-use crate::lease::{self, Leased};
-use crate::pacing::{Pacing, Report};
+use crate::flow::lease::{self, Leased};
+use crate::flow::pacing::{Pacing, Report};
 use crate::state::DumpState;
-use crate::timer::{earliest, Timer};
-use crate::transport::{Endpoint, Transport};
-use crate::udp::Datagram;
+use crate::net::timer::{earliest, Timer};
+use crate::net::transport::{Endpoint, Transport};
+use crate::net::udp::Datagram;
 
 /// Options of a member's OACK besides `multicast`.
 pub type Options = Vec<(String, String)>;
@@ -55,6 +54,42 @@ pub struct Join {
 pub struct Incoming {
     pub client: SocketAddr,
     pub packet: Bytes,
+}
+
+/// A group has no member left. `joins` is how many join messages it had received (repeated
+/// requests included), so a join already on its way keeps it alive.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GroupIdle {
+    pub id: u64,
+    pub joins: u64,
+}
+
+/// Periodic progress of an owned group, for the table, the announcements and the dump.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GroupProgress {
+    pub id: u64,
+    pub block: u64,
+    pub started: bool,
+    pub members: Vec<MemberInfo>,
+}
+
+/// A client packet reached a relay socket: forward it to the group's owner.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayOut {
+    pub tid: SocketAddr,
+    pub client: SocketAddr,
+    pub packet: Vec<u8>,
+}
+
+/// Where a group's notices go (the coordinator, which depends on this module: the notices
+/// are this actor's interface, not the coordinator's).
+pub struct GroupNotices {
+    pub idle: Recipient<GroupIdle>,
+    pub progress: Recipient<GroupProgress>,
+    pub relay: Recipient<RelayOut>,
 }
 
 /// The coordinator ends the group.
@@ -86,7 +121,7 @@ pub struct GroupSpec {
     pub owner: Option<(GroupConfig, Bytes)>,
     pub span: Span,
     pub pacing: Addr<Pacing>,
-    pub coordinator: Addr<Coordinator>,
+    pub notices: GroupNotices,
     pub lease_every: Duration,
 }
 
@@ -101,7 +136,7 @@ pub struct GroupSession {
     sock: Option<Transport>,
     span: Span,
     pacing: Addr<Pacing>,
-    coordinator: Addr<Coordinator>,
+    notices: GroupNotices,
     lease_every: Duration,
     bucket: TokenBucket,
     timer: Timer,
@@ -147,7 +182,7 @@ impl GroupSession {
             sock: None,
             span: spec.span,
             pacing: spec.pacing,
-            coordinator: spec.coordinator,
+            notices: spec.notices,
             lease_every: spec.lease_every,
             bucket: TokenBucket::new(Instant::now(), None, 64 * 1024),
             timer: Timer::default(),
@@ -181,7 +216,7 @@ impl GroupSession {
                 Some(Output::ToMember { to, data }) => (Some(data), *to),
                 _ => (None, group_dest),
             };
-            let joins = data.is_some_and(|t| dest == batch_dest && crate::udp::batchable(&batch, t));
+            let joins = data.is_some_and(|t| dest == batch_dest && crate::net::udp::batchable(&batch, t));
             if !batch.is_empty() && !joins {
                 self.send_batch(&sock, &mut batch, batch_dest, ctx);
             }
@@ -291,7 +326,7 @@ impl GroupSession {
                 Event::MasterDemoted { client, repairs } => {
                     info!(client = %client, repairs, block = g.current_block(), "slow master moved to the back of the queue")
                 }
-                Event::Empty => self.coordinator.do_send(GroupIdle { id: self.id, joins: self.join_requests }),
+                Event::Empty => self.notices.idle.do_send(GroupIdle { id: self.id, joins: self.join_requests }),
             }
         }
     }
@@ -329,7 +364,7 @@ impl GroupSession {
     fn renew(&mut self, ctx: &mut Context<Self>) {
         let Some(g) = self.group.as_ref() else { return };
         let members = g.member_list().into_iter().map(|(client, master, options)| MemberInfo { client, master, options }).collect();
-        self.coordinator.do_send(GroupProgress { id: self.id, block: g.current_block(), started: g.started(), members });
+        self.notices.progress.do_send(GroupProgress { id: self.id, block: g.current_block(), started: g.started(), members });
         lease::renew(self, ctx);
     }
 
@@ -461,7 +496,7 @@ impl StreamHandler<Datagram> for GroupSession {
             }
             None => {
                 self.relayed += 1;
-                self.coordinator.do_send(RelayOut { tid: self.tid, client: d.meta.from, packet: d.data.to_vec() });
+                self.notices.relay.do_send(RelayOut { tid: self.tid, client: d.meta.from, packet: d.data.to_vec() });
             }
         }
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tftpcast_proto::packet;
 use tftpcast_proto::Transmit;
 
-use crate::udp::{self, Datagram, SharedSocket};
+use crate::net::udp::{self, Datagram, SharedSocket};
 
 /// How long a datagram waits before it is offered again to a full shared send queue.
 const SHARED_RETRY: Duration = Duration::from_millis(1);

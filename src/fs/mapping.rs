@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
 
 /// Longest name a mapping may produce (the longest name `file_cache` accepts).
 pub const MAX_MAPPED_BYTES: usize = 1024;
@@ -83,11 +82,11 @@ pub struct Mapper {
 
 impl Mapper {
     /// Compiles the rules. A bad pattern or replacement is an error naming the rule
-    /// (`mapping.rewrite[N]`, counted from 1 as in the file).
-    pub fn new(s: &MappingSettings) -> Result<Mapper, ConfigError> {
+    /// (`mapping.rewrite[N]`, counted from 1 as in the file), for the configuration to report.
+    pub fn new(s: &MappingSettings) -> Result<Mapper, String> {
         let mut rules = Vec::with_capacity(s.rewrite.len());
         for (i, r) in s.rewrite.iter().enumerate() {
-            let bad = |field: &str, why: String| ConfigError(format!("setting mapping.rewrite[{}].{field}: {why}", i + 1));
+            let bad = |field: &str, why: String| format!("setting mapping.rewrite[{}].{field}: {why}", i + 1);
             let re = RegexBuilder::new(&r.pattern)
                 .size_limit(MAX_PATTERN_SIZE)
                 .build()

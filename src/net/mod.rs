@@ -7,6 +7,11 @@
 //! socket carry that address back in a `sendmsg` control message, and each transfer socket is
 //! bound to it.
 
+pub mod timer;
+pub mod transport;
+pub mod udp;
+
+
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};

@@ -19,7 +19,7 @@ use tftpcast_proto::flow::{Aimd, Change, Signals};
 use tftpcast_proto::pacing::{mbps, session_share, Rate};
 use tracing::{debug, info};
 
-use crate::file_cache::{FileCache, GetStats};
+use crate::fs::file_cache::{FileCache, GetStats};
 use crate::state::DumpState;
 
 /// A sender's budget until its next renewal.
