@@ -6,7 +6,7 @@ pub mod check;
 pub mod policy;
 
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +18,77 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Environment: TFTPCAST_SECTION__KEY, as (setting, value). Parsed by hand so values keep
+/// their case and lists (server.listen, cluster.peers) can be given comma-separated.
+fn env_values(env: impl IntoIterator<Item = (String, String)>) -> Result<Vec<(String, config::Value)>, ConfigError> {
+    let mut out = Vec::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("TFTPCAST_") else { continue };
+        let Some((section, key)) = rest.split_once("__") else { continue };
+        let path = format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        if !is_known_key(&path) {
+            return Err(ConfigError(format!("setting {path}: unknown key (environment variable {k})")));
+        }
+        if path == "mapping.rewrite" {
+            return Err(ConfigError(format!("setting {path}: rewrite rules can only be given in a file (environment variable {k})")));
+        }
+        let value: config::Value = if path == "server.listen" || path == "cluster.peers" {
+            v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<String>>().into()
+        } else {
+            v.into()
+        };
+        out.push((path, value));
+    }
+    Ok(out)
+}
+
+impl Overrides {
+    /// The settings the flags give, as (setting, value).
+    fn values(&self) -> Vec<(String, config::Value)> {
+        let mut out: Vec<(&str, config::Value)> = Vec::new();
+        let o = self;
+        if let Some(r) = &o.root {
+            out.push(("server.root", r.to_string_lossy().into_owned().into()));
+        }
+        if !o.listen.is_empty() {
+            out.push(("server.listen", o.listen.clone().into()));
+        }
+        if o.single_port {
+            out.push(("server.single_port", true.into()));
+        }
+        let strings = [
+            ("server.tid_port_range", &o.tid_port_range),
+            ("log.format", &o.log_format),
+            ("multicast.range", &o.multicast_range),
+            ("multicast.interface", &o.multicast_interface),
+            ("cluster.node_id", &o.node_id),
+            ("cluster.listen", &o.cluster_listen),
+            ("cluster.advertise", &o.advertise),
+            ("server.metrics_listen", &o.metrics_listen),
+        ];
+        out.extend(strings.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k, v.into()))));
+        let numbers = [
+            ("pacing.max_rate_mbps", o.max_rate_mbps),
+            ("log.state_interval_s", o.state_interval_s),
+            ("multicast.port", o.multicast_port.map(u64::from)),
+            ("multicast.start_delay_ms", o.start_delay_ms),
+        ];
+        out.extend(numbers.into_iter().filter_map(|(k, v)| v.map(|v| (k, v.into()))));
+        if !o.peers.is_empty() {
+            out.push(("cluster.peers", o.peers.clone().into()));
+        }
+        if let Some(v) = o.allow_write {
+            out.push(("uploads.enabled", v.into()));
+        }
+        out.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+/// An error naming the setting: `setting KEY: WHY`.
+fn bad<T>(key: &str, why: String) -> Result<T, ConfigError> {
+    Err(ConfigError(format!("setting {key}: {why}")))
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -232,77 +303,8 @@ impl Settings {
             check_file_keys(f)?;
             b = b.add_source(File::from(f).format(FileFormat::Toml));
         }
-        // Environment: TFTPCAST_SECTION__KEY. Parsed by hand so values keep their case and
-        // lists (server.listen) can be given comma-separated.
-        for (k, v) in env {
-            let Some(rest) = k.strip_prefix("TFTPCAST_") else { continue };
-            let Some((section, key)) = rest.split_once("__") else { continue };
-            let path = format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            if !is_known_key(&path) {
-                return Err(ConfigError(format!("setting {path}: unknown key (environment variable {k})")));
-            }
-            if path == "mapping.rewrite" {
-                return Err(ConfigError(format!("setting {path}: rewrite rules can only be given in a file (environment variable {k})")));
-            }
-            b = if path == "server.listen" || path == "cluster.peers" {
-                let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-                b.set_override(path, list)
-            } else {
-                b.set_override(path, v)
-            }
-            .map_err(|e| ConfigError(e.to_string()))?;
-        }
-        let set = |b: config::ConfigBuilder<config::builder::DefaultState>, k: &str, v: config::Value| b.set_override(k, v).map_err(|e| ConfigError(e.to_string()));
-        if let Some(r) = &o.root {
-            b = set(b, "server.root", r.to_string_lossy().into_owned().into())?;
-        }
-        if !o.listen.is_empty() {
-            b = set(b, "server.listen", o.listen.clone().into())?;
-        }
-        if let Some(v) = &o.tid_port_range {
-            b = set(b, "server.tid_port_range", v.clone().into())?;
-        }
-        if o.single_port {
-            b = set(b, "server.single_port", true.into())?;
-        }
-        if let Some(v) = o.max_rate_mbps {
-            b = set(b, "pacing.max_rate_mbps", v.into())?;
-        }
-        if let Some(v) = &o.log_format {
-            b = set(b, "log.format", v.clone().into())?;
-        }
-        if let Some(v) = o.state_interval_s {
-            b = set(b, "log.state_interval_s", v.into())?;
-        }
-        if let Some(v) = &o.multicast_range {
-            b = set(b, "multicast.range", v.clone().into())?;
-        }
-        if let Some(v) = o.multicast_port {
-            b = set(b, "multicast.port", (v as u64).into())?;
-        }
-        if let Some(v) = &o.multicast_interface {
-            b = set(b, "multicast.interface", v.clone().into())?;
-        }
-        if let Some(v) = o.start_delay_ms {
-            b = set(b, "multicast.start_delay_ms", v.into())?;
-        }
-        if let Some(v) = &o.node_id {
-            b = set(b, "cluster.node_id", v.clone().into())?;
-        }
-        if let Some(v) = &o.cluster_listen {
-            b = set(b, "cluster.listen", v.clone().into())?;
-        }
-        if let Some(v) = &o.advertise {
-            b = set(b, "cluster.advertise", v.clone().into())?;
-        }
-        if !o.peers.is_empty() {
-            b = set(b, "cluster.peers", o.peers.clone().into())?;
-        }
-        if let Some(v) = o.allow_write {
-            b = set(b, "uploads.enabled", v.into())?;
-        }
-        if let Some(v) = &o.metrics_listen {
-            b = set(b, "server.metrics_listen", v.clone().into())?;
+        for (path, v) in env_values(env)?.into_iter().chain(o.values()) {
+            b = b.set_override(path, v).map_err(|e| ConfigError(e.to_string()))?;
         }
         let cfg = b.build().map_err(|e| ConfigError(format!("configuration: {e}")))?;
         let settings: Settings = cfg.try_deserialize().map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -310,7 +312,22 @@ impl Settings {
     }
 
     fn validate(self) -> Result<Validated, ConfigError> {
-        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
+        let (listen, tid_port_range, metrics_listen) = self.server_addresses()?;
+        self.check_transfer()?;
+        self.check_limits()?;
+        self.check_pacing()?;
+        let (multicast_pool, multicast_interface) = self.multicast_addresses(tid_port_range)?;
+        let policy = crate::config::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
+        let cluster = self.cluster_settings()?;
+        let upload_dir = self.upload_dir()?;
+        self.check_log()?;
+        let mapper = crate::fs::mapping::Mapper::new(&self.mapping).map_err(ConfigError)?;
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen })
+    }
+
+    /// The root, the listening addresses, the transfer port range and the metrics address.
+    #[allow(clippy::type_complexity)]
+    fn server_addresses(&self) -> Result<(Vec<SocketAddr>, Option<(u16, u16)>, Option<SocketAddr>), ConfigError> {
         if !self.server.root.is_dir() {
             return bad("server.root", format!("{} is not a directory", self.server.root.display()));
         }
@@ -324,14 +341,18 @@ impl Settings {
                 Err(_) => return bad("server.listen", format!("{a:?} is not ADDR:PORT")),
             }
         }
-        let tid_port_range = if self.server.tid_port_range.trim().is_empty() {
-            None
-        } else {
-            match crate::net::parse_port_range(&self.server.tid_port_range) {
-                Ok(r) => Some(r),
-                Err(e) => return bad("server.tid_port_range", e),
-            }
+        let tid_port_range = match self.server.tid_port_range.trim() {
+            "" => None,
+            r => Some(crate::net::parse_port_range(r).or_else(|e| bad("server.tid_port_range", e))?),
         };
+        let metrics_listen = match self.server.metrics_listen.trim() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().or_else(|_| bad("server.metrics_listen", format!("{a:?} is not ADDR:PORT")))?),
+        };
+        Ok((listen, tid_port_range, metrics_listen))
+    }
+
+    fn check_transfer(&self) -> Result<(), ConfigError> {
         let t = &self.transfer;
         if t.timeout_ms == 0 || t.timeout_ms > 255_000 {
             return bad("transfer.timeout_ms", "must be 1..=255000".into());
@@ -354,12 +375,27 @@ impl Settings {
         if t.max_windowsize == 0 || t.max_windowsize > 32767 {
             return bad("transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)".into());
         }
-        if self.limits.max_sessions == 0 {
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_sessions == 0 {
             return bad("limits.max_sessions", "must be at least 1".into());
         }
-        if self.limits.max_sessions_per_client == 0 {
+        if l.max_sessions_per_client == 0 {
             return bad("limits.max_sessions_per_client", "must be at least 1".into());
         }
+        if l.defer_max_ms > 60_000 {
+            return bad("limits.defer_max_ms", "must be 0..=60000".into());
+        }
+        if l.defer_queue > 100_000 {
+            return bad("limits.defer_queue", "must be 0..=100000".into());
+        }
+        Ok(())
+    }
+
+    fn check_pacing(&self) -> Result<(), ConfigError> {
         let p = &self.pacing;
         if p.floor_kbps == 0 || p.floor_kbps > p.ceiling_mbps.saturating_mul(1000) {
             return bad("pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000".into());
@@ -373,11 +409,17 @@ impl Settings {
         if !(1..=99).contains(&p.decrease_pct) {
             return bad("pacing.decrease_pct", "must be 1..=99".into());
         }
-        if self.pacing.lease_ms == 0 || self.pacing.lease_ms > 10_000 {
+        if p.lease_ms == 0 || p.lease_ms > 10_000 {
             return bad("pacing.lease_ms", "must be 1..=10000".into());
         }
+        Ok(())
+    }
+
+    /// The group address pool and the interface; group ports must not meet the transfer
+    /// ports or the group DATA port.
+    fn multicast_addresses(&self, tid_port_range: Option<(u16, u16)>) -> Result<((Ipv4Addr, u32), Option<Ipv4Addr>), ConfigError> {
         let m = &self.multicast;
-        let multicast_pool = match crate::net::parse_v4_cidr(&m.range) {
+        let pool = match crate::net::parse_v4_cidr(&m.range) {
             Ok((base, size)) if base.is_multicast() && size >= 1 => (base, size),
             Ok(_) => return bad("multicast.range", format!("{:?} is not an IPv4 multicast range", m.range)),
             Err(e) => return bad("multicast.range", e),
@@ -385,7 +427,7 @@ impl Settings {
         if m.port == 0 {
             return bad("multicast.port", "must be 1..=65535".into());
         }
-        let group_ports = (m.tid_port_base as u32, m.tid_port_base as u32 + multicast_pool.1.saturating_sub(1));
+        let group_ports = (m.tid_port_base as u32, m.tid_port_base as u32 + pool.1.saturating_sub(1));
         if m.tid_port_base == 0 || group_ports.1 > 65535 {
             return bad("multicast.tid_port_base", format!("ports {}..={} do not fit", group_ports.0, group_ports.1));
         }
@@ -397,14 +439,16 @@ impl Settings {
         if (group_ports.0..=group_ports.1).contains(&(m.port as u32)) {
             return bad("multicast.tid_port_base", format!("group ports {}..={} include multicast.port {}", group_ports.0, group_ports.1, m.port));
         }
-        let multicast_interface = if m.interface.trim().is_empty() {
-            None
-        } else {
-            match m.interface.trim().parse() {
-                Ok(a) => Some(a),
-                Err(_) => return bad("multicast.interface", format!("{:?} is not an IPv4 address", m.interface)),
-            }
+        let interface = match m.interface.trim() {
+            "" => None,
+            i => Some(i.parse().or_else(|_| bad("multicast.interface", format!("{:?} is not an IPv4 address", m.interface)))?),
         };
+        self.check_multicast_numbers()?;
+        Ok((pool, interface))
+    }
+
+    fn check_multicast_numbers(&self) -> Result<(), ConfigError> {
+        let m = &self.multicast;
         if m.ttl == 0 || m.ttl > 255 {
             return bad("multicast.ttl", "must be 1..=255".into());
         }
@@ -423,35 +467,21 @@ impl Settings {
         if m.rate_decrease_pct == 0 || m.rate_decrease_pct > 99 {
             return bad("multicast.rate_decrease_pct", "must be 1..=99".into());
         }
-        if self.limits.defer_max_ms > 60_000 {
-            return bad("limits.defer_max_ms", "must be 0..=60000".into());
-        }
-        if self.limits.defer_queue > 100_000 {
-            return bad("limits.defer_queue", "must be 0..=100000".into());
-        }
-        let metrics_listen = match self.server.metrics_listen.trim() {
-            "" => None,
-            a => match a.parse::<SocketAddr>() {
-                Ok(sa) => Some(sa),
-                Err(_) => return bad("server.metrics_listen", format!("{a:?} is not ADDR:PORT")),
-            },
-        };
-        let policy = crate::config::policy::Policy::compile(&self.policy).map_err(ConfigError)?;
-        let cluster = self.cluster_settings()?;
-        let upload_dir = self.upload_dir()?;
+        Ok(())
+    }
+
+    fn check_log(&self) -> Result<(), ConfigError> {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
         }
-        let mapper = crate::fs::mapping::Mapper::new(&self.mapping).map_err(ConfigError)?;
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen })
+        Ok(())
     }
 
     fn upload_dir(&self) -> Result<String, ConfigError> {
         let u = &self.uploads;
-        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
         if u.file_mode > 0o777 {
             return bad("uploads.file_mode", format!("{:#o} is not a mode within 0o777 (no setuid, setgid or sticky bits)", u.file_mode));
         }
@@ -469,7 +499,6 @@ impl Settings {
 impl Settings {
     fn cluster_settings(&self) -> Result<Option<ClusterSettings>, ConfigError> {
         let c = &self.cluster;
-        let bad = |key: &str, why: String| Err(ConfigError(format!("setting {key}: {why}")));
         if c.listen.trim().is_empty() {
             return Ok(None);
         }
