@@ -15,7 +15,7 @@
 //!   shutdown; [`node::listener`] (the listening sockets: requests, checks, admission,
 //!   policy, mapping), [`node::session`] (one actor per read transfer), [`node::upload`]
 //!   (one actor per write request), [`node::admission`] (session and request-rate limits,
-//!   the defer queue).
+//!   the defer queue), [`node::fd_limit`] (the open-file limit raised at start).
 //! - [`cluster`]: [`cluster::coordinator`] (the table of multicast groups; joins, starts,
 //!   cluster-wide agreement), [`cluster::group`] (one actor per multicast group),
 //!   [`cluster::membership`] (SWIM membership and authenticated messages between nodes).

@@ -472,3 +472,80 @@ fn serve_exits_cleanly_when_the_port_is_taken() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The soft and hard open-file limits of a running process, from /proc.
+fn nofile_limits(pid: i32) -> (u64, u64) {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).expect("read /proc/PID/limits");
+    let line = text.lines().find(|l| l.starts_with("Max open files")).expect("Max open files line");
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+/// Raises this test process's open-file limits to at least 8192 (the test opens more client
+/// sockets than the usual 1024; as root the hard limit may be raised too). Returns the soft
+/// limit now in force.
+fn raise_own_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on local structs.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        let want = libc::rlimit { rlim_cur: lim.rlim_max.max(8192), rlim_max: lim.rlim_max.max(8192) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// Started from a shell with the usual soft limit of 1024, the node raises it to the hard
+/// limit, logs it, and serves more concurrent transfers than 1024 descriptors would allow; a
+/// hard limit too low for `limits.max_sessions` is warned about, naming the setting.
+#[test]
+fn serve_raises_the_open_file_limit_and_serves_beyond_1024() {
+    if !only_tftpcast() || !require_tool("prlimit") {
+        return;
+    }
+    let own = raise_own_nofile();
+    assert!(own >= 4000, "the test needs 1500 client sockets: open-file limit {own}");
+    let fx = Fixture::new();
+    let want = put(fx.base(), "fd.bin", 500);
+    let args = ["--listen", "127.0.0.1:0"];
+    let env = [("TFTPCAST_LIMITS__MAX_SESSIONS_PER_CLIENT", "5000"), ("TFTPCAST_LIMITS__MAX_REQUESTS_PER_S_PER_CLIENT", "0"), ("TFTPCAST_LIMITS__MAX_REQUESTS_PER_S", "0")];
+    let mut server = Server::start_wrapped(&["prlimit", "--nofile=1024:4096", "--"], fx.base(), &args, &env);
+    assert_eq!(nofile_limits(server.pid()), (4096, 4096), "soft limit raised to the hard limit");
+    let logs = server.logs().join("\n");
+    assert!(logs.contains("raised the open-file limit"), "{logs}");
+    assert!(logs.contains("limits.max_sessions"), "the default max_sessions (10000) exceeds 4096: warned\n{logs}");
+
+    // 1500 clients each ask and never acknowledge: every one must get DATA 1 from a transfer
+    // socket of its own, none "Server busy".
+    let to = server.addr();
+    let clients: Vec<std::net::UdpSocket> = (0..1500).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    let rrq = raw::rrq(b"fd.bin", "octet", &[]);
+    for c in &clients {
+        c.send_to(&rrq, to).expect("send RRQ");
+    }
+    let (mut data, mut errors) = (0, Vec::new());
+    let mut buf = [0u8; 2048];
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        match c.recv_from(&mut buf) {
+            Ok((n, _)) if raw::opcode(&buf[..n]) == Some(3) && buf[4..n] == want[..] => data += 1,
+            Ok((n, _)) => errors.push(raw::parse_error(&buf[..n])),
+            Err(e) => errors.push(Some((0, format!("no answer: {e}")))),
+        }
+    }
+    assert_eq!(data, 1500, "every client served; the others got {:?}", &errors[..errors.len().min(5)]);
+    drop(clients);
+    server.stop_clean();
+
+    // A hard limit that covers max_sessions: raised, no warning.
+    let env = [("TFTPCAST_LIMITS__MAX_SESSIONS", "1000")];
+    let mut server = Server::start_wrapped(&["prlimit", "--nofile=1024:4096", "--"], fx.base(), &args, &env);
+    assert_eq!(nofile_limits(server.pid()).0, 4096);
+    let logs = server.logs().join("\n");
+    assert!(!logs.contains("cannot cover limits.max_sessions"), "{logs}");
+    server.stop_clean();
+}

@@ -8,6 +8,7 @@
 //! then stop the system.
 
 pub mod admission;
+pub mod fd_limit;
 pub mod listener;
 pub mod session;
 pub mod upload;
@@ -151,6 +152,7 @@ impl Node {
     /// then one listener per address. A failure is logged; the error is the exit code.
     pub async fn start(v: &Validated) -> Result<Node, u8> {
         let s = &v.settings;
+        fd_limit::raise(s.limits.max_sessions);
         let files = start_files(v)?;
         let pacing = start_pacing(v, &files);
         let sockets = bind_all(&v.listen).map_err(|e| {

@@ -604,7 +604,10 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Server {
         match server_kind() {
-            ServerKind::Tftpcast => Server::start_tftpcast(netns, root, args, env),
+            ServerKind::Tftpcast => {
+                let cmd = Server::command(netns, Path::new(tftpcast_bin()));
+                Server::start_tftpcast(cmd, root, args, env)
+            }
             ServerKind::Hpa(path) => Server::start_hpa(&path, netns, root, args),
         }
     }
@@ -660,13 +663,20 @@ impl Server {
         (server, rx)
     }
 
+    /// Starts tftpcast under a wrapper command (`wrapper` then the binary), e.g. `prlimit
+    /// --nofile=1024:4096 --` to start it with given resource limits. tftpcast only.
+    pub fn start_wrapped(wrapper: &[&str], root: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(tftpcast_bin());
+        Server::start_tftpcast(cmd, root, args, env)
+    }
+
     fn start_tftpcast(
-        netns: Option<&str>,
+        mut cmd: Command,
         root: &Path,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
-        let mut cmd = Server::command(netns, Path::new(tftpcast_bin()));
         cmd.arg("serve")
             .arg("--root")
             .arg(root)
