@@ -130,7 +130,7 @@ pub struct RecvMeta {
 const CMSG_SPACE: usize = 128;
 
 /// `recvmsg` that also returns the datagram's destination address.
-pub fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<RecvMeta> {
+pub fn recv_with_dst(sock: &UdpSocket, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<RecvMeta> {
     // SAFETY: all pointers refer to live stack or caller buffers of the sizes given; the
     // kernel fills at most those sizes; cmsg parsing uses the libc CMSG_* macros.
     unsafe {
@@ -296,7 +296,7 @@ mod tests {
         let laddr = l.local_addr().unwrap();
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         c.send_to(b"hello", laddr).unwrap();
-        let mut buf = [0u8; 64];
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
         let meta = loop {
             match recv_with_dst(&l, &mut buf) {
                 Ok(m) => break m,
@@ -304,13 +304,16 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert_eq!(&buf[..meta.len], b"hello");
+        // SAFETY: recvmsg initialised the first `len` bytes.
+        let got: Vec<u8> = buf[..meta.len].iter().map(|b| unsafe { b.assume_init() }).collect();
+        assert_eq!(got, b"hello");
         assert_eq!(meta.from, c.local_addr().unwrap());
         assert_eq!(meta.dst, Some("127.0.0.1".parse().unwrap()));
         send_from(&l, b"back", meta.from, meta.dst, false).unwrap();
         c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-        let (n, from) = c.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..n], from), (&b"back"[..], laddr));
+        let mut back = [0u8; 64];
+        let (n, from) = c.recv_from(&mut back).unwrap();
+        assert_eq!((&back[..n], from), (&b"back"[..], laddr));
     }
 
     #[test]

@@ -75,19 +75,21 @@ impl futures_core::Stream for DatagramStream {
             };
             let with_dst = this.with_dst;
             let max = this.max;
-            // SAFETY: recv writes at most `max + 1` initialised bytes into the spare capacity,
-            // and only the `len` bytes it reports are exposed via set_len.
-            let spare = unsafe { std::slice::from_raw_parts_mut(this.buf.as_mut_ptr(), max + 1) };
+            // The kernel writes into the buffer's spare (uninitialised) capacity through
+            // MaybeUninit slices; only the bytes it reports are then marked initialised.
+            let spare = &mut this.buf.spare_capacity_mut()[..max + 1];
             let res = guard.try_io(|s| {
                 if with_dst {
                     net::recv_with_dst(s.get_ref(), spare)
                 } else {
-                    let (len, from) = s.get_ref().recv_from(spare)?;
+                    let (len, from) = socket2::SockRef::from(s.get_ref()).recv_from(spare)?;
+                    let from = from.as_socket().ok_or_else(|| io::Error::other("unknown address family"))?;
                     Ok(RecvMeta { len, from: net::unmap(from), dst: None })
                 }
             });
             match res {
                 Ok(Ok(meta)) => {
+                    // SAFETY: recv initialised exactly `meta.len` bytes of the spare capacity.
                     unsafe { this.buf.set_len(meta.len) };
                     let data = this.buf.split_to(meta.len).freeze();
                     return Poll::Ready(Some(Datagram { meta, data }));
@@ -187,5 +189,44 @@ pub async fn send_batch_when_writable(sock: SharedSocket, mut rest: Vec<Transmit
             Ok(Err(_)) => return, // a hard error: the retransmission timer recovers
             Err(_would_block) => continue,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_core::Stream;
+
+    async fn next(s: &mut DatagramStream) -> Datagram {
+        std::future::poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await.expect("stream ended")
+    }
+
+    /// Datagrams of every size up to the limit arrive whole and byte-exact, longer ones are
+    /// cut at `max + 1` (so the decoder can tell), and the destination address is reported
+    /// when asked for. The bytes come from the buffer's spare capacity, which the kernel
+    /// fills: what a datagram exposes is exactly what was sent, never stale buffer content.
+    #[test]
+    fn datagrams_arrive_whole_and_long_ones_are_cut() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            for with_dst in [false, true] {
+                let raw = net::bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+                raw.set_nonblocking(true).unwrap();
+                let to = raw.local_addr().unwrap();
+                let mut stream = DatagramStream::new(register(raw).unwrap(), 600, with_dst);
+                let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let sizes = [0usize, 1, 4, 599, 600, 601, 700, 65_000, 3];
+                for (i, &n) in sizes.iter().enumerate() {
+                    let sent: Vec<u8> = (0..n).map(|k| (k * 7 + i) as u8).collect();
+                    peer.send_to(&sent, to).unwrap();
+                    let d = next(&mut stream).await;
+                    let kept = n.min(601);
+                    assert_eq!(d.meta.len, kept, "size {n}");
+                    assert_eq!(&d.data[..], &sent[..kept], "size {n}");
+                    assert_eq!(d.meta.from, peer.local_addr().unwrap());
+                    assert_eq!(d.meta.dst, with_dst.then(|| "127.0.0.1".parse().unwrap()));
+                }
+            }
+        });
     }
 }
