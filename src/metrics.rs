@@ -123,14 +123,22 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends. One connection at a time is
-/// plenty for a scraper; a slow or silent peer is cut off after 5 s.
+/// Connections answered at once; further ones wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 16;
+/// A connection that has not sent its request and read its answer by then is closed.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until the process ends. Each connection is answered on
+/// its own task, at most [`MAX_CONNECTIONS`] at once, so a silent or slow peer holds only its
+/// own connection (for at most [`CONNECTION_TIMEOUT`]) and never delays another scrape.
 pub async fn serve(listener: tokio::net::TcpListener) {
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "metrics endpoint listening");
     }
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut conn, peer) = match listener.accept().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 debug!(error = %e, "metrics accept failed");
@@ -138,37 +146,42 @@ pub async fn serve(listener: tokio::net::TcpListener) {
                 continue;
             }
         };
-        let answer = async {
-            // The request line is all that matters; headers are read up to a small cap.
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && !buf[..n].windows(2).any(|w| w == b"\n\n") {
-                match conn.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
-                }
+        actix_rt::spawn(async move {
+            if tokio::time::timeout(CONNECTION_TIMEOUT, answer(conn)).await.is_err() {
+                debug!(peer = %peer, "metrics client too slow");
             }
-            let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or(&[]);
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") | ("HEAD", "/metrics") => ("200 OK", prometheus_text::CONTENT_TYPE, m().render()),
-                ("GET", _) | ("HEAD", _) => ("404 Not Found", "text/plain", "not found: try /metrics\n".to_string()),
-                _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
-            };
-            let head = format!("HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = conn.write_all(head.as_bytes()).await;
-            if method != "HEAD" {
-                let _ = conn.write_all(body.as_bytes()).await;
-            }
-            let _ = conn.shutdown().await;
-        };
-        if tokio::time::timeout(Duration::from_secs(5), answer).await.is_err() {
-            debug!(peer = %peer, "metrics client too slow");
+            drop(permit);
+        });
+    }
+}
+
+/// Reads one HTTP request (the request line is all that matters; headers up to a small cap)
+/// and writes the answer.
+async fn answer(mut conn: tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && !buf[..n].windows(2).any(|w| w == b"\n\n") {
+        match conn.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
         }
     }
+    let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") | ("HEAD", "/metrics") => ("200 OK", prometheus_text::CONTENT_TYPE, m().render()),
+        ("GET", _) | ("HEAD", _) => ("404 Not Found", "text/plain", "not found: try /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
+    };
+    let head = format!("HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = conn.write_all(head.as_bytes()).await;
+    if method != "HEAD" {
+        let _ = conn.write_all(body.as_bytes()).await;
+    }
+    let _ = conn.shutdown().await;
 }
 
 #[cfg(test)]

@@ -156,3 +156,33 @@ fn metrics_count_defers_and_failures() {
     assert_eq!(state["active"], 0, "{state}");
     server.finish(&fx);
 }
+
+/// A connection that connects and sends nothing (or sends half a request) must not hold up
+/// other scrapes: each connection is answered on its own. With the old one-at-a-time
+/// responder, a scrape behind a silent connection waited its 5 s timeout.
+#[test]
+fn a_silent_connection_does_not_stall_a_scrape() {
+    if !testing_tftpcast() || !require_tools(&["curl"]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &["--metrics-listen", "127.0.0.1:0"]);
+    let maddr = metrics_addr(&server);
+    let url = format!("http://{maddr}/metrics");
+    let (code, _) = curl(&url); // the endpoint is up
+    assert_eq!(code, 200);
+
+    let silent: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(maddr).expect("connect")).collect();
+    let mut half = std::net::TcpStream::connect(maddr).expect("connect");
+    std::io::Write::write_all(&mut half, b"GET /metr").unwrap();
+    thread::sleep(Duration::from_millis(200)); // they are accepted first
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (code, body) = curl(&url);
+        let took = t.elapsed();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("tftpcast_sessions_active"), "{body}");
+        assert!(took < Duration::from_secs(2), "a scrape waited {took:?} behind silent connections");
+    }
+    drop((silent, half));
+}
