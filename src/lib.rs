@@ -15,14 +15,15 @@
 //!   shutdown; [`node::listener`] (the listening sockets: requests, checks, admission,
 //!   policy, mapping), [`node::session`] (one actor per read transfer), [`node::upload`]
 //!   (one actor per write request), [`node::admission`] (session and request-rate limits,
-//!   the defer queue), [`node::fd_limit`] (the open-file limit raised at start).
+//!   the defer queue), [`node::fd_limit`] (the open-file limit raised at start), [`node::systemd`] (readiness
+//!   notification, socket activation, the privilege drop).
 //! - [`cluster`]: [`cluster::coordinator`] (the table of multicast groups; joins, starts,
 //!   cluster-wide agreement), [`cluster::group`] (one actor per multicast group),
 //!   [`cluster::membership`] (SWIM membership and authenticated messages between nodes).
 //! - [`flow`]: [`flow::pacing`] (the node's send budget as rate leases, advice for new
 //!   transfers), [`flow::lease`] (a sender's side of its lease).
 //! - [`config`]: settings layers and validation, [`config::check`] (`check-config`),
-//!   [`config::policy`] (per-client option rules).
+//!   [`config::policy`] (per-client option rules), [`config::identity`] (users and groups).
 //! - [`fs`]: [`fs::file_cache`] (root confinement, shared file contents),
 //!   [`fs::upload_store`] (temporary files renamed into place), [`fs::mapping`] (client file
 //!   names to paths), [`fs::names`] (the name rules all of them share).

@@ -93,6 +93,12 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [server.metrics_listen].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
+    /// Switch to this user after binding, when started as root [server.user].
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Switch to this group after binding (default: the user's) [server.group].
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
 }
 
 /// Runs `serve`, or with `check` (the matches of `check-config`) only validates and reports.
@@ -121,6 +127,8 @@ fn serve(args: ServeArgs, check: Option<&clap::ArgMatches>) -> ExitCode {
             None
         },
         metrics_listen: args.metrics_listen,
+        user: args.user,
+        group: args.group,
     };
     let validated = match config::Settings::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(v) => v,

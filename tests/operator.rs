@@ -370,6 +370,7 @@ fn systemd_unit_is_hardened_and_verifies() {
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
         ("PrivateDevices", "yes"),
+        ("Type", "notify"),
     ] {
         assert_eq!(get(k), vec![v], "{k}= in deploy/tftpcast.service");
     }

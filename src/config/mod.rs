@@ -3,6 +3,7 @@
 //! [`ConfigError`] naming the setting; `main` exits 2 with it.
 
 pub mod check;
+pub mod identity;
 pub mod policy;
 
 
@@ -66,6 +67,8 @@ impl Overrides {
             ("cluster.listen", &o.cluster_listen),
             ("cluster.advertise", &o.advertise),
             ("server.metrics_listen", &o.metrics_listen),
+            ("server.user", &o.user),
+            ("server.group", &o.group),
         ];
         out.extend(strings.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k, v.into()))));
         let numbers = [
@@ -162,6 +165,12 @@ pub struct Server {
     /// `ADDR:PORT` of the Prometheus `/metrics` endpoint; empty: none.
     #[serde(default)]
     pub metrics_listen: String,
+    /// User (name or number) to switch to after binding, when started as root; empty: stay.
+    #[serde(default)]
+    pub user: String,
+    /// Group to switch to after binding; empty: the user's primary group.
+    #[serde(default)]
+    pub group: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -270,6 +279,8 @@ pub struct Overrides {
     /// `--allow-write` (true) / `--read-only` (false) [uploads.enabled].
     pub allow_write: Option<bool>,
     pub metrics_listen: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 /// Everything checked and parsed, ready for the node.
@@ -288,6 +299,8 @@ pub struct Validated {
     pub mapper: crate::fs::mapping::Mapper,
     pub policy: crate::config::policy::Policy,
     pub metrics_listen: Option<SocketAddr>,
+    /// Whom to switch to after binding (`server.user`, `server.group`).
+    pub run_as: Option<identity::RunAs>,
 }
 
 impl Settings {
@@ -322,7 +335,26 @@ impl Settings {
         let upload_dir = self.upload_dir()?;
         self.check_log()?;
         let mapper = crate::fs::mapping::Mapper::new(&self.mapping).map_err(ConfigError)?;
-        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen })
+        let run_as = self.run_as()?;
+        Ok(Validated { settings: self, listen, tid_port_range, multicast_pool, multicast_interface, cluster, upload_dir, mapper, policy, metrics_listen, run_as })
+    }
+
+    /// The user and group to switch to after binding, looked up now: a name that does not
+    /// exist is an error naming its setting.
+    fn run_as(&self) -> Result<Option<identity::RunAs>, ConfigError> {
+        let (u, g) = (self.server.user.trim(), self.server.group.trim());
+        if u.is_empty() && g.is_empty() {
+            return Ok(None);
+        }
+        let user = match u {
+            "" => None,
+            u => Some(identity::lookup_user(u).ok_or_else(|| ConfigError(format!("setting server.user: no such user {u:?}")))?),
+        };
+        let group = match g {
+            "" => None,
+            g => Some(identity::lookup_group(g).ok_or_else(|| ConfigError(format!("setting server.group: no such group {g:?}")))?),
+        };
+        Ok(Some(identity::RunAs { user, group }))
     }
 
     /// The root, the listening addresses, the transfer port range and the metrics address.

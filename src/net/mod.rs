@@ -52,6 +52,17 @@ fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
     Ok(sock)
 }
 
+/// A listening socket bound by someone else (the service manager): set up as
+/// [`bind_listener`] sets up its own (non-blocking, close-on-exec, buffers, packet info).
+pub fn adopt_listener(sock: Socket, v6: bool) -> io::Result<UdpSocket> {
+    sock.set_nonblocking(true)?;
+    sock.set_cloexec(true)?;
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    enable_pktinfo(&sock, v6)?;
+    Ok(sock.into())
+}
+
 /// A listening socket: reusable address, destination-address reporting on.
 pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     let sock = new_socket(&addr)?;

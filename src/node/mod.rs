@@ -11,6 +11,7 @@ pub mod admission;
 pub mod fd_limit;
 pub mod listener;
 pub mod session;
+pub mod systemd;
 pub mod upload;
 
 use std::future::Future;
@@ -32,6 +33,17 @@ use crate::node::admission::{Admission, AdmissionConfig};
 use crate::node::listener::{ActiveSessions, Listener, RequestPolicy, StopAccepting};
 use crate::flow::pacing::{Pacing, PacingPolicy, Subscribe};
 use crate::state::DumpState;
+
+/// The sockets the service manager passed (socket activation), else those of
+/// `server.listen`, bound now.
+fn listening_sockets(v: &Validated) -> Result<Vec<std::net::UdpSocket>, String> {
+    let passed = systemd::listen_sockets()?;
+    if passed.is_empty() {
+        bind_all(&v.listen)
+    } else {
+        Ok(passed)
+    }
+}
 
 /// Binds every listening socket. A dual-stack wildcard on a host without IPv6 falls back to
 /// the IPv4 wildcard.
@@ -112,6 +124,9 @@ pub fn run(v: Validated) -> u8 {
     code
 }
 
+/// How often `STATUS=` is sent to the service manager.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Runs a node until `shutdown` completes (inside an actix system: the process's, or a
 /// test's), then drains it: running transfers get up to `server.shutdown_grace_s`, or until
 /// `hurry` completes. Each message on `dumps`, and every `log.state_interval_s`, makes every
@@ -124,12 +139,16 @@ pub async fn run_until(v: Validated, shutdown: impl Future<Output = ()>, hurry: 
     let interval = v.settings.log.state_interval_s;
     let mut tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
     tick.tick().await;
+    // The service manager shows STATUS= in `systemctl status`: refreshed every few seconds.
+    let notifying = std::env::var_os("NOTIFY_SOCKET").is_some();
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = dumps.recv() => node.dump_state(),
             _ = tick.tick(), if interval > 0 => node.dump_state(),
+            _ = status.tick(), if notifying => node.notify_status().await,
         }
     }
     node.stop(hurry).await;
@@ -155,7 +174,7 @@ impl Node {
         fd_limit::raise(s.limits.max_sessions);
         let files = start_files(v)?;
         let pacing = start_pacing(v, &files);
-        let sockets = bind_all(&v.listen).map_err(|e| {
+        let sockets = listening_sockets(v).map_err(|e| {
             error!("{e}");
             1u8
         })?;
@@ -182,6 +201,12 @@ impl Node {
             error!("{e}");
             2u8
         })?;
+        if let Some(run_as) = &v.run_as {
+            systemd::drop_privileges(run_as).map_err(|e| {
+                error!("{e}");
+                1u8
+            })?;
+        }
         let admission = Admission::shared(admission_config(v));
         let mut listeners = Vec::new();
         for sock in sockets {
@@ -194,6 +219,7 @@ impl Node {
             listeners.push(l);
         }
         info!(root = %s.server.root.display(), session_arbiters = cores, version = env!("CARGO_PKG_VERSION"), "tftpcast serving");
+        systemd::notify("READY=1\nSTATUS=serving");
         Ok(Node { files, pacing, coordinator, membership, listeners, arbiters, grace: Duration::from_secs(s.server.shutdown_grace_s) })
     }
 
@@ -215,6 +241,7 @@ impl Node {
     /// Closes the listening sockets, waits for running transfers and the groups this node
     /// sends (up to the grace period, or until `hurry`), leaves the cluster and stops.
     pub async fn stop(self, hurry: impl Future<Output = ()>) {
+        systemd::notify("STOPPING=1\nSTATUS=draining");
         for l in &self.listeners {
             l.do_send(StopAccepting);
         }
@@ -247,14 +274,27 @@ impl Node {
     /// Transfers still running, and multicast groups this node sends (in a cluster, peers
     /// take over what is left when this node leaves).
     async fn active(&self) -> usize {
-        let mut active = 0;
+        let (transfers, groups) = self.counts().await;
+        transfers + groups
+    }
+
+    /// (transfers running, multicast groups this node sends).
+    async fn counts(&self) -> (usize, usize) {
+        let mut transfers = 0;
         for l in &self.listeners {
-            active += l.send(ActiveSessions).await.unwrap_or(0);
+            transfers += l.send(ActiveSessions).await.unwrap_or(0);
         }
-        if let Some(c) = &self.coordinator {
-            active += c.send(OwnedGroups).await.unwrap_or(0);
-        }
-        active
+        let groups = match &self.coordinator {
+            Some(c) => c.send(OwnedGroups).await.unwrap_or(0),
+            None => 0,
+        };
+        (transfers, groups)
+    }
+
+    /// Tells the service manager how busy the node is.
+    pub async fn notify_status(&self) {
+        let (transfers, groups) = self.counts().await;
+        systemd::notify(&format!("STATUS=serving: {transfers} transfers, {groups} multicast groups"));
     }
 }
 

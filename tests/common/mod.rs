@@ -108,6 +108,12 @@ pub fn require_tools(names: &[&str]) -> bool {
     names.iter().all(|n| require_tool(n))
 }
 
+/// The uid of a user named in the password database (`id -u NAME`).
+pub fn uid_of(name: &str) -> u32 {
+    let out = Command::new("id").args(["-u", name]).output().expect("run id");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("no user {name}"))
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -668,6 +674,12 @@ impl Server {
     pub fn start_wrapped(wrapper: &[&str], root: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..]).arg(tftpcast_bin());
+        Server::start_tftpcast(cmd, root, args, env)
+    }
+
+    /// Starts tftpcast through `cmd`, a command that ends up executing the tftpcast binary
+    /// with the arguments appended here (`serve --root ROOT ...`). tftpcast only.
+    pub fn start_command(cmd: Command, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         Server::start_tftpcast(cmd, root, args, env)
     }
 
