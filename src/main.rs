@@ -30,6 +30,16 @@ enum Command {
     /// Validate a configuration (the same layers and flags as `serve`) and print every
     /// effective setting with where it came from; exit 2 naming the first bad setting.
     CheckConfig(ServeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (tftpcast.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Flags of `tftpcast serve`; each overrides the configuration key named in its help.
@@ -164,6 +174,17 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args, None),
         Command::CheckConfig(args) => serve(args, matches.subcommand_matches("check-config")),
         Command::Bench(args) => bench::run(&args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tftpcast", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => match std::fs::create_dir_all(&dir).and_then(|_| clap_mangen::generate_to(Cli::command(), &dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tftpcast man: {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        },
         Command::Get(args) => match client::run_get(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

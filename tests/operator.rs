@@ -550,3 +550,38 @@ fn serve_raises_the_open_file_limit_and_serves_beyond_1024() {
     assert!(!logs.contains("cannot cover limits.max_sessions"), "{logs}");
     server.stop_clean();
 }
+
+/// `tftpcast completions SHELL` and `tftpcast man DIR` come from the command-line definition:
+/// every subcommand has a page naming its flags, and the bash script parses and completes
+/// serve's flags.
+#[test]
+fn completions_and_man_pages_cover_every_subcommand() {
+    if !only_tftpcast() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = tftpcast(&["man", dir.path().to_str().unwrap()], &[]);
+    assert!(r.success(), "{r}");
+    for sub in ["serve", "get", "put", "bench", "check-config", "completions", "man"] {
+        let page = fs::read_to_string(dir.path().join(format!("tftpcast-{sub}.1"))).unwrap_or_else(|e| panic!("tftpcast-{sub}.1: {e}"));
+        assert!(page.contains(&format!(".TH tftpcast-{sub} 1")), "{sub}: {page}");
+        // Every long flag the subcommand's --help shows is on its page.
+        let help = tftpcast(&[sub, "--help"], &[]);
+        for flag in help.stdout.split_whitespace().filter(|w| w.starts_with("--")).map(|w| w.trim_end_matches(',')) {
+            let name = flag.split(['=', '<', '[']).next().unwrap().replace('-', "\\-");
+            assert!(page.contains(&name), "{sub}: {flag} missing from its man page");
+        }
+    }
+    assert!(dir.path().join("tftpcast.1").exists());
+
+    for shell in ["bash", "zsh", "fish"] {
+        let r = tftpcast(&["completions", shell], &[]);
+        assert!(r.success() && r.stdout.contains("metrics-listen") && r.stdout.contains("check-config"), "{shell}: {r}");
+    }
+    let script = dir.path().join("tftpcast.bash");
+    fs::write(&script, tftpcast(&["completions", "bash"], &[]).stdout).unwrap();
+    let r = run(Command::new("bash").arg("-n").arg(&script), Duration::from_secs(10));
+    assert!(r.success(), "the bash completion script does not parse: {r}");
+    let r = tftpcast(&["completions", "tcsh"], &[]);
+    assert_eq!(r.code(), Some(2), "an unknown shell is a usage error: {r}");
+}
