@@ -186,3 +186,58 @@ fn a_silent_connection_does_not_stall_a_scrape() {
     }
     drop((silent, half));
 }
+
+/// deploy/grafana-dashboard.json queries only metrics this server exports, and groups only by
+/// labels those metrics carry (checked on a scrape after a transfer and a missing file).
+#[test]
+fn the_grafana_dashboard_queries_exported_metrics() {
+    if !testing_tftpcast() || !require_tools(&["curl", "tftp"]) {
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dash: serde_json::Value = serde_json::from_str(&fs::read_to_string(repo.join("deploy/grafana-dashboard.json")).unwrap()).expect("the dashboard is JSON");
+    let exprs: Vec<String> = dash["panels"].as_array().expect("panels").iter().flat_map(|p| p["targets"].as_array().expect("targets").iter().map(|t| t["expr"].as_str().expect("expr").to_string())).collect();
+    assert!(exprs.len() >= 8, "{exprs:?}");
+
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &["--metrics-listen", "127.0.0.1:0"]);
+    fetch_and_check(&fx, &Client::hpa(), server.addr(), ONE_MIB, CLIENT_LIMIT);
+    let _ = raw::get(server.addr(), "missing.bin", "octet", &[], CLIENT_LIMIT);
+    // A client that aborts with an ERROR after the first DATA: a failed transfer.
+    let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.send_to(&raw::rrq(ONE_MIB.as_bytes(), "octet", &[]), server.addr()).unwrap();
+    let mut buf = [0u8; 1024];
+    let (_, tid) = c.recv_from(&mut buf).expect("DATA 1");
+    c.send_to(b"\x00\x05\x00\x00abort\x00", tid).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let (_, body) = curl(&format!("http://{}/metrics", metrics_addr(&server)));
+    // Exported names: every sample's, and each declared counter's `_total` (a labelled family
+    // without samples yet still declares its type).
+    let mut exported: HashMap<String, Vec<String>> = HashMap::new();
+    for l in body.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut w = rest.split_whitespace();
+            let (name, kind) = (w.next().unwrap(), w.next().unwrap_or(""));
+            let name = if kind == "counter" && !name.ends_with("_total") { format!("{name}_total") } else { name.to_string() };
+            exported.entry(name).or_default();
+        } else if !l.starts_with('#') && !l.is_empty() {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let labels: Vec<String> = l.split_once('{').map(|(_, r)| r.split('}').next().unwrap().split(',').filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_string())).collect()).unwrap_or_default();
+            exported.entry(name.to_string()).or_default().extend(labels);
+        }
+    }
+    for e in &exprs {
+        let names: Vec<&str> = e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("tftpcast_")).collect();
+        assert!(!names.is_empty(), "{e}");
+        for n in &names {
+            assert!(exported.contains_key(*n), "the dashboard queries {n}, which the server does not export\n{body}");
+        }
+        // `by (label)` must be a label of the queried metric when it has samples.
+        if let Some((_, rest)) = e.split_once("by (") {
+            let label = rest.split(')').next().unwrap().trim();
+            let labels = &exported[names[0]];
+            assert!(label == "instance" || labels.is_empty() || labels.iter().any(|l| l == label), "{e}: {} has labels {labels:?}", names[0]);
+        }
+    }
+}
