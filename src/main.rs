@@ -51,8 +51,9 @@ struct ServeArgs {
     /// Directory to serve [server.root].
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Address to listen on, repeatable [server.listen].
-    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    /// Address to listen on, repeatable; an address alone (10.0.0.1, [::]) means port 69
+    /// [server.listen].
+    #[arg(long = "listen", value_name = "ADDR[:PORT]")]
     listen: Vec<String>,
     /// Ports for transfer sockets, LO-HI [server.tid_port_range].
     #[arg(long, value_name = "LO-HI")]
@@ -97,6 +98,13 @@ struct ServeArgs {
     /// Log format: text or json [log.format].
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
+    /// Log filter: a level (error, warn, info, debug, trace) or target=level, comma-separated
+    /// [log.level].
+    #[arg(long, value_name = "LEVEL", conflicts_with = "verbose")]
+    log_level: Option<String>,
+    /// More log: -v is debug, -vv trace [log.level].
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Seconds between state dumps, 0 for none [log.state_interval_s].
     #[arg(long, value_name = "N")]
     state_interval_s: Option<u64>,
@@ -120,6 +128,11 @@ fn serve(args: ServeArgs, check: Option<&clap::ArgMatches>) -> ExitCode {
         single_port: args.single_port,
         max_rate_mbps: args.max_rate_mbps,
         log_format: args.log_format,
+        log_level: match args.verbose {
+            0 => args.log_level,
+            1 => Some("debug".into()),
+            _ => Some("trace".into()),
+        },
         state_interval_s: args.state_interval_s,
         multicast_range: args.multicast_range,
         multicast_port: args.multicast_port,

@@ -36,6 +36,14 @@ fn env_values(env: impl IntoIterator<Item = (String, String)>) -> Result<Vec<(St
         }
         let value: config::Value = if path == "server.listen" || path == "cluster.peers" {
             v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<String>>().into()
+        } else if bool_keys().contains(&path) {
+            // Only true or false: the config crate would also read yes/on/1 as true, and a
+            // typo such as "ture" should not silently mean something.
+            match v.as_str() {
+                "true" => true.into(),
+                "false" => false.into(),
+                _ => return Err(ConfigError(format!("setting {path}: {v:?} is not true or false (environment variable {k})"))),
+            }
         } else {
             v.into()
         };
@@ -61,6 +69,7 @@ impl Overrides {
         let strings = [
             ("server.tid_port_range", &o.tid_port_range),
             ("log.format", &o.log_format),
+            ("log.level", &o.log_level),
             ("multicast.range", &o.multicast_range),
             ("multicast.interface", &o.multicast_interface),
             ("cluster.node_id", &o.node_id),
@@ -267,6 +276,7 @@ pub struct Overrides {
     pub single_port: bool,
     pub max_rate_mbps: Option<u64>,
     pub log_format: Option<String>,
+    pub log_level: Option<String>,
     pub state_interval_s: Option<u64>,
     pub multicast_range: Option<String>,
     pub multicast_port: Option<u16>,
@@ -368,9 +378,9 @@ impl Settings {
         }
         let mut listen = Vec::new();
         for a in &self.server.listen {
-            match a.parse::<SocketAddr>() {
-                Ok(sa) => listen.push(sa),
-                Err(_) => return bad("server.listen", format!("{a:?} is not ADDR:PORT")),
+            match parse_listen(a) {
+                Some(sa) => listen.push(sa),
+                None => return bad("server.listen", format!("{a:?} is not ADDR:PORT or an address")),
             }
         }
         let tid_port_range = match self.server.tid_port_range.trim() {
@@ -506,10 +516,7 @@ impl Settings {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is not text or json", self.log.format));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad("log.level", format!("{:?} is not a valid filter", self.log.level));
-        }
-        Ok(())
+        check_log_level(&self.log.level).or_else(|why| bad("log.level", format!("{:?}: {why}", self.log.level)))
     }
 
     fn upload_dir(&self) -> Result<String, ConfigError> {
@@ -576,12 +583,51 @@ impl Settings {
     }
 }
 
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A log filter: comma-separated directives, each a level or `target=level`. A bare word that
+/// is no level ("warning", "verbose") would be read by tracing as a target name, silently
+/// logging nothing of what was meant: refused here.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!("{level:?} is not a level (one of {})", LEVELS.join(", ")));
+        }
+    }
+    if filter.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Err("not a valid filter (a level, or target=level, comma-separated)".into());
+    }
+    Ok(())
+}
+
+/// `ADDR:PORT`, or an address alone (`10.0.0.1`, `[::]`, `::`) meaning TFTP's port 69.
+pub fn parse_listen(a: &str) -> Option<SocketAddr> {
+    let a = a.trim();
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    let ip = a.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(a);
+    ip.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 69))
+}
+
 /// The keys of the embedded defaults, `section.key`: every key that exists.
 fn default_keys() -> &'static std::collections::BTreeSet<String> {
     static KEYS: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
     KEYS.get_or_init(|| {
         let t: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
         t.iter().flat_map(|(s, v)| v.as_table().into_iter().flat_map(move |kv| kv.keys().map(move |k| format!("{s}.{k}")))).collect()
+    })
+}
+
+/// The keys whose default is a boolean.
+fn bool_keys() -> &'static std::collections::BTreeSet<String> {
+    static KEYS: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let t: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
+        t.iter()
+            .flat_map(|(s, v)| v.as_table().into_iter().flat_map(move |kv| kv.iter().filter(|(_, v)| v.is_bool()).map(move |(k, _)| format!("{s}.{k}"))))
+            .collect()
     })
 }
 
@@ -606,10 +652,13 @@ fn check_file_keys(f: &Path) -> Result<(), ConfigError> {
         if keys.is_empty() && !default_keys().iter().any(|k| k.starts_with(&format!("{section}."))) {
             return Err(ConfigError(format!("setting {section}: unknown section (config file {})", f.display())));
         }
-        for k in keys.keys() {
+        for (k, value) in keys {
             let path = format!("{section}.{k}");
             if !is_known_key(&path) {
                 return Err(ConfigError(format!("setting {path}: unknown key (config file {})", f.display())));
+            }
+            if bool_keys().contains(&path) && !value.is_bool() {
+                return Err(ConfigError(format!("setting {path}: {value} is not true or false (config file {})", f.display())));
             }
         }
     }
@@ -634,6 +683,48 @@ mod tests {
 
     fn root() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()
+    }
+
+    fn load_with(env: &[(&str, &str)], o: Overrides) -> Result<Validated, ConfigError> {
+        let r = root();
+        let o = Overrides { root: Some(r.path().into()), ..o };
+        Settings::load(None, env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>(), &o)
+    }
+
+    #[test]
+    fn listen_without_a_port_means_69() {
+        let v = load_with(&[], Overrides { listen: vec!["10.0.0.1".into(), "[::]".into(), "::1".into(), "127.0.0.1:6969".into()], ..Default::default() }).unwrap();
+        let want: Vec<SocketAddr> = ["10.0.0.1:69", "[::]:69", "[::1]:69", "127.0.0.1:6969"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(v.listen, want);
+        let e = load_with(&[], Overrides { listen: vec!["host:69".into()], ..Default::default() }).unwrap_err();
+        assert!(e.0.starts_with("setting server.listen:"), "{e}");
+    }
+
+    #[test]
+    fn log_levels_that_tracing_would_read_as_targets_are_refused() {
+        for good in ["info", "DEBUG", "warn,tftpcast=trace", "tftpcast::node=debug", "off"] {
+            assert!(load_with(&[], Overrides { log_level: Some(good.into()), ..Default::default() }).is_ok(), "{good}");
+        }
+        for bad in ["warning", "verbose", "info,loud", "tftpcast=chatty", ""] {
+            let e = load_with(&[], Overrides { log_level: Some(bad.into()), ..Default::default() }).unwrap_err();
+            assert!(e.0.starts_with("setting log.level:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn booleans_are_only_true_or_false() {
+        let v = load_with(&[("TFTPCAST_SERVER__SINGLE_PORT", "true")], Overrides::default()).unwrap();
+        assert!(v.settings.server.single_port);
+        for bad in ["yes", "1", "on", "True", "ture"] {
+            let e = load_with(&[("TFTPCAST_SERVER__SINGLE_PORT", bad)], Overrides::default()).unwrap_err();
+            assert!(e.0.starts_with("setting server.single_port:") && e.0.contains("not true or false"), "{bad}: {e}");
+        }
+        let r = root();
+        let f = r.path().join("c.toml");
+        std::fs::write(&f, "[server]\nsingle_port = \"yes\"\n").unwrap();
+        let o = Overrides { root: Some(r.path().into()), ..Default::default() };
+        let e = Settings::load(Some(&f), vec![], &o).unwrap_err();
+        assert!(e.0.contains("single_port"), "a string in a file is no boolean either: {e}");
     }
 
     #[test]
