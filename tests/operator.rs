@@ -568,7 +568,7 @@ fn completions_and_man_pages_cover_every_subcommand() {
         // Every long flag the subcommand's --help shows is on its page.
         let help = tftpcast(&[sub, "--help"], &[]);
         for flag in help.stdout.split_whitespace().filter(|w| w.starts_with("--")).map(|w| w.trim_end_matches(',')) {
-            let name = flag.split(['=', '<', '[']).next().unwrap().replace('-', "\\-");
+            let name = flag.split(['=', '<', '[', '.']).next().unwrap().replace('-', "\\-");
             assert!(page.contains(&name), "{sub}: {flag} missing from its man page");
         }
     }
@@ -584,4 +584,73 @@ fn completions_and_man_pages_cover_every_subcommand() {
     assert!(r.success(), "the bash completion script does not parse: {r}");
     let r = tftpcast(&["completions", "tcsh"], &[]);
     assert_eq!(r.code(), Some(2), "an unknown shell is a usage error: {r}");
+}
+
+/// The MAC address of interface `v0` in namespace `ns`, as pxelinux spells it (aa-bb-...).
+fn lab_mac(ns: &str) -> String {
+    let r = run_ok(Command::new(tool("ip")).args(["-n", ns, "link", "show", "v0"]));
+    let mac = r.stdout.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("link/ether in ip link output");
+    mac.replace(':', "-").to_ascii_lowercase()
+}
+
+/// Per-client files: two clients, each in its own namespace with its own address and MAC, ask
+/// the same names. `${mac}`, `${hexip}` and `${ip}` give each its own file; a per-client file
+/// that does not exist falls through to the next rule or to the plain name; a rule limited by
+/// `clients` applies to those clients only.
+#[test]
+fn per_client_rules_give_each_client_its_own_file() {
+    if !only_tftpcast() || !require_netns() || !require_tool("tftp") {
+        return;
+    }
+    let fx = Fixture::new();
+    let lab = Lab::new("perclient", 2);
+    let (ip0, ip1) = (lab.client_ip(0), lab.client_ip(1));
+    let hexip = |ip: std::net::Ipv4Addr| format!("{:08X}", u32::from(ip));
+    let mac0 = lab_mac(&lab.clients[0]);
+    let files = [
+        ("pxelinux.cfg/default".to_string(), "default menu\n"),
+        (format!("pxelinux.cfg/01-{mac0}"), "menu of client 0, by MAC\n"),
+        (format!("pxelinux.cfg/{}", hexip(ip1)), "menu of client 1, by hex IP\n"),
+        (format!("hosts/{ip0}/boot.ipxe"), "boot script of client 0\n"),
+        ("boot.ipxe".to_string(), "everyone's boot script\n"),
+        ("c1-only.txt".to_string(), "for client 1\n"),
+    ];
+    for (name, text) in &files {
+        let p = fx.root.join(name);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+    let cfg = config_file(
+        &fx,
+        "perclient.toml",
+        &format!(
+            "[[mapping.rewrite]]\nmatch = '^pxelinux.cfg/default$'\nreplace = 'pxelinux.cfg/01-${{mac}}'\n\n\
+             [[mapping.rewrite]]\nmatch = '^pxelinux.cfg/default$'\nreplace = 'pxelinux.cfg/${{hexip}}'\n\n\
+             [[mapping.rewrite]]\nmatch = '^(boot.ipxe)$'\nreplace = 'hosts/${{ip}}/$1'\n\n\
+             [[mapping.rewrite]]\nclients = ['{ip1}/32']\nmatch = '^only-c1$'\nreplace = 'c1-only.txt'\n"
+        ),
+    );
+    let listen = format!("{}:69", lab.server_ip());
+    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", cfg.to_str().unwrap(), "--listen", &listen]);
+    let get = |i: usize, name: &str| -> Result<String, String> {
+        let out = fx.out(&format!("c{i}-{}", name.replace('/', "_")));
+        let _ = fs::remove_file(&out);
+        let r = Client::hpa().fetch(Some(&lab.clients[i]), server.addr(), name, &out, CLIENT_LIMIT);
+        if !r.success() || Client::hpa().reported_error(&r) {
+            return Err(r.output());
+        }
+        Ok(fs::read_to_string(&out).unwrap())
+    };
+    assert_eq!(get(0, "pxelinux.cfg/default").unwrap(), "menu of client 0, by MAC\n", "{}", server.log_tail(20));
+    // Client 1 has no MAC file: the next rule (hex IP) gives its file.
+    assert_eq!(get(1, "pxelinux.cfg/default").unwrap(), "menu of client 1, by hex IP\n", "{}", server.log_tail(20));
+    assert_eq!(get(0, "boot.ipxe").unwrap(), "boot script of client 0\n");
+    // No hosts/<ip1>/ file: the plain name.
+    assert_eq!(get(1, "boot.ipxe").unwrap(), "everyone's boot script\n");
+    assert_eq!(get(1, "only-c1").unwrap(), "for client 1\n");
+    let e = get(0, "only-c1").unwrap_err();
+    assert!(e.contains("File not found") || e.contains("not found"), "client 0 is not in the rule's clients: {e}");
+    let logs = server.logs().join("\n");
+    assert!(logs.contains(&mac0), "the rewrite to the MAC file is logged\n{logs}");
+    server.finish_in_lab();
 }

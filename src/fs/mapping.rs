@@ -8,6 +8,14 @@
 //! 2. `[[mapping.rewrite]]` rules, in order, like tftpd-hpa's remap file: the first match of
 //!    `match` (a `regex` crate pattern) is replaced by `replace` (`$1`, `${name}`; every match
 //!    with `global = true`); a rule with `last = true` that matched ends the list.
+//! 3. **Per-client files** (dnsmasq's `tftp-unique-root`, tftpd-hpa's `\i`, pxelinux's lookup
+//!    by hex IP): a replacement may use `${ip}` (the client's address), `${hexip}` (its IPv4
+//!    address as 8 upper-case hex digits, as pxelinux asks) and `${mac}` (its MAC from the
+//!    neighbour table, `aa-bb-cc-dd-ee-ff`; pxelinux's name is `01-${mac}`). A rule whose
+//!    variable is unknown for this client (no neighbour entry, `hexip` of an IPv6 client) does
+//!    not match; `clients = ["10.1.0.0/16", ...]` limits a rule to those addresses. A name a
+//!    per-client rule produced that does not exist falls through: the request is served as if
+//!    that rule had not matched (the next rules, or the name itself).
 //!
 //! Mapping runs before root confinement, never instead of it: the mapped name goes through
 //! `file_cache`'s normalisation and `openat2(RESOLVE_BENEATH)` like any client name, so a rule
@@ -16,7 +24,6 @@
 //! the regex engine runs in time linear in the name, and every intermediate name is capped at
 //! [`MAX_MAPPED_BYTES`], so a client cannot make a rule list do unbounded work.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use regex::{Regex, RegexBuilder};
@@ -46,6 +53,10 @@ pub struct RewriteRule {
     /// Replace every match instead of the first.
     #[serde(default)]
     pub global: bool,
+    /// Client address ranges the rule applies to (`ADDR/LEN` or an address); empty: every
+    /// client.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 /// The `[mapping]` section.
@@ -64,6 +75,64 @@ struct Rule {
     replace: String,
     last: bool,
     global: bool,
+    clients: Vec<crate::net::Cidr>,
+    /// The replacement uses `${ip}`, `${hexip}` or `${mac}`: its result is only a candidate.
+    per_client: bool,
+}
+
+/// The variables a replacement may take from the client.
+const CLIENT_VARS: [&str; 3] = ["ip", "hexip", "mac"];
+/// Names tried for one request at most: a per-client result, its fall-backs.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// What per-client rules know of the client that asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    /// Its address; `None`: nothing is known of the client.
+    pub ip: Option<std::net::IpAddr>,
+    /// Its hardware address, when known (see [`neighbour_mac`]).
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Client {
+    /// The client at `peer`; its MAC is looked up only when `with_mac`.
+    pub fn at(peer: SocketAddr, with_mac: bool) -> Client {
+        let ip = peer.ip().to_canonical();
+        let mac = match ip {
+            std::net::IpAddr::V4(v4) if with_mac => neighbour_mac(v4),
+            _ => None,
+        };
+        Client { ip: Some(ip), mac }
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        match (name, self.ip?) {
+            ("ip", ip) => Some(ip.to_string()),
+            ("hexip", std::net::IpAddr::V4(v4)) => Some(format!("{:08X}", u32::from(v4))),
+            ("mac", _) => self.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("-")),
+            _ => None,
+        }
+    }
+
+    fn is_in(&self, ranges: &[crate::net::Cidr]) -> bool {
+        ranges.is_empty() || self.ip.is_some_and(|ip| ranges.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// The hardware address of an IPv4 neighbour, from the kernel's ARP table (`/proc/net/arp`,
+/// of this process's network namespace). Entries still resolving (all zeros) are unknown.
+pub fn neighbour_mac(ip: std::net::Ipv4Addr) -> Option<[u8; 6]> {
+    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    let want = ip.to_string();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 4 || f[0] != want {
+            return None;
+        }
+        let bytes: Vec<u8> = f[3].split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+        let mac: [u8; 6] = bytes.try_into().ok()?;
+        (mac != [0; 6]).then_some(mac)
+    })
 }
 
 /// Why a name cannot be mapped.
@@ -94,10 +163,75 @@ impl Mapper {
             if r.replace.len() > MAX_REPLACE_BYTES {
                 return Err(bad("replace", format!("longer than {MAX_REPLACE_BYTES} bytes")));
             }
-            check_references(&re, &r.replace).map_err(|why| bad("replace", why))?;
-            rules.push(Rule { re, replace: r.replace.clone(), last: r.last, global: r.global });
+            if let Some(v) = re.capture_names().flatten().find(|n| CLIENT_VARS.contains(n)) {
+                return Err(bad("match", format!("a group may not be named {v:?}: ${{{v}}} is the client's")));
+            }
+            let per_client = check_references(&re, &r.replace).map_err(|why| bad("replace", why))?;
+            let clients = r.clients.iter().map(|c| crate::net::Cidr::parse(c)).collect::<Result<Vec<_>, _>>().map_err(|why| bad("clients", why))?;
+            rules.push(Rule { re, replace: r.replace.clone(), last: r.last, global: r.global, clients, per_client });
         }
         Ok(Mapper { backslash_to_slash: s.backslash_to_slash, rules })
+    }
+
+    /// Whether some rule needs the client's MAC address.
+    pub fn uses_mac(&self) -> bool {
+        self.rules.iter().any(|r| r.replace.contains("${mac}"))
+    }
+
+    /// The names to try for `name` asked by `client`, best first: what every rule that
+    /// applies makes of it, then, for each per-client rule that matched, the name as if it had
+    /// not (at most [`MAX_CANDIDATES`]). `on_rewrite(rule, before, after)` sees each rewrite.
+    fn candidates(&self, name: &str, client: &Client, on_rewrite: &mut dyn FnMut(usize, &str, &str)) -> Result<Vec<String>, MapError> {
+        let mut cur = name.to_string();
+        if self.backslash_to_slash && cur.contains('\\') {
+            cur = cur.replace('\\', "/");
+        }
+        // The name without any per-client rule is always the last resort, whatever the cap.
+        let mut plain = Vec::new();
+        self.expand(0, cur.clone(), client, &mut plain, &mut |_, _, _| {}, false);
+        let Some(plain) = plain.pop() else { return Err(MapError::TooLong) };
+        let mut out = Vec::new();
+        self.expand(0, cur, client, &mut out, on_rewrite, true);
+        out.retain(|n| *n != plain);
+        out.truncate(MAX_CANDIDATES - 1);
+        out.push(plain);
+        Ok(out)
+    }
+
+    /// Applies rules `start..` to `cur`, pushing the results to `out`; with `fork`, a
+    /// per-client rule that matches forks (first the name with it applied, then without),
+    /// without it per-client rules are skipped.
+    fn expand(&self, start: usize, mut cur: String, client: &Client, out: &mut Vec<String>, on_rewrite: &mut dyn FnMut(usize, &str, &str), fork: bool) {
+        for (i, rule) in self.rules.iter().enumerate().skip(start) {
+            if cur.len() > MAX_MAPPED_BYTES {
+                return; // this branch names nothing servable
+            }
+            if !client.is_in(&rule.clients) || (rule.per_client && !fork) {
+                continue;
+            }
+            if !rule.re.is_match(&cur) {
+                continue;
+            }
+            let Some(template) = rule.template_for(client) else { continue };
+            let next = rule.re.replacen(&cur, if rule.global { 0 } else { 1 }, template.as_str()).into_owned();
+            on_rewrite(i + 1, &cur, &next);
+            if rule.per_client {
+                if out.len() + 1 >= MAX_CANDIDATES {
+                    continue;
+                }
+                if rule.last {
+                    push_within(out, next);
+                } else {
+                    self.expand(i + 1, next, client, out, on_rewrite, true);
+                }
+                continue; // and the fall-back: as if this rule had not matched
+            }
+            cur = next;
+            if rule.last {
+                break;
+            }
+        }
+        push_within(out, cur);
     }
 
     /// True when no setting changes any name.
@@ -105,58 +239,54 @@ impl Mapper {
         !self.backslash_to_slash && self.rules.is_empty()
     }
 
-    /// Maps `name`; `on_rewrite(rule, before, after)` is called for each rule that changed it.
-    fn map_with<'a>(&self, name: &'a str, mut on_rewrite: impl FnMut(usize, &str, &str)) -> Result<Cow<'a, str>, MapError> {
-        let mut cur: Cow<'a, str> = Cow::Borrowed(name);
-        if self.backslash_to_slash && cur.contains('\\') {
-            cur = Cow::Owned(cur.replace('\\', "/"));
-        }
-        for (i, rule) in self.rules.iter().enumerate() {
-            if cur.len() > MAX_MAPPED_BYTES {
-                return Err(MapError::TooLong);
-            }
-            if !rule.re.is_match(&cur) {
-                continue;
-            }
-            let next = rule.re.replacen(&cur, if rule.global { 0 } else { 1 }, rule.replace.as_str()).into_owned();
-            on_rewrite(i + 1, &cur, &next);
-            cur = Cow::Owned(next);
-            if rule.last {
-                break;
-            }
-        }
-        if cur.len() > MAX_MAPPED_BYTES {
-            return Err(MapError::TooLong);
-        }
-        Ok(cur)
-    }
-
-    /// The name `name` maps to (no logging).
+    /// The name `name` maps to for a client nothing is known of (rules for given clients and
+    /// per-client rules do not match); no logging.
     #[cfg_attr(not(test), allow(dead_code))]
-    pub fn map<'a>(&self, name: &'a str) -> Result<Cow<'a, str>, MapError> {
-        self.map_with(name, |_, _, _| {})
+    pub fn map(&self, name: &str) -> Result<String, MapError> {
+        let nobody = Client { ip: None, mac: None };
+        self.candidates(name, &nobody, &mut |_, _, _| {}).map(|mut c| c.swap_remove(0))
     }
 
     /// What the request handlers (RRQ, and WRQ) call with the raw name from the wire: maps it
     /// and logs each rewrite at info with the peer. A name that is not UTF-8 is left alone
     /// (the file cache refuses it).
-    pub fn map_request<'a>(&self, name: &'a [u8], peer: SocketAddr) -> Result<Cow<'a, [u8]>, MapError> {
+    pub fn map_request(&self, name: &[u8], peer: SocketAddr) -> Result<Vec<Vec<u8>>, MapError> {
         if self.is_identity() {
-            return Ok(Cow::Borrowed(name));
+            return Ok(vec![name.to_vec()]);
         }
-        let Ok(s) = std::str::from_utf8(name) else { return Ok(Cow::Borrowed(name)) };
-        let mapped = self
-            .map_with(s, |rule, before, after| tracing::info!(peer = %peer, rule, original = %before, mapped = %after, "file name rewritten"))
-            .inspect_err(|e| tracing::info!(peer = %peer, original = %s, error = %e, "file name not mapped"))?;
-        Ok(match mapped {
-            Cow::Borrowed(_) => Cow::Borrowed(name),
-            Cow::Owned(m) => {
-                if m != s {
-                    tracing::debug!(peer = %peer, original = %s, mapped = %m, "file name mapped");
-                }
-                Cow::Owned(m.into_bytes())
+        let Ok(s) = std::str::from_utf8(name) else { return Ok(vec![name.to_vec()]) };
+        let client = Client::at(peer, self.uses_mac());
+        let mut log = |rule, before: &str, after: &str| tracing::info!(peer = %peer, rule, original = %before, mapped = %after, "file name rewritten");
+        let names = self.candidates(s, &client, &mut log).inspect_err(|e| tracing::info!(peer = %peer, original = %s, error = %e, "file name not mapped"))?;
+        if names.len() > 1 || names[0] != s {
+            tracing::debug!(peer = %peer, original = %s, mapped = ?names, "file name mapped");
+        }
+        Ok(names.into_iter().map(String::into_bytes).collect())
+    }
+}
+
+impl Rule {
+    /// The replacement with the client's variables filled in; `None` when one is unknown for
+    /// this client (the rule then does not match).
+    fn template_for(&self, client: &Client) -> Option<String> {
+        if !self.per_client {
+            return Some(self.replace.clone());
+        }
+        let mut t = self.replace.clone();
+        for v in CLIENT_VARS {
+            let key = format!("${{{v}}}");
+            if t.contains(&key) {
+                t = t.replace(&key, &client.var(v)?);
             }
-        })
+        }
+        Some(t)
+    }
+}
+
+/// Adds a candidate name unless it is too long or already there.
+fn push_within(out: &mut Vec<String>, name: String) {
+    if name.len() <= MAX_MAPPED_BYTES && !out.contains(&name) && out.len() < MAX_CANDIDATES {
+        out.push(name);
     }
 }
 
@@ -171,10 +301,16 @@ pub fn check_rule_tables(rules: &toml::Value) -> Result<(), String> {
             let ok = match k.as_str() {
                 "match" | "replace" => v.is_str(),
                 "last" | "global" => v.is_bool(),
-                _ => return Err(format!("setting mapping.rewrite[{n}].{k}: unknown key (known: match, replace, last, global)")),
+                "clients" => v.as_array().is_some_and(|a| a.iter().all(|c| c.is_str())),
+                _ => return Err(format!("setting mapping.rewrite[{n}].{k}: unknown key (known: match, replace, last, global, clients)")),
             };
             if !ok {
-                return Err(format!("setting mapping.rewrite[{n}].{k}: must be a {}", if matches!(k.as_str(), "last" | "global") { "boolean" } else { "string" }));
+                let want = match k.as_str() {
+                    "last" | "global" => "boolean",
+                    "clients" => "list of address ranges",
+                    _ => "string",
+                };
+                return Err(format!("setting mapping.rewrite[{n}].{k}: must be a {want}"));
             }
         }
         for k in ["match", "replace"] {
@@ -197,9 +333,11 @@ fn one_line(e: &regex::Error) -> String {
 
 /// Refuses group references that do not exist. The regex crate silently expands them to
 /// nothing, and reads `$1a` as a group named `1a`: both are typos worth a start-up error.
-fn check_references(re: &Regex, template: &str) -> Result<(), String> {
+/// Returns whether the template uses a client variable (`${ip}`, `${hexip}`, `${mac}`).
+fn check_references(re: &Regex, template: &str) -> Result<bool, String> {
     let b = template.as_bytes();
     let mut i = 0;
+    let mut per_client = false;
     while i < b.len() {
         if b[i] != b'$' {
             i += 1;
@@ -215,6 +353,10 @@ fn check_references(re: &Regex, template: &str) -> Result<(), String> {
                 let Some(end) = template[i..].find('}') else { return Err("unclosed `${` (write `$$` for a literal `$`)".into()) };
                 let n = &template[i + 1..i + end];
                 i += end + 1;
+                if CLIENT_VARS.contains(&n) {
+                    per_client = true;
+                    continue;
+                }
                 n
             }
             _ => {
@@ -242,7 +384,7 @@ fn check_references(re: &Regex, template: &str) -> Result<(), String> {
             return Err(format!("{:?} refers to group {name:?}, which the pattern does not have{hint}", template));
         }
     }
-    Ok(())
+    Ok(per_client)
 }
 
 #[cfg(test)]
@@ -250,7 +392,7 @@ mod tests {
     use super::*;
 
     fn rule(m: &str, r: &str) -> RewriteRule {
-        RewriteRule { pattern: m.into(), replace: r.into(), last: false, global: false }
+        RewriteRule { pattern: m.into(), replace: r.into(), last: false, global: false, clients: vec![] }
     }
 
     fn mapper(backslash: bool, rules: Vec<RewriteRule>) -> Mapper {
@@ -261,7 +403,7 @@ mod tests {
     fn backslashes_become_slashes() {
         let m = mapper(true, vec![]);
         assert_eq!(m.map("boot\\x64\\wdsnbp.com").unwrap(), "boot/x64/wdsnbp.com");
-        assert!(matches!(m.map("plain/name").unwrap(), Cow::Borrowed(_)));
+        assert_eq!(m.map("plain/name").unwrap(), "plain/name");
         let off = mapper(false, vec![]);
         assert_eq!(off.map("boot\\x64\\wdsnbp.com").unwrap(), "boot\\x64\\wdsnbp.com");
         assert!(off.is_identity());
@@ -323,7 +465,67 @@ mod tests {
     fn map_request_leaves_non_utf8_alone() {
         let m = mapper(true, vec![rule("a", "b")]);
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert_eq!(&*m.map_request(b"\xff\\a", peer).unwrap(), b"\xff\\a");
-        assert_eq!(&*m.map_request(b"x\\a", peer).unwrap(), b"x/b");
+        assert_eq!(m.map_request(b"\xff\\a", peer).unwrap(), vec![b"\xff\\a".to_vec()]);
+        assert_eq!(m.map_request(b"x\\a", peer).unwrap(), vec![b"x/b".to_vec()]);
+    }
+
+    fn client(ip: &str, mac: Option<[u8; 6]>) -> Client {
+        Client { ip: Some(ip.parse().unwrap()), mac }
+    }
+
+    fn names(m: &Mapper, name: &str, c: &Client) -> Vec<String> {
+        m.candidates(name, c, &mut |_, _, _| {}).unwrap()
+    }
+
+    #[test]
+    fn per_client_variables_give_a_candidate_and_its_fall_back() {
+        let m = mapper(true, vec![rule("^pxelinux.cfg/default$", "pxelinux.cfg/${hexip}"), rule("^(.*)$", "hosts/${ip}/$1")]);
+        let c = client("192.168.0.10", None);
+        // Both per-client rules apply, then each fall-back in order, the plain name last.
+        assert_eq!(
+            names(&m, "pxelinux.cfg/default", &c),
+            ["hosts/192.168.0.10/pxelinux.cfg/C0A8000A", "pxelinux.cfg/C0A8000A", "hosts/192.168.0.10/pxelinux.cfg/default", "pxelinux.cfg/default"]
+        );
+        // hexip is unknown for IPv6: that rule does not match.
+        assert_eq!(names(&m, "pxelinux.cfg/default", &client("fd00::1", None)), ["hosts/fd00::1/pxelinux.cfg/default", "pxelinux.cfg/default"]);
+        // A client nothing is known of never matches a per-client rule.
+        assert_eq!(m.map("pxelinux.cfg/default").unwrap(), "pxelinux.cfg/default");
+    }
+
+    #[test]
+    fn mac_rules_match_only_known_neighbours_and_clients_limit_rules() {
+        let mut r = rule("^pxelinux.cfg/default$", "pxelinux.cfg/01-${mac}");
+        r.last = true;
+        let mut lab = rule("^boot.ipxe$", "lab/boot.ipxe");
+        lab.clients = vec!["10.1.0.0/16".into(), "fd00::/8".into()];
+        let m = mapper(false, vec![r, lab]);
+        assert!(m.uses_mac());
+        let known = client("10.1.2.3", Some([0xaa, 0xbb, 0xcc, 0, 1, 0xff]));
+        assert_eq!(names(&m, "pxelinux.cfg/default", &known), ["pxelinux.cfg/01-aa-bb-cc-00-01-ff", "pxelinux.cfg/default"]);
+        assert_eq!(names(&m, "pxelinux.cfg/default", &client("10.1.2.3", None)), ["pxelinux.cfg/default"]);
+        assert_eq!(names(&m, "boot.ipxe", &known), ["lab/boot.ipxe"]);
+        assert_eq!(names(&m, "boot.ipxe", &client("::ffff:10.1.9.9".parse::<std::net::Ipv6Addr>().unwrap().to_canonical().to_string().as_str(), None)), ["lab/boot.ipxe"]);
+        assert_eq!(names(&m, "boot.ipxe", &client("10.2.0.1", None)), ["boot.ipxe"]);
+        assert_eq!(m.map("boot.ipxe").unwrap(), "boot.ipxe");
+    }
+
+    #[test]
+    fn client_variables_are_checked_at_load() {
+        let bad_group = Mapper::new(&MappingSettings { backslash_to_slash: true, case_insensitive: false, rewrite: vec![rule("(?P<ip>.*)", "${ip}")] }).unwrap_err();
+        assert!(bad_group.contains("mapping.rewrite[1].match"), "{bad_group}");
+        let unbraced = Mapper::new(&MappingSettings { backslash_to_slash: true, case_insensitive: false, rewrite: vec![rule("a", "$ip")] }).unwrap_err();
+        assert!(unbraced.contains("mapping.rewrite[1].replace"), "{unbraced}");
+        let mut r = rule("a", "b");
+        r.clients = vec!["10.0.0.0/33".into()];
+        let e = Mapper::new(&MappingSettings { backslash_to_slash: true, case_insensitive: false, rewrite: vec![r] }).unwrap_err();
+        assert!(e.starts_with("setting mapping.rewrite[1].clients:"), "{e}");
+    }
+
+    #[test]
+    fn candidates_are_bounded() {
+        let rules = (0..20).map(|i| rule("^(.*)$", &format!("{i}/${{ip}}/$1"))).collect();
+        let m = mapper(false, rules);
+        let c = names(&m, "f", &client("10.0.0.1", None));
+        assert!(c.len() <= MAX_CANDIDATES && c.last().unwrap() == "f", "{c:?}");
     }
 }

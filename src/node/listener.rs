@@ -302,8 +302,8 @@ impl Listener {
         let peer = d.meta.from;
         let Some(mut requested) = self.check_request(&d, &req, ticket.is_none()) else { return };
         let Some((ticket, applied)) = self.admit(&d, &req, &mut requested, ticket, ctx) else { return };
-        let name = match self.policy.mapper.map_request(&req.filename, peer) {
-            Ok(n) => n.into_owned(),
+        let names = match self.policy.mapper.map_request(&req.filename, peer) {
+            Ok(n) => n,
             Err(e) => {
                 self.counters.denied += 1;
                 self.reply_error(&d, ErrorCode::AccessViolation, &e.to_string());
@@ -311,8 +311,7 @@ impl Listener {
             }
         };
         self.pending.insert(peer);
-        self.files
-            .send(FileRequest { name })
+        first_found(self.files.clone(), names)
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.pending.remove(&peer);
@@ -376,8 +375,9 @@ impl Listener {
         }
         // The same name mapping as reads (backslashes, rewrite rules), so a device that reads
         // `cfg\x` also writes it where it will be read back.
+        // Of the names a per-client rule offers, an upload takes the first (the client's own).
         let name = match self.policy.mapper.map_request(&req.filename, peer) {
-            Ok(n) => n.into_owned(),
+            Ok(mut n) => n.swap_remove(0),
             Err(e) => {
                 self.counters.write_refused += 1;
                 self.reply_error(&d, ErrorCode::AccessViolation, &e.to_string());
@@ -781,4 +781,17 @@ impl Handler<DumpState> for Listener {
             u.do_send(m);
         }
     }
+}
+
+/// Asks the file cache for each name in turn (a per-client name first, then its fall-backs)
+/// and answers with the first that exists, or with the last answer.
+async fn first_found(files: Addr<FileCache>, names: Vec<Vec<u8>>) -> Result<Result<FileReady, FileError>, MailboxError> {
+    let last = names.len().saturating_sub(1);
+    for (i, name) in names.into_iter().enumerate() {
+        match files.send(FileRequest { name }).await {
+            Ok(Err(FileError::NotFound)) if i < last => continue,
+            other => return other,
+        }
+    }
+    Ok(Err(FileError::NotFound))
 }
