@@ -377,13 +377,16 @@ fn systemd_unit_is_hardened_and_verifies() {
     // ExecStart's arguments are a valid configuration (check-config takes serve's flags).
     let exec = get("ExecStart");
     let args: Vec<&str> = exec[0].split_whitespace().collect();
-    assert_eq!((args[0], args[1]), ("/usr/local/bin/tftpcast", "serve"), "{exec:?}");
-    let mut check: Vec<&str> = vec!["check-config"];
+    assert_eq!((args[0], args[1]), ("/usr/bin/tftpcast", "serve"), "{exec:?}");
+    // The configuration it names is the one the package installs: config/default.toml (with
+    // a root that exists here).
+    let default_toml = repo().join("config/default.toml");
+    let mut check: Vec<&str> = vec!["check-config", "--root", "/"];
     let mut rest = args[2..].iter();
     while let Some(a) = rest.next() {
-        if *a == "--root" {
-            rest.next();
-            check.extend(["--root", "/"]);
+        if *a == "--config" {
+            assert_eq!(rest.next(), Some(&"/etc/tftpcast/tftpcast.toml"));
+            check.extend(["--config", default_toml.to_str().unwrap()]);
         } else {
             check.push(a);
         }
@@ -398,7 +401,7 @@ fn systemd_unit_is_hardened_and_verifies() {
     // verify wants ExecStart's binary to exist: point it at the one just built.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("tftpcast.service");
-    fs::write(&copy, unit.replace("/usr/local/bin/tftpcast", tftpcast_bin())).unwrap();
+    fs::write(&copy, unit.replace("/usr/bin/tftpcast", tftpcast_bin())).unwrap();
     let r = run(Command::new(analyze).arg("verify").arg(&copy), Duration::from_secs(60));
     let output = r.output();
     let ours: Vec<&str> = output.lines().filter(|l| l.contains("tftpcast.service")).map(str::trim).collect::<Vec<_>>();

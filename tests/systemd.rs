@@ -136,7 +136,7 @@ fn the_socket_unit_passes_port_69_to_the_service() {
     };
     let dir = tempfile::tempdir().unwrap();
     let service = fs::read_to_string(repo.join("deploy/tftpcast.service")).unwrap();
-    fs::write(dir.path().join("tftpcast.service"), service.replace("/usr/local/bin/tftpcast", tftpcast_bin())).unwrap();
+    fs::write(dir.path().join("tftpcast.service"), service.replace("/usr/bin/tftpcast", tftpcast_bin())).unwrap();
     fs::write(dir.path().join("tftpcast.socket"), &socket).unwrap();
     let r = run(Command::new(analyze).arg("verify").arg(dir.path().join("tftpcast.socket")).arg(dir.path().join("tftpcast.service")), Duration::from_secs(60));
     let output = r.output();
