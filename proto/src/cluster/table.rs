@@ -91,8 +91,11 @@ pub enum Action {
     Send { to: Option<NodeId>, msg: Message },
     /// Another node keeps this stream: stop sending, enrol the session's members at `winner`.
     HandOver { id: GroupId, winner: NodeId },
-    /// The owner died: continue the group with the members it announced.
-    TakeOver { id: GroupId, info: GroupInfo },
+    /// The owner (`dead`) died: continue the group with the members it announced.
+    TakeOver { id: GroupId, dead: NodeId, info: GroupInfo },
+    /// Another stream keeps this group's slot: the group continues as `to` (already spawned
+    /// on a free slot); stop the session of `from`.
+    Move { from: GroupId, to: GroupId },
     /// Stop the session.
     End { id: GroupId },
 }
@@ -360,7 +363,7 @@ impl Table {
             e.owner = None;
             self.set_members(id, g.members.clone());
             self.dirty = true;
-            self.actions.push_back(Action::TakeOver { id, info: g });
+            self.actions.push_back(Action::TakeOver { id, dead: node.clone(), info: g });
         }
     }
 
@@ -463,17 +466,18 @@ impl Table {
     fn relocate(&mut self, now: Instant, id: GroupId) {
         let old = self.groups.remove(&id).expect("present");
         self.by_tid.remove(&old.tid);
-        self.actions.push_back(Action::End { id });
         self.dirty = true;
         let mut waiting: Vec<(SocketAddr, Options)> = old.members.iter().map(|m| (m.client, m.options.clone())).collect();
         waiting.extend(old.claim.map(|(_, w)| w).unwrap_or_default());
         let Ok((group, tid)) = self.allocate(&old.key, old.tid.ip()) else {
             // Nowhere to go: its clients ask again and are served by unicast.
             self.by_member.retain(|_, g| *g != id);
+            self.actions.push_back(Action::End { id });
             return;
         };
         self.stats.moves += 1;
         let new = self.insert(&old.key, group, tid, None);
+        self.actions.push_back(Action::Move { from: id, to: new });
         self.by_member.retain(|_, g| *g != id);
         for (client, _) in &waiting {
             self.by_member.insert(*client, new);

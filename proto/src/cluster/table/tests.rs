@@ -182,7 +182,12 @@ fn different_streams_started_at_once_end_on_different_slots() {
     assert!(!a[0].2 && !b[0].2, "both claims settled");
     assert_eq!(c.nodes["n1"].stats().moves, 0);
     assert_eq!(c.nodes["n2"].stats().moves, 1);
-    assert!(c.done.contains(&("n2".into(), Action::End { id: p2.id })), "the old session of n2 ends");
+    let moved = c.done.iter().find_map(|(n, a)| match a {
+        Action::Move { from, to } if n == "n2" => Some((*from, *to)),
+        _ => None,
+    });
+    assert_eq!(moved.map(|(from, _)| from), Some(p2.id), "n2's group moves: {:?}", c.done);
+    assert_eq!(c.nodes["n2"].group(moved.unwrap().1).unwrap().group, b[0].1);
     // Each client is answered once, by its own stream's group.
     let j1 = c.joins("n1");
     let j2 = c.joins("n2");
