@@ -7,7 +7,10 @@
 //!   never admitted, and group announcements sealed with a wrong key are ignored.
 //! - `twenty_four_clients_one_stream`: 24 atftp multicast clients spread by the router over the
 //!   three nodes share one stream (nftables counts every node's multicast bytes).
-//! - `late_client_on_another_node_joins_the_running_group`: cross-node enrolment.
+//! - `late_client_on_another_node_joins_the_running_group`: cross-node enrolment; only the
+//!   owner multicasts.
+//! - `different_files_on_colliding_slots_stay_apart`: two nodes start different files whose
+//!   slots collide; one moves before any client hears of it, every client is byte-exact.
 //! - `owner_death_is_survived` (and `_in_single_port_mode`): SIGKILL of the owner plus route
 //!   withdrawal; takeover time.
 //! - `three_nodes_scale_out_unicast`: with each node's link limited by tbf, three nodes give
@@ -461,6 +464,7 @@ fn forged_groups(lab: &ClusterLab, from: &str, key: StreamKey, slot: u8) -> Enve
         block: 1,
         members: Vec::new(),
         started: true,
+        claim: false,
     };
     Envelope::App {
         from: from.to_string(),
@@ -919,10 +923,103 @@ fn late_client_on_another_node_joins_the_running_group() {
     );
     finish_all(&mut fetches, &fx, BIG, FETCH_LIMIT);
     let wires: Vec<Wire> = (1..=3).map(|i| Wire::read(&lab.node_ns(i))).collect();
-    eprintln!(
-        "multicast file bytes per node: {:?} (file {size})",
-        wires.iter().map(Wire::mc_file_bytes).collect::<Vec<_>>()
+    let per_node: Vec<u64> = wires.iter().map(Wire::mc_file_bytes).collect();
+    eprintln!("multicast file bytes per node: {per_node:?} (file {size})");
+    // One stream (DESIGN.md section 5): the owner multicasts the whole file, the late
+    // client's node only enrols and relays, and what the late client missed is repaired
+    // within that stream, not by a second pass of the file.
+    assert!(
+        per_node[owner] >= size,
+        "the owner {owner_id} multicast {} file bytes of {size}: {per_node:?}",
+        per_node[owner]
     );
+    for (i, &b) in per_node.iter().enumerate().filter(|(i, _)| *i != owner) {
+        assert_eq!(b, 0, "n{} does not own the group but multicast {b} file bytes: {per_node:?}", i + 1);
+    }
+    assert!(
+        per_node[owner] < 2 * size,
+        "the owner multicast {} file bytes for a {size}-byte file: more than the file and the late clients' repairs",
+        per_node[owner]
+    );
+    stop_nodes(nodes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Two nodes start different files whose slots collide (issue 16 item 1).
+// ---------------------------------------------------------------------------------------------
+
+/// Size of each of the two files: long enough that both groups send at the same time.
+const COLLIDE_SIZE: usize = 8 << 20;
+/// A multicast range of two usable addresses, so two streams' preferred slots collide
+/// whenever the test picks files that hash alike.
+const TWO_SLOTS: &str = "239.255.68.0/31";
+const MOVED: &str = "slot taken by another stream: group moved";
+
+/// Writes two files whose streams prefer the same slot of a two-slot range.
+fn colliding_files(fx: &Fixture) -> (&'static str, &'static str) {
+    use tftpcast_proto::cluster::table::preferred_slot;
+    let (a, b) = ("collide_a.bin", "collide_b.bin");
+    fs::write(fx.path(a), pseudo_random(COLLIDE_SIZE, 0xa11ce)).unwrap();
+    let want = preferred_slot(&stream_key(fx, a), 2);
+    let seed = (1u64..64)
+        .find(|s| {
+            fs::write(fx.path(b), pseudo_random(COLLIDE_SIZE, 0xb0b0 + s)).unwrap();
+            preferred_slot(&stream_key(fx, b), 2) == want
+        })
+        .expect("no colliding file among 63 seeds");
+    eprintln!("{a} and {b} (seed {seed}) both prefer slot {want}");
+    (a, b)
+}
+
+#[test]
+fn different_files_on_colliding_slots_stay_apart() {
+    if !prerequisites(&["atftp", "nft"]) {
+        return;
+    }
+    let _serial = serial();
+    let fx = Fixture::new();
+    let (file_a, file_b) = colliding_files(&fx);
+    let lab = ClusterLab::up(2, 12);
+    for i in 1..=2 {
+        Wire::install(&lab.node_ns(i));
+    }
+    let extra = ["--start-delay-ms", "1000", "--multicast-range", TWO_SLOTS];
+    let nodes = start_cluster(&lab, &fx, 2, &extra);
+    wait_formed(&nodes, FORM_LIMIT);
+
+    // Two clients the router sends to n1 fetch one file, two it sends to n2 the other (two
+    // members each, so each group multicasts), all at once.
+    let on = |n: usize| -> Vec<usize> { (1..=12).filter(|&c| lab.hash(c) == n).take(2).collect() };
+    let (c1, c2) = (on(1), on(2));
+    assert!(c1.len() == 2 && c2.len() == 2, "the router sent too few of 12 clients to a node: n1 {c1:?}, n2 {c2:?}");
+    let (mut fa, mut fb) = (Vec::new(), Vec::new());
+    for (&a, &b) in c1.iter().zip(&c2) {
+        fa.push(Fetch::start(&lab, &fx, a, &atftp_mc(), lab.service(), file_a));
+        fb.push(Fetch::start(&lab, &fx, b, &atftp_mc(), lab.service(), file_b));
+    }
+    finish_all(&mut fa, &fx, file_a, FETCH_LIMIT);
+    finish_all(&mut fb, &fx, file_b, FETCH_LIMIT);
+
+    // Both files went by multicast, on two different groups.
+    let wires: Vec<Wire> = (1..=2).map(|i| Wire::read(&lab.node_ns(i))).collect();
+    let per_node: Vec<u64> = wires.iter().map(Wire::mc_file_bytes).collect();
+    let size = COLLIDE_SIZE as u64;
+    let last_group = |i: usize, file: &str| {
+        let created = events_for(&nodes[i], CREATED, file).last().map(|e| field_str(e, "group"));
+        let moved = events_for(&nodes[i], MOVED, file).last().map(|e| field_str(e, "group"));
+        moved.or(created)
+    };
+    let (ga, gb) = (last_group(0, file_a), last_group(1, file_b));
+    let moves: Vec<usize> = (0..2).map(|i| events(&nodes[i], MOVED).len()).collect();
+    eprintln!("multicast file bytes per node {per_node:?}; groups: {file_a} on n1 {ga:?}, {file_b} on n2 {gb:?}; moves {moves:?}");
+    assert!(ga.is_some() && gb.is_some(), "each node must have created the group of its clients' file");
+    assert_ne!(ga, gb, "two files ended on one group address");
+    // Either the second claim saw the first and took the free slot at once, or the two
+    // crossed in flight and n2, the larger id, moved before answering anyone.
+    assert!(moves[0] == 0 && moves[1] <= 1, "only n2 (the larger id) may move its group, once: moves {moves:?}");
+    for (i, &b) in per_node.iter().enumerate() {
+        assert!(b >= size, "n{} multicast only {b} file bytes of {size}: its clients were served by unicast", i + 1);
+    }
     stop_nodes(nodes);
 }
 

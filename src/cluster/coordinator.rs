@@ -1,11 +1,16 @@
-//! coordinator: the table of active multicast groups, on this node and across the cluster.
+//! coordinator: drives this node's multicast group table (`tftpcast_proto::cluster::table`).
 //!
 //! Every multicast request goes through here, so "is this file already being multicast?"
 //! and "start a group" happen in one step of one actor: two requests for the same file can
 //! never start two groups on a node. A group is keyed by the content identity of its stream
 //! (SHA-256, size, block size, mode): a file changed on disk is a different key and never
 //! mixes into a running group, and the key is equal on every node holding the same bytes.
-//! The coordinator owns the pool of group addresses, so concurrent groups never share one.
+//!
+//! The decisions (which slot, who wins a start race or a collision, who takes over a dead
+//! node's groups) are the table's; this actor feeds it requests, group reports, peers'
+//! messages and membership changes, and carries out its actions with sockets and actors:
+//! it opens group sessions (owner or relay), gives them clients, sends messages to peers
+//! through the membership layer, hands groups over and takes them over.
 //!
 //! # Cluster
 //! Coordinators tell each other, through the membership layer, the complete list of groups
@@ -15,8 +20,9 @@
 //!   transfer socket (the shared service address and the group's port);
 //! - every node binds the transfer socket of every group it knows of and **relays** what
 //!   clients send to it to the owner, since the router may hash a member to any node;
-//! - a group's address and port follow from a hash of its key, so two nodes starting the same
-//!   stream at the same moment create the same group; when they learn of each other the
+//! - a new group's slot is **claimed** (announced) for a moment before its first member is
+//!   answered, so two nodes starting different streams on one slot settle it before any
+//!   client hears of it; the same stream started on two nodes meets on one slot, and the
 //!   node with the larger id **hands its members over** and becomes a relay;
 //! - when a node dies, the alive node with the smallest id **takes over** its groups: same
 //!   address and port, members as last announced; the oldest is made master and asks for
@@ -25,52 +31,42 @@
 //! # Single-port mode
 //! Groups send from the listening port and bind no socket; members' packets reach the
 //! listener, which hands those of peers without a unicast session here (`MemberPacket`). The
-//! table of members by address (`by_member`, from joins, enrollments, progress reports and
-//! peers' announcements) says which group a packet is for: an owned group gets it, a group
-//! owned by another node gets it relayed there (the same `Relay` message, named by the
-//! group's tid, which is then only an identity), and a stranger's packet is dropped unanswered.
+//! table's members by address (from joins, enrollments, progress reports and peers'
+//! announcements) say which group a packet is for: an owned group gets it, a group owned by
+//! another node gets it relayed there (the same `Relay` message, named by the group's tid,
+//! which is then only an identity), and a stranger's packet is dropped unanswered.
 //! Unicast transfers are not announced: the router's ECMP hash covers addresses only, so
 //! every packet of a client, from any of its ports, reaches the node that took its request;
 //! only a route change moves a client mid-transfer, and then (as when a node dies) its
 //! packets are dropped unanswered at the new node, the transfer times out and the client (or
 //! its boot firmware) asks again, which the new node serves.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use tftpcast_proto::cluster::{GroupInfo, MemberInfo, Message as ClusterMessage, NodeId, StreamKey};
+use tftpcast_proto::cluster::table::{self, Action, GroupId, Placed, Table, TableConfig};
+use tftpcast_proto::cluster::{GroupInfo, Message as ClusterMessage, NodeId, StreamKey};
 use tftpcast_proto::multicast::{GroupConfig, RateConfig};
 use tracing::{debug, info, info_span, warn};
 
-use crate::fs::file_cache::{FileCache, FileRequest};
-use crate::cluster::membership::{ClusterEvent, Outbound};
 use crate::cluster::group::{BecomeRelay, EndGroup, GroupIdle, GroupNotices, GroupProgress, GroupSession, GroupSpec, Incoming, Join, RelayOut, TakeOver};
+use crate::cluster::membership::{ClusterEvent, Outbound};
 use crate::flow::pacing::Pacing;
-use crate::state::DumpState;
+use crate::fs::file_cache::{FileCache, FileRequest};
 use crate::net::transport::{Endpoint, SharedSend};
+use crate::state::DumpState;
 
 /// Identity of a stream: same key, same bytes in the same blocks, on every node (content
 /// hash, not modification time).
 pub type GroupKey = StreamKey;
 
-/// The pool slot a stream prefers: a hash of its identity, so every node that starts the same
-/// stream picks the same group address and transfer port.
-fn preferred_slot(key: &GroupKey, slots: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = key.sha256.iter().copied().chain(key.size.to_be_bytes()).chain(key.blksize.to_be_bytes()).chain([key.netascii as u8]);
-    for b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % slots.max(1) as u64) as u32
-}
-
-/// Which of two nodes keeps a group both started: the smaller id, on every node alike.
-fn wins(a: &str, b: &str) -> bool {
-    a < b
-}
+/// How long a new group's slot is claimed before its first member is answered: a claim goes
+/// out at once and changes within a 50 ms tick, so two claims that crossed in flight are both
+/// known on both sides well within this (two ticks and a round trip on a LAN).
+const CLAIM_SETTLE: Duration = Duration::from_millis(200);
 
 /// Multicast settings, validated.
 #[derive(Debug, Clone)]
@@ -155,18 +151,10 @@ pub struct Joined {
 #[rtype(result = "usize")]
 pub struct OwnedGroups;
 
-struct Entry {
-    key: GroupKey,
-    session: Addr<GroupSession>,
-    group: SocketAddrV4,
-    tid: SocketAddr,
-    /// None: this node owns the group; Some: it relays for that node.
-    owner: Option<NodeId>,
-    joins: u64,
+/// A group session of this node and what it needs besides the table's entry.
+struct Session {
+    addr: Addr<GroupSession>,
     created: Instant,
-    block: u64,
-    started: bool,
-    members: Vec<MemberInfo>,
 }
 
 pub struct Coordinator {
@@ -176,31 +164,35 @@ pub struct Coordinator {
     cluster: Option<ClusterLink>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
-    next_id: u64,
-    groups: HashMap<u64, Entry>,
-    by_tid: HashMap<SocketAddr, u64>,
-    /// Single-port mode: the listening sockets, and which group each member belongs to.
+    table: Table,
+    sessions: HashMap<GroupId, Session>,
+    /// The bytes (and, in single-port mode, the listening socket) of each stream this node
+    /// started a group for: a group that moves to another slot starts again from them.
+    streams: HashMap<GroupKey, (Bytes, Option<SharedSend>)>,
+    /// Single-port mode: the listening sockets.
     shared: Vec<SharedSend>,
-    by_member: HashMap<SocketAddr, u64>,
     /// Packets from peers that are neither in a transfer nor a member (dropped unanswered),
     /// and members' packets dropped on a full group mailbox.
     strays: u64,
     member_drops: u64,
-    /// The last table each peer announced.
-    remote: HashMap<NodeId, Vec<GroupInfo>>,
-    alive: BTreeSet<NodeId>,
-    seq: u64,
-    dirty: bool,
-    started_total: u64,
     fallbacks: u64,
     enrolled_remote: u64,
     relayed: u64,
-    takeovers: u64,
-    handovers: u64,
 }
 
 impl Coordinator {
     pub fn new(policy: MulticastPolicy, pacing: Addr<Pacing>, files: Addr<FileCache>, cluster: Option<ClusterLink>, arbiters: Vec<ArbiterHandle>) -> Self {
+        // A restarted node's announcements must not look older than its former self's.
+        let first_seq = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        let table = Table::new(TableConfig {
+            node_id: cluster.as_ref().map(|c| c.node_id.clone()).unwrap_or_default(),
+            pool_base: policy.pool_base,
+            pool_size: policy.pool_size,
+            port: policy.port,
+            tid_port_base: policy.tid_port_base,
+            settle: CLAIM_SETTLE,
+            first_seq,
+        });
         Coordinator {
             policy,
             pacing,
@@ -208,23 +200,15 @@ impl Coordinator {
             cluster,
             arbiters,
             next_arbiter: 0,
-            next_id: 1,
-            groups: HashMap::new(),
-            by_tid: HashMap::new(),
+            table,
+            sessions: HashMap::new(),
+            streams: HashMap::new(),
             shared: Vec::new(),
-            by_member: HashMap::new(),
             strays: 0,
             member_drops: 0,
-            remote: HashMap::new(),
-            alive: BTreeSet::new(),
-            seq: 0,
-            dirty: false,
-            started_total: 0,
             fallbacks: 0,
             enrolled_remote: 0,
             relayed: 0,
-            takeovers: 0,
-            handovers: 0,
         }
     }
 
@@ -236,32 +220,6 @@ impl Coordinator {
         if let Some(c) = &self.cluster {
             c.out.do_send(Outbound { to, msg });
         }
-    }
-
-    /// Usable pool slots: the network and broadcast addresses of a range are skipped.
-    fn slots(&self) -> (u32, u32) {
-        let size = self.policy.pool_size;
-        if size > 2 {
-            (1, size - 2)
-        } else {
-            (0, size)
-        }
-    }
-
-    /// Addresses in use by groups anywhere in the cluster, other than those of `key`.
-    fn taken(&self, key: &GroupKey) -> HashSet<Ipv4Addr> {
-        let local = self.groups.values().filter(|e| &e.key != key).map(|e| *e.group.ip());
-        let remote = self.remote.values().flatten().filter(|g| &g.key != key).map(|g| *g.group.ip());
-        local.chain(remote).collect()
-    }
-
-    /// The group address and slot for `key`: its preferred slot, or the next free one.
-    fn allocate(&self, key: &GroupKey) -> Option<(Ipv4Addr, u32)> {
-        let (first, count) = self.slots();
-        let base = u32::from(self.policy.pool_base);
-        let start = preferred_slot(key, count);
-        let taken = self.taken(key);
-        (0..count).map(|i| first + (start + i) % count).map(|slot| (Ipv4Addr::from(base + slot), slot)).find(|(a, _)| !taken.contains(a))
     }
 
     fn group_config(&self, group: SocketAddrV4, blksize: u16, start_at: Instant) -> GroupConfig {
@@ -305,16 +263,24 @@ impl Coordinator {
         Ok((Endpoint::Own(socket), tid))
     }
 
-    /// Starts a group session (owner with `owner_of`, else relay) on the group's socket.
-    fn spawn_session(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, ctx: &mut Context<Self>) -> Result<u64, String> {
-        self.spawn_session_via(key, group, tid, owner_of, relay_for, None, ctx)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_session_via(&mut self, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, owner_of: Option<(GroupConfig, Bytes)>, relay_for: Option<NodeId>, given: Option<&SharedSend>, ctx: &mut Context<Self>) -> Result<u64, String> {
+    /// Starts the session of table entry `id`: the owner of a new group (with the stream's
+    /// bytes), or a relay for `relay_for`.
+    fn spawn(&mut self, id: GroupId, key: &GroupKey, group: SocketAddrV4, tid: SocketAddr, relay_for: Option<NodeId>, ctx: &mut Context<Self>) -> Result<(), String> {
+        let stream = if relay_for.is_none() { Some(self.streams.get(key).cloned().ok_or("the stream's bytes are gone")?) } else { None };
+        let given = stream.as_ref().and_then(|(_, s)| s.as_ref());
         let (endpoint, tid) = self.endpoint_for(tid, given)?;
-        let id = self.next_id;
-        self.next_id += 1;
+        let start_at = Instant::now() + self.policy.start_delay;
+        let owner = stream.map(|(data, _)| (self.group_config(group, key.blksize, start_at), data));
+        if let Some((_, data)) = &owner {
+            let _g = info_span!("group", group = %group, file = %key.path, tid = tid.port()).entered();
+            info!(
+                size = data.len(),
+                start_delay_ms = self.policy.start_delay.as_millis() as u64,
+                start_min_clients = self.policy.start_min_clients,
+                window = self.policy.window,
+                "group created: waiting for the start delay"
+            );
+        }
         let span = info_span!(
             "group",
             group = %group,
@@ -327,7 +293,7 @@ impl Coordinator {
             id,
             endpoint,
             tid,
-            owner: owner_of,
+            owner,
             span,
             pacing: self.pacing.clone(),
             notices: GroupNotices { idle: ctx.address().recipient(), progress: ctx.address().recipient(), relay: ctx.address().recipient() },
@@ -335,195 +301,125 @@ impl Coordinator {
         };
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
-        let session = GroupSession::start_in_arbiter(arbiter, move |_| GroupSession::new(spec));
-        self.groups.insert(
-            id,
-            Entry { key: key.clone(), session, group, tid, owner: relay_for, joins: 0, created: Instant::now(), block: 0, started: false, members: Vec::new() },
-        );
-        self.by_tid.insert(tid, id);
-        Ok(id)
+        let addr = GroupSession::start_in_arbiter(arbiter, move |_| GroupSession::new(spec));
+        self.sessions.insert(id, Session { addr, created: Instant::now() });
+        Ok(())
     }
 
-    fn start_group(&mut self, m: &MulticastRequest, ctx: &mut Context<Self>) -> Result<u64, String> {
-        let (addr, slot) = self.allocate(&m.key).ok_or("multicast address pool exhausted")?;
-        let port = self.policy.tid_port_base.checked_add(slot as u16).ok_or("group port out of range")?;
-        let group = SocketAddrV4::new(addr, self.policy.port);
-        let cfg = self.group_config(group, m.key.blksize, Instant::now() + self.policy.start_delay);
-        let id = self.spawn_session_via(&m.key, group, SocketAddr::new(m.local, port), Some((cfg, m.data.clone())), None, m.shared.as_ref(), ctx)?;
-        let _g = info_span!("group", group = %group, file = %m.key.path, tid = port).entered();
-        info!(
-            size = m.data.len(),
-            start_delay_ms = self.policy.start_delay.as_millis() as u64,
-            start_min_clients = self.policy.start_min_clients,
-            window = self.policy.window,
-            "group created: waiting for the start delay"
-        );
-        self.started_total += 1;
-        self.dirty = true;
-        Ok(id)
-    }
-
-    fn end(&mut self, id: u64) {
-        if let Some(e) = self.groups.remove(&id) {
-            self.by_tid.remove(&e.tid);
-            self.by_member.retain(|_, g| *g != id);
-            e.session.do_send(EndGroup);
-            if e.owner.is_none() {
-                self.dirty = true;
-            }
-        }
-    }
-
-    /// Records group `id`'s members as last reported: members that left are forgotten, the
-    /// others (and members who joined since) map to the group.
-    fn set_members(&mut self, id: u64, members: Vec<MemberInfo>) {
-        let Some(e) = self.groups.get_mut(&id) else { return };
-        for old in &e.members {
-            if !members.iter().any(|m| m.client == old.client) && self.by_member.get(&old.client) == Some(&id) {
-                self.by_member.remove(&old.client);
-            }
-        }
-        for m in &members {
-            self.by_member.insert(m.client, id);
-        }
-        e.members = members;
-    }
-
-    fn owned_table(&self) -> Vec<GroupInfo> {
-        self.groups
-            .values()
-            .filter(|e| e.owner.is_none())
-            .map(|e| GroupInfo { key: e.key.clone(), group: e.group, tid: e.tid, block: e.block, members: e.members.clone(), started: e.started })
-            .collect()
-    }
-
-    fn announce(&mut self, to: Option<NodeId>) {
-        if self.cluster.is_none() {
-            return;
-        }
-        self.seq += 1;
-        self.dirty = false;
-        self.send(to, ClusterMessage::Groups { seq: self.seq, groups: self.owned_table() });
-    }
-
-    /// Brings this node's groups in line with what `from` announced.
-    fn reconcile(&mut self, from: &NodeId, ctx: &mut Context<Self>) {
-        let me = self.node_id().to_string();
-        let theirs = self.remote.get(from).cloned().unwrap_or_default();
-        for g in &theirs {
-            match self.by_tid.get(&g.tid).copied() {
-                Some(id) => {
-                    let e = self.groups.get_mut(&id).expect("indexed");
-                    match &e.owner {
-                        None if e.key == g.key && wins(from, &me) => {
-                            // Both started this stream at once; the other node keeps it.
-                            e.owner = Some(from.clone());
-                            self.handovers += 1;
-                            info!(group = %g.group, file = %g.key.path, winner = %from, "start race lost: handing members over");
-                            let (session, key, winner) = (e.session.clone(), g.key.clone(), from.clone());
-                            session
-                                .send(BecomeRelay)
-                                .into_actor(self)
-                                .map(move |res, act, _| {
-                                    for (client, options) in res.unwrap_or_default() {
-                                        act.send(Some(winner.clone()), ClusterMessage::Enroll { key: key.clone(), client, options });
-                                    }
-                                })
-                                .spawn(ctx);
-                            self.dirty = true;
+    /// Carries out what the table asks for. Returns the ids whose session could not start.
+    fn drive(&mut self, ctx: &mut Context<Self>) -> Vec<GroupId> {
+        let mut failed = Vec::new();
+        while let Some(action) = self.table.poll_action() {
+            match action {
+                Action::Spawn { id, key, group, tid, relay_for } => {
+                    let relay = relay_for.clone();
+                    if let Err(e) = self.spawn(id, &key, group, tid, relay_for, ctx) {
+                        match relay {
+                            Some(owner) => debug!(group = %group, tid = %tid, owner = %owner, error = %e, "cannot relay for a peer's group"),
+                            None => warn!(group = %group, file = %key.path, error = %e, "cannot open a group"),
                         }
-                        None => {} // we keep it; the other node hands over to us
-                        Some(owner) if owner != from => e.owner = Some(from.clone()),
-                        Some(_) => {}
-                    }
-                    if self.groups.get(&id).is_some_and(|e| e.owner.as_ref() == Some(from)) {
-                        // Members of a peer's group: their packets are relayed there.
-                        self.set_members(id, g.members.clone());
+                        failed.push(id);
+                        self.table.handle_failed(id);
+                    } else if let Some(owner) = relay {
+                        debug!(group = %group, tid = %tid, owner = %owner, "relaying for a peer's group");
                     }
                 }
-                None => {
-                    // Relay for it: the router may send its members' packets here.
-                    match self.spawn_session(&g.key, g.group, g.tid, None, Some(from.clone()), ctx) {
-                        Ok(id) => {
-                            self.set_members(id, g.members.clone());
-                            debug!(group = %g.group, tid = %g.tid, owner = %from, "relaying for a peer's group")
-                        }
-                        Err(e) => debug!(group = %g.group, tid = %g.tid, error = %e, "cannot relay for a peer's group"),
+                Action::Join { id, client, options } => {
+                    if let Some(s) = self.sessions.get(&id) {
+                        s.addr.do_send(Join { client, options });
                     }
                 }
+                Action::Send { to, msg } => self.send(to, msg),
+                Action::HandOver { id, winner } => self.hand_over(id, winner, ctx),
+                Action::TakeOver { id, dead, info } => self.take_over(id, dead, info, ctx),
+                Action::Move { from, to } => self.moved(from, to),
+                Action::End { id } => self.end(id),
             }
         }
-        // Relays for groups the peer no longer announces end with them.
-        let gone: Vec<u64> = self
-            .groups
-            .iter()
-            .filter(|(_, e)| e.owner.as_ref() == Some(from) && !theirs.iter().any(|g| g.tid == e.tid))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            self.end(id);
-        }
+        failed
     }
 
-    /// `node` died: the alive node with the smallest id continues its groups.
-    fn node_down(&mut self, node: &NodeId, ctx: &mut Context<Self>) {
-        let groups = self.remote.remove(node).unwrap_or_default();
-        let me = self.node_id().to_string();
-        let successor = self.alive.iter().next().filter(|n| wins(n, &me)).cloned().unwrap_or(me.clone());
-        for g in groups {
-            if successor != me {
-                if let Some(id) = self.by_tid.get(&g.tid) {
-                    if let Some(e) = self.groups.get_mut(id) {
-                        e.owner = Some(successor.clone());
-                    }
+    fn end(&mut self, id: GroupId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            s.addr.do_send(EndGroup);
+        }
+        // The bytes stay while a group of this node may still need them.
+        let owned: Vec<GroupKey> = self.table.groups().filter(|(_, e)| e.owner.is_none()).map(|(_, e)| e.key.clone()).collect();
+        self.streams.retain(|k, _| owned.contains(k));
+    }
+
+    /// Another stream keeps the slot of group `from`, which goes on as `to` on a free slot.
+    fn moved(&mut self, from: GroupId, to: GroupId) {
+        if let (Some(s), Some(e)) = (self.sessions.get(&from), self.table.group(to)) {
+            let answered = s.created.elapsed();
+            info!(file = %e.key.path, group = %e.group, tid = %e.tid, session_age_ms = answered.as_millis() as u64, "slot taken by another stream: group moved");
+        }
+        self.end(from);
+    }
+
+    /// Lost a start race: the session stops sending and its members are enrolled at `winner`.
+    fn hand_over(&mut self, id: GroupId, winner: NodeId, ctx: &mut Context<Self>) {
+        let (Some(s), Some(e)) = (self.sessions.get(&id), self.table.group(id)) else { return };
+        info!(group = %e.group, file = %e.key.path, winner = %winner, "start race lost: handing members over");
+        let key = e.key.clone();
+        s.addr
+            .send(BecomeRelay)
+            .into_actor(self)
+            .map(move |res, act, _| {
+                for (client, options) in res.unwrap_or_default() {
+                    act.send(Some(winner.clone()), ClusterMessage::Enroll { key: key.clone(), client, options });
                 }
-                continue;
-            }
-            self.take_over(node, g, ctx);
-        }
+            })
+            .spawn(ctx);
     }
 
-    fn take_over(&mut self, dead: &NodeId, g: GroupInfo, ctx: &mut Context<Self>) {
-        self.takeovers += 1;
+    /// The owner died and this node continues its group, if it holds the same bytes.
+    fn take_over(&mut self, id: GroupId, dead: NodeId, g: GroupInfo, ctx: &mut Context<Self>) {
         warn!(group = %g.group, file = %g.key.path, dead = %dead, members = g.members.len(), block = g.block, "owner died: taking the group over");
-        let dead = dead.clone();
         self.files
             .send(FileRequest { name: g.key.path.clone().into_bytes() })
             .into_actor(self)
             .map(move |res, act, ctx| {
                 let data = match res {
-                    Ok(Ok(ready)) if ready.key.sha256 == g.key.sha256 => {
-                        if g.key.netascii {
-                            Bytes::from(tftpcast_proto::netascii::encode(&ready.data))
-                        } else {
-                            ready.data
-                        }
-                    }
+                    Ok(Ok(ready)) if ready.key.sha256 == g.key.sha256 && g.key.netascii => Bytes::from(tftpcast_proto::netascii::encode(&ready.data)),
+                    Ok(Ok(ready)) if ready.key.sha256 == g.key.sha256 => ready.data,
                     _ => {
                         warn!(group = %g.group, file = %g.key.path, "cannot take over: this node lacks the same file");
+                        act.table.handle_failed(id);
+                        act.drive(ctx);
                         return;
                     }
                 };
+                act.streams.insert(g.key.clone(), (data.clone(), None));
                 let cfg = act.group_config(g.group, g.key.blksize, Instant::now());
-                let members: Vec<(SocketAddr, Vec<(String, String)>)> = g.members.iter().map(|m| (m.client, m.options.clone())).collect();
-                let id = match act.by_tid.get(&g.tid).copied() {
-                    Some(id) => id,
-                    None => match act.spawn_session(&g.key, g.group, g.tid, None, Some(dead.clone()), ctx) {
-                        Ok(id) => id,
-                        Err(e) => {
-                            warn!(group = %g.group, error = %e, "cannot take over");
-                            return;
-                        }
-                    },
-                };
-                let e = act.groups.get_mut(&id).expect("just found");
-                e.owner = None;
-                act.set_members(id, g.members.clone());
-                let e = act.groups.get_mut(&id).expect("just found");
-                e.session.do_send(TakeOver { cfg, data, members });
-                act.dirty = true;
+                let members = g.members.iter().map(|m| (m.client, m.options.clone())).collect();
+                if let Some(s) = act.sessions.get(&id) {
+                    s.addr.do_send(TakeOver { cfg, data, members });
+                }
             })
             .spawn(ctx);
+    }
+
+    /// A multicast request, placed by the table; its new group's session opened.
+    fn place(&mut self, m: MulticastRequest, ctx: &mut Context<Self>) -> Result<Placed, String> {
+        let key = m.key.clone();
+        self.streams.entry(key.clone()).or_insert_with(|| (m.data.clone(), m.shared.clone()));
+        let req = table::Request { key: m.key, client: m.client, local: m.local, options: m.options, join_only: m.join_only };
+        let placed = self.table.handle_request(Instant::now(), req);
+        let failed = self.drive(ctx);
+        let placed = placed.map_err(|e| e.as_str().to_string());
+        let placed = match placed {
+            Ok(p) if failed.contains(&p.id) => Err("cannot open the group's socket".to_string()),
+            other => other,
+        };
+        self.end_stream_if_unused(&key);
+        placed
+    }
+
+    fn end_stream_if_unused(&mut self, key: &GroupKey) {
+        if !self.table.groups().any(|(_, e)| &e.key == key && e.owner.is_none()) {
+            self.streams.remove(key);
+        }
     }
 }
 
@@ -536,13 +432,12 @@ impl Actor for Coordinator {
             ctx.set_mailbox_capacity(1024);
         }
         if self.cluster.is_some() {
-            // Changes go out within 50 ms; the whole table every second covers lost datagrams.
-            ctx.run_interval(Duration::from_millis(50), |act, _| {
-                if act.dirty {
-                    act.announce(None);
-                }
+            // Claims settle and changes go out within 50 ms; the table itself announces the
+            // whole table every second, which covers lost datagrams.
+            ctx.run_interval(Duration::from_millis(50), |act, ctx| {
+                act.table.handle_timeout(Instant::now());
+                act.drive(ctx);
             });
-            ctx.run_interval(Duration::from_secs(1), |act, _| act.announce(None));
         }
     }
 }
@@ -550,75 +445,53 @@ impl Actor for Coordinator {
 impl Handler<MulticastRequest> for Coordinator {
     type Result = Result<Joined, String>;
     fn handle(&mut self, m: MulticastRequest, ctx: &mut Context<Self>) -> Self::Result {
-        // A group for this stream on this address, owned here or relayed for a peer.
-        let existing = self.groups.iter().find(|(_, e)| e.key == m.key && e.tid.ip() == m.local).map(|(id, _)| *id);
-        let existing = existing.or_else(|| {
-            // A peer's group we do not relay yet (its socket could not be bound earlier).
-            let (owner, g) = self.remote.iter().flat_map(|(n, gs)| gs.iter().map(move |g| (n.clone(), g.clone()))).find(|(_, g)| g.key == m.key && g.tid.ip() == m.local)?;
-            self.spawn_session(&g.key, g.group, g.tid, None, Some(owner), ctx).ok()
-        });
-        let (id, new_group) = match existing {
-            Some(id) => (id, false),
-            None if m.join_only => return Err("no group to join".into()),
-            None => match self.start_group(&m, ctx) {
-                Ok(id) => (id, true),
-                Err(e) => {
-                    self.fallbacks += 1;
-                    warn!(client = %m.client, file = %m.key.path, reason = %e, "multicast not possible: serving by unicast");
-                    return Err(e);
+        let (client, path, join_only) = (m.client, m.key.path.clone(), m.join_only);
+        match self.place(m, ctx) {
+            Ok(p) => {
+                if p.owner.is_some() {
+                    self.enrolled_remote += 1;
                 }
-            },
-        };
-        self.by_member.insert(m.client, id);
-        let e = self.groups.get_mut(&id).expect("group in table");
-        e.joins += 1;
-        let joined = Joined { group: e.group, tid: e.tid, new_group, owner: e.owner.clone() };
-        match e.owner.clone() {
-            None => e.session.do_send(Join { client: m.client, options: m.options }),
-            Some(owner) => {
-                self.enrolled_remote += 1;
-                self.send(Some(owner), ClusterMessage::Enroll { key: m.key, client: m.client, options: m.options });
+                Ok(Joined { group: p.group, tid: p.tid, new_group: p.new_group, owner: p.owner })
+            }
+            Err(e) => {
+                if !join_only {
+                    self.fallbacks += 1;
+                    warn!(client = %client, file = %path, reason = %e, "multicast not possible: serving by unicast");
+                }
+                Err(e)
             }
         }
-        Ok(joined)
     }
 }
 
 impl Handler<GroupIdle> for Coordinator {
     type Result = ();
-    fn handle(&mut self, m: GroupIdle, _: &mut Context<Self>) {
-        if matches!(self.groups.get(&m.id), Some(e) if e.joins == m.joins && e.owner.is_none()) {
-            self.end(m.id);
-        }
+    fn handle(&mut self, m: GroupIdle, ctx: &mut Context<Self>) {
+        self.table.handle_idle(m.id, m.joins);
+        self.drive(ctx);
     }
 }
 
 impl Handler<GroupProgress> for Coordinator {
     type Result = ();
-    fn handle(&mut self, m: GroupProgress, _: &mut Context<Self>) {
-        if let Some(e) = self.groups.get_mut(&m.id) {
-            if e.members != m.members || e.started != m.started {
-                self.dirty = true;
-            }
-            e.block = m.block;
-            e.started = m.started;
-            self.set_members(m.id, m.members);
-        }
+    fn handle(&mut self, m: GroupProgress, ctx: &mut Context<Self>) {
+        self.table.handle_progress(m.id, m.block, m.started, m.members);
+        self.drive(ctx);
     }
 }
 
 impl Handler<OwnedGroups> for Coordinator {
     type Result = usize;
     fn handle(&mut self, _: OwnedGroups, _: &mut Context<Self>) -> usize {
-        self.groups.values().filter(|e| e.owner.is_none()).count()
+        self.table.groups().filter(|(_, e)| e.owner.is_none()).count()
     }
 }
 
 impl Handler<RelayOut> for Coordinator {
     type Result = ();
     fn handle(&mut self, m: RelayOut, _: &mut Context<Self>) {
-        let owner = self.by_tid.get(&m.tid).and_then(|id| self.groups.get(id)).and_then(|e| e.owner.clone());
-        if let Some(owner) = owner {
+        if let Some((_, Some(owner))) = self.table.route_tid(m.tid) {
+            let owner = owner.clone();
             self.relayed += 1;
             self.send(Some(owner), ClusterMessage::Relay { tid: m.tid, client: m.client, packet: m.packet });
         }
@@ -635,21 +508,19 @@ impl Handler<UseSocket> for Coordinator {
 impl Handler<MemberPacket> for Coordinator {
     type Result = ();
     fn handle(&mut self, m: MemberPacket, _: &mut Context<Self>) {
-        let Some(e) = self.by_member.get(&m.client).and_then(|id| self.groups.get(id)) else {
+        match self.table.route_member(m.client) {
             // Not a member of any group: dropped without an answer (anti-amplification).
-            self.strays += 1;
-            return;
-        };
-        match e.owner.clone() {
-            None => {
-                if e.session.try_send(Incoming { client: m.client, packet: m.packet }).is_err() {
+            None => self.strays += 1,
+            Some((id, _, None)) => {
+                let sent = self.sessions.get(&id).map(|s| s.addr.try_send(Incoming { client: m.client, packet: m.packet }).is_ok());
+                if sent != Some(true) {
                     self.member_drops += 1;
                 }
             }
-            Some(owner) => {
+            Some((_, tid, Some(owner))) => {
                 // A member of a group another node owns: the same hand-over as the relay sockets.
+                let owner = owner.clone();
                 self.relayed += 1;
-                let tid = e.tid;
                 self.send(Some(owner), ClusterMessage::Relay { tid, client: m.client, packet: m.packet.to_vec() });
             }
         }
@@ -660,47 +531,18 @@ impl Handler<ClusterEvent> for Coordinator {
     type Result = ();
     fn handle(&mut self, ev: ClusterEvent, ctx: &mut Context<Self>) {
         match ev {
-            ClusterEvent::Up { node, .. } => {
-                self.alive.insert(node.clone());
-                self.announce(Some(node));
-            }
-            ClusterEvent::Down { node } => {
-                self.alive.remove(&node);
-                self.node_down(&node, ctx);
-            }
-            ClusterEvent::Message { from, msg } => match msg {
-                ClusterMessage::Groups { groups, .. } => {
-                    self.alive.insert(from.clone());
-                    self.remote.insert(from.clone(), groups);
-                    self.reconcile(&from, ctx);
-                }
-                ClusterMessage::Enroll { key, client, options } => {
-                    let entry = self.groups.iter_mut().filter(|(_, e)| e.key == key).min_by_key(|(_, e)| e.owner.is_some());
-                    match entry {
-                        Some((id, e)) if e.owner.is_none() => {
-                            self.by_member.insert(client, *id);
-                            e.joins += 1;
-                            e.session.do_send(Join { client, options });
-                        }
-                        // This node handed the group over meanwhile: pass the member on.
-                        Some((_, e)) => {
-                            let owner = e.owner.clone();
-                            if owner.as_ref() != Some(&from) {
-                                self.send(owner, ClusterMessage::Enroll { key, client, options });
-                            }
-                        }
-                        None => debug!(from = %from, client = %client, file = %key.path, "enrollment for a group this node does not know"),
+            ClusterEvent::Up { node, .. } => self.table.handle_node_up(node),
+            ClusterEvent::Down { node } => self.table.handle_node_down(&node),
+            ClusterEvent::Message { msg: ClusterMessage::Relay { tid, client, packet }, .. } => {
+                if let Some((id, None)) = self.table.route_tid(tid) {
+                    if let Some(s) = self.sessions.get(&id) {
+                        s.addr.do_send(Incoming { client, packet: Bytes::from(packet) });
                     }
                 }
-                ClusterMessage::Relay { tid, client, packet } => {
-                    if let Some(e) = self.by_tid.get(&tid).and_then(|id| self.groups.get(id)) {
-                        if e.owner.is_none() {
-                            e.session.do_send(Incoming { client, packet: Bytes::from(packet) });
-                        }
-                    }
-                }
-            },
+            }
+            ClusterEvent::Message { from, msg } => self.table.handle_message(Instant::now(), &from, msg),
         }
+        self.drive(ctx);
     }
 }
 
@@ -708,69 +550,39 @@ impl Handler<DumpState> for Coordinator {
     type Result = ();
     fn handle(&mut self, m: DumpState, _: &mut Context<Self>) {
         let groups: Vec<String> = self
-            .groups
-            .values()
-            .map(|e| {
-                format!(
-                    "{} {}@{} owner={} block={} members={} age_s={}",
-                    e.key.path,
-                    e.group,
-                    e.tid,
-                    e.owner.as_deref().unwrap_or("self"),
-                    e.block,
-                    e.members.len(),
-                    e.created.elapsed().as_secs()
-                )
+            .table
+            .groups()
+            .map(|(id, e)| {
+                let age = self.sessions.get(&id).map(|s| s.created.elapsed().as_secs()).unwrap_or(0);
+                let claim = if e.is_claim() { " claim" } else { "" };
+                format!("{} {}@{} owner={} block={} members={} age_s={age}{claim}", e.key.path, e.group, e.tid, e.owner.as_deref().unwrap_or("self"), e.block, e.members.len())
             })
             .collect();
-        let remote: usize = self.remote.values().map(|g| g.len()).sum();
+        let stats = self.table.stats();
+        let owned = self.table.groups().filter(|(_, e)| e.owner.is_none()).count();
         info!(
             target: "state",
             actor = "coordinator",
             node = self.node_id(),
-            members = ?self.alive,
-            groups_owned = self.groups.values().filter(|e| e.owner.is_none()).count(),
-            groups_relayed = self.groups.values().filter(|e| e.owner.is_some()).count(),
-            groups_remote = remote,
-            groups_started = self.started_total,
+            members = ?self.table.alive(),
+            groups_owned = owned,
+            groups_relayed = self.table.groups().count() - owned,
+            groups_remote = self.table.remote_groups(),
+            groups_started = stats.started,
             fallbacks = self.fallbacks,
             enrolled_remote = self.enrolled_remote,
             relayed = self.relayed,
-            members_known = self.by_member.len(),
+            members_known = self.table.members_known(),
             strays = self.strays,
             member_drops = self.member_drops,
-            takeovers = self.takeovers,
-            handovers = self.handovers,
+            takeovers = stats.takeovers,
+            handovers = stats.handovers,
+            moves = stats.moves,
             groups = ?groups,
             "state"
         );
-        for e in self.groups.values() {
-            e.session.do_send(m);
+        for s in self.sessions.values() {
+            s.addr.do_send(m);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(b: u8) -> GroupKey {
-        GroupKey { sha256: [b; 32], size: 1000, blksize: 1428, netascii: false, path: format!("f{b}") }
-    }
-
-    #[test]
-    fn preferred_slot_is_stable_and_spread() {
-        assert_eq!(preferred_slot(&key(1), 254), preferred_slot(&key(1), 254));
-        let distinct: HashSet<u32> = (0..50).map(|b| preferred_slot(&key(b), 254)).collect();
-        assert!(distinct.len() > 30, "{} distinct slots for 50 keys", distinct.len());
-        let mut k = key(1);
-        k.path = "elsewhere".into();
-        assert_eq!(preferred_slot(&k, 254), preferred_slot(&key(1), 254), "the path does not change the slot");
-    }
-
-    #[test]
-    fn the_smaller_id_wins_on_every_node() {
-        assert!(wins("node-a", "node-b"));
-        assert!(!wins("node-b", "node-a"));
     }
 }

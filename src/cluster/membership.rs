@@ -259,15 +259,18 @@ pub struct Broadcast {
     pub msg: cluster::Message,
 }
 
-/// The live members other than this node, by node id.
+/// Test only: the live members other than this node, by node id (the state dump lists them
+/// itself).
+#[cfg(test)]
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "Vec<(NodeId, SocketAddr)>")]
 pub struct GetMembers;
 
-/// Counters, for the coordinator's state dump and for tests.
+/// Test only: the counters (the state dump logs them itself).
+#[cfg(test)]
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "MembershipStats")]
-pub struct GetStats;
+pub struct GetMembershipStats;
 
 /// Leave the cluster (peers learn it at once instead of detecting a failure) and stop.
 #[derive(Message, Debug, Clone, Copy)]
@@ -689,6 +692,7 @@ impl Handler<Broadcast> for Membership {
     }
 }
 
+#[cfg(test)]
 impl Handler<GetMembers> for Membership {
     type Result = MessageResult<GetMembers>;
     fn handle(&mut self, _: GetMembers, _: &mut Context<Self>) -> Self::Result {
@@ -696,9 +700,10 @@ impl Handler<GetMembers> for Membership {
     }
 }
 
-impl Handler<GetStats> for Membership {
-    type Result = MessageResult<GetStats>;
-    fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
+#[cfg(test)]
+impl Handler<GetMembershipStats> for Membership {
+    type Result = MessageResult<GetMembershipStats>;
+    fn handle(&mut self, _: GetMembershipStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.stats)
     }
 }
@@ -884,6 +889,7 @@ mod tests {
                 block: 3,
                 members: vec![],
                 started: true,
+                claim: false,
             }],
         }
     }
@@ -937,7 +943,7 @@ mod tests {
         }
         eprintln!("crash of c detected by a and b after {detected:?}");
         for n in &nodes[..2] {
-            let s = n.addr.send(GetStats).await.unwrap();
+            let s = n.addr.send(GetMembershipStats).await.unwrap();
             assert_eq!((s.joins, s.failures, s.leaves, s.rejected), (2, 1, 0, 0), "{}: {s:?}", n.name);
             n.addr.do_send(DumpState);
         }
@@ -968,7 +974,7 @@ mod tests {
                 n.name,
                 n.seen
             );
-            let s = n.addr.send(GetStats).await.unwrap();
+            let s = n.addr.send(GetMembershipStats).await.unwrap();
             assert_eq!((s.leaves, s.failures), (1, 0), "{}: {s:?}", n.name);
         }
         eprintln!("leave of b seen by a and c after {:?}", t0.elapsed());
@@ -1012,11 +1018,11 @@ mod tests {
             assert!(!n.seen.iter().any(|e| matches!(e, ClusterEvent::Up { node, .. } if node == "x")));
             assert!(!n.messages().iter().any(|(_, m)| m == &groups(666)));
             assert_eq!(n.addr.send(GetMembers).await.unwrap().len(), 1);
-            let s = n.addr.send(GetStats).await.unwrap();
+            let s = n.addr.send(GetMembershipStats).await.unwrap();
             assert!(s.rejected >= 2, "{}: {s:?}", n.name);
             assert_eq!(s.joins, 1);
         }
-        let s = nodes[0].addr.send(GetStats).await.unwrap();
+        let s = nodes[0].addr.send(GetMembershipStats).await.unwrap();
         assert!(s.rejected >= 4, "{s:?}");
         eprintln!("a rejected {} datagrams", s.rejected);
         // x never admitted anyone either, and has no one to talk to.

@@ -1,4 +1,4 @@
-//! Coordinator wire messages: what cluster nodes tell each other about multicast groups.
+//! wire: what cluster nodes tell each other about multicast groups, and its codec.
 //!
 //! Every datagram between nodes is an [`Envelope`]: a SWIM membership payload (opaque here,
 //! produced by the membership layer) or an application [`Message`]. The envelope is encoded
@@ -53,6 +53,9 @@ pub struct GroupInfo {
     pub members: Vec<MemberInfo>,
     /// DATA has started flowing.
     pub started: bool,
+    /// The owner claims the address and port but has answered no member yet: a group that
+    /// has answered members keeps its slot against a claim (see the table's collisions).
+    pub claim: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,7 +89,7 @@ pub enum Envelope {
 /// First bytes of every cluster datagram.
 pub const MAGIC: [u8; 4] = *b"TFCL";
 /// Wire format version; a node drops datagrams of any other version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the HMAC-SHA256 tag that ends every datagram.
 pub const TAG_LEN: usize = 32;
 const HEADER_LEN: usize = MAGIC.len() + 1;
@@ -205,8 +208,8 @@ mod tests {
             master,
             options,
         });
-        (stream_key(), addr4(), addr(), any::<u64>(), prop::collection::vec(member, 0..6), any::<bool>()).prop_map(
-            |(key, group, tid, block, members, started)| GroupInfo { key, group, tid, block, members, started },
+        (stream_key(), addr4(), addr(), any::<u64>(), prop::collection::vec(member, 0..6), any::<bool>(), any::<bool>()).prop_map(
+            |(key, group, tid, block, members, started, claim)| GroupInfo { key, group, tid, block, members, started, claim },
         )
     }
 
@@ -246,6 +249,7 @@ mod tests {
             block: 1234,
             members: vec![MemberInfo { client, master: true, options: vec![("blksize".into(), "1428".into())] }],
             started: true,
+            claim: false,
         };
         vec![
             Envelope::Swim(vec![]),
