@@ -31,7 +31,7 @@ use crate::cluster::coordinator::{Coordinator, GroupKey, MemberPacket, Multicast
 use crate::fs::file_cache::{FileCache, FileError, FileReady, FileRequest};
 use crate::metrics::m;
 use crate::flow::pacing::{Advice, Pacing};
-use crate::node::session::{Session, SessionEnded, SessionSpec};
+use crate::node::session::{Session, SessionAnswered, SessionEnded, SessionSpec};
 use crate::state::DumpState;
 use crate::net::transport::{Endpoint, Routed, SharedSend};
 use crate::net::udp::{self, Datagram, DatagramStream, SharedSocket};
@@ -124,6 +124,8 @@ pub struct Listener {
     uploads: HashMap<SocketAddr, (u64, Addr<Upload>)>,
     upload_policy: Option<SharedUploadPolicy>,
     pending: HashSet<SocketAddr>,
+    /// The admission slot of every running session and upload, by session id.
+    slots: HashMap<u64, u64>,
     counters: Counters,
     last_dump: (Instant, u64),
     advice: Advice,
@@ -159,6 +161,7 @@ impl Listener {
             uploads: HashMap::new(),
             upload_policy: None,
             pending: HashSet::new(),
+            slots: HashMap::new(),
             counters: Counters::default(),
             last_dump: (Instant::now(), 0),
             advice: Advice::default(),
@@ -433,7 +436,11 @@ impl Listener {
                 act.next_arbiter = act.next_arbiter.wrapping_add(1);
                 let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
                 act.uploads.insert(peer, (id, addr));
-                ticket.commit();
+                // An upload's client answers with its first DATA; it is not a half-open read
+                // (and uploads are off unless asked for).
+                let slot = ticket.commit();
+                admission::answered(&act.admission, slot);
+                act.slots.insert(id, slot);
                 m().transfer_started("upload");
                 m().sessions_active.inc();
                 act.counters.started += 1;
@@ -610,13 +617,14 @@ impl Listener {
             span,
             pacing: self.pacing.clone(),
             ended: ctx.address().recipient(),
+            answered: ctx.address().recipient(),
             lease_every: self.policy.lease_every,
         };
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
         self.sessions.insert(peer, (id, addr));
-        ticket.commit();
+        self.slots.insert(id, ticket.commit());
         m().transfer_started("unicast");
         m().sessions_active.inc();
         self.counters.started += 1;
@@ -680,12 +688,23 @@ impl Handler<SessionEnded> for Listener {
                 self.sessions.remove(&m.peer);
             }
             crate::metrics::m().sessions_active.dec();
-            admission::release(&self.admission, m.peer.ip());
+            if let Some(slot) = self.slots.remove(&m.id) {
+                admission::release(&self.admission, slot);
+            }
         }
         if m.ok {
             self.counters.completed += 1;
         } else {
             self.counters.failed += 1;
+        }
+    }
+}
+
+impl Handler<SessionAnswered> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: SessionAnswered, _: &mut Context<Self>) {
+        if let Some(slot) = self.slots.get(&m.id) {
+            admission::answered(&self.admission, *slot);
         }
     }
 }
