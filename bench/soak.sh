@@ -127,6 +127,8 @@ T0=$(date +%s)
 echo "seconds,transfers,rss_kib,fds,sockets,sessions" >"$OUT/soak.csv"
 sample "$T0" >>"$OUT/soak.csv"
 (
+    # A descriptor may close while it is listed (find then fails): a sample is best effort.
+    set +e +o pipefail
     while kill -0 "$SPID" 2>/dev/null; do
         sleep "$INTERVAL"
         sample "$T0" >>"$OUT/soak.csv"

@@ -68,7 +68,7 @@ fn a_flood_of_unanswered_requests_does_not_starve_a_client_behind_the_same_addre
             assert_eq!(raw::opcode(&buf[..n]), Some(raw::DATA), "a flooding port got {:?}", &buf[..n.min(40)]);
             got += 1;
         }
-        assert!(got >= 1 && got <= USUAL_PACKETS_PER_REQUEST, "a flooding port got {got} packets");
+        assert!((1..=USUAL_PACKETS_PER_REQUEST).contains(&got), "a flooding port got {got} packets");
     }
     assert_eq!(events(&server, "transfer started").len(), flood.len() + 1, "one transfer per port, however often it asked");
     server.finish(&fx);
