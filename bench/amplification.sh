@@ -59,76 +59,28 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-log() { printf '%s amplification.sh: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+SCRIPT=amplification.sh
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $(id -u) == 0 ]] || die "run as root: the measurement runs in a network namespace"
 for t in ip nft apt-get dpkg-deb python3 awk; do
     command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tftpcast-amp.XXXXXX")
 chmod 755 "$WORK"
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
 NS="tcamp$$"
-NS_MADE=0
 SPID=""
 VPID=""
+bench_traps
 
-stop_pid() {
-    local pid=$1
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? p
-    set +e
-    trap - EXIT INT TERM
-    stop_pid "$VPID"
-    stop_pid "$SPID"
-    if [[ $NS_MADE == 1 ]]; then
-        # Whatever still runs in the namespace we made is ours (in.tftpd's forked children).
-        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-        ip netns delete "$NS" 2>/dev/null
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log interrupted; exit 130' INT TERM
-
-if [[ $BUILD == 1 ]]; then
-    log "building tftpcast (release)"
-    (cd "$REPO" && cargo build --release --locked --bin tftpcast >&2)
-fi
-TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/tftpcast" "$WORK/bin/tftpcast"
-BIN=$WORK/bin/tftpcast
-
+build_tftpcast
 if [[ $SERVERS == *hpa* || $SERVERS == *atftpd* ]]; then
-    PKGS=(tftpd-hpa atftpd libwrap0)
-    log "fetching peers: ${PKGS[*]} (apt-get download, unpacked, not installed)"
-    mkdir -p "$WORK/debs" "$WORK/peers"
-    chmod 777 "$WORK/debs"
-    if ! (cd "$WORK/debs" && timeout 300 apt-get download "${PKGS[@]}" >"$LOGS/apt.log" 2>&1); then
-        log "apt-get download failed; running apt-get update once"
-        timeout 600 apt-get update -qq >>"$LOGS/apt.log" 2>&1 || true
-        (cd "$WORK/debs" && timeout 300 apt-get download "${PKGS[@]}" >>"$LOGS/apt.log" 2>&1) ||
-            die "apt-get download failed: $(tail -3 "$LOGS/apt.log")"
-    fi
-    for deb in "$WORK"/debs/*.deb; do dpkg-deb -x "$deb" "$WORK/peers"; done
+    fetch_peers tftpd-hpa atftpd libwrap0
 fi
-PEER_LD=$(find "$WORK/peers" -name '*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
-HPA=$WORK/peers/usr/sbin/in.tftpd
-ATFTPD=$WORK/peers/usr/sbin/atftpd
 
 ROOT=$WORK/root
 mkdir -p "$ROOT"
@@ -136,9 +88,7 @@ head -c $((1 << 20)) /dev/urandom >"$ROOT/one_mib.bin"
 chmod 755 "$ROOT"
 chmod 644 "$ROOT"/*
 
-ip netns add "$NS"
-NS_MADE=1
-ip -n "$NS" link set lo up
+add_ns "$NS"
 ip -n "$NS" addr add 127.0.0.2/8 dev lo   # in.tftpd exits 66 where 127.0.0.1 is the only address
 
 KINDS=(rrq rrq-opts missing trunc badop)
@@ -189,6 +139,7 @@ start_server() {
     esac
     ip netns exec "$NS" "${cmd[@]}" >>"$LOGS/$name.out" 2>&1 &
     SPID=$!
+    STARTED+=("$SPID")
     sleep 1
     kill -0 "$SPID" 2>/dev/null || die "$name exited at start: $(tail -3 "$LOGS/$name.out")"
 }
@@ -253,6 +204,7 @@ for srv in "${list[@]}"; do
     start_server "$srv"
     ip netns exec "$NS" python3 -c "$VICTIM" "$REQUESTS" >"$LOGS/victim.$srv" 2>&1 &
     VPID=$!
+    STARTED+=("$VPID")
     start=$(date +%s)
     last=-1
     quiet_since=$start

@@ -45,6 +45,10 @@ stop_pid() {
     done
     kill_tree "$pid" KILL
     wait "$pid" 2>/dev/null || true
+    # Stopped: the exit trap must not signal whatever reuses the PID later.
+    local kept=() p
+    for p in "${STARTED[@]}"; do [[ $p == "$pid" ]] || kept+=("$p"); done
+    STARTED=("${kept[@]}")
 }
 
 # Kills what we started, deletes our namespaces. KEEP_LOGS_IN: copy the logs there first.
@@ -91,9 +95,11 @@ build_tftpcast() {
 }
 
 # Fetches and unpacks the peers; sets HPA, ATFTPD, DNSMASQ, ATFTP and PEER_LD (their
-# libraries, for LD_LIBRARY_PATH).
+# libraries, for LD_LIBRARY_PATH). Arguments: only these packages (then only the binaries
+# they hold are checked); none: all the peers.
 fetch_peers() {
-    local pkgs=(tftpd-hpa atftpd dnsmasq-base atftp libwrap0 libnetfilter-conntrack3 libnfnetlink0) deb b missing
+    local pkgs=("$@") deb b missing
+    (( ${#pkgs[@]} )) || pkgs=(tftpd-hpa atftpd dnsmasq-base atftp libwrap0 libnetfilter-conntrack3 libnfnetlink0)
     log "fetching peers: ${pkgs[*]} (apt-get download, unpacked, not installed)"
     mkdir -p "$WORK/debs" "$WORK/peers"
     chmod 777 "$WORK/debs"
@@ -110,6 +116,7 @@ fetch_peers() {
     DNSMASQ=$WORK/peers/usr/sbin/dnsmasq
     ATFTP=$WORK/peers/usr/bin/atftp
     for b in "$HPA" "$ATFTPD" "$DNSMASQ" "$ATFTP"; do
+        [[ $# -gt 0 && ! -e $b ]] && continue
         missing=$(LD_LIBRARY_PATH=$PEER_LD ldd "$b" | awk '/not found/ {print $1}' | paste -sd' ')
         [[ -z $missing ]] || die "$(basename "$b") needs libraries that are not here: $missing"
     done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Soak test: many transfers against one tftpcast server, with its memory and file descriptors
-# sampled all along, to show that nothing grows with the number of transfers served.
+# Soak test: many transfers of every ending against one tftpcast server, with its memory,
+# file descriptors and sessions sampled all along, to show that nothing grows with the
+# number of transfers served.
 #
 #   sudo bench/soak.sh                     # 100000 transfers
 #   sudo bench/soak.sh --transfers 20000 --out DIR
@@ -8,17 +9,24 @@
 #
 # What it does:
 # - builds tftpcast in release mode (and runs a copy of the binary);
-# - creates a network namespace with `lo` up and starts one server in it on 127.0.0.1:69;
-# - runs `tftpcast bench` in batches until the total is reached, cycling through kinds of
-#   transfer so the server sees a mix: a 1000-byte file without options (RFC 1350), a 64 KiB
-#   file at blksize 1428 with tsize, the same with windowsize 8, and a 300 KiB file at blksize
-#   512 (block numbers past 512); every download is checked against the file's SHA-256;
-#   the clients come from many source addresses (127.1.x.y);
-# - every --interval seconds samples the server's RSS (VmRSS), open file descriptors and
-#   sockets among them (from /proc/PID) into soak.csv (seconds, transfers of the bench runs
-#   finished so far, rss_kib, fds, sockets);
+# - creates a network namespace with `lo` up and starts one server in it on 127.0.0.1:69,
+#   with its metrics endpoint on 127.0.0.1:9469 (for the session count);
+# - runs batches until the total is reached, cycling through the ways a transfer ends:
+#     complete     `tftpcast bench`: a 1000-byte file without options (RFC 1350), a 64 KiB
+#                  file at blksize 1428 with tsize and windowsize 8, a 300 KiB file at
+#                  blksize 512 (block numbers past 512); every download checked (SHA-256)
+#     not-found    `tftpcast bench` for a file that does not exist: each gets ERROR 1
+#     client-error a client that sends ERROR after DATA 1
+#     vanished     a client that acknowledges DATA 1, then, after DATA 2, closes its socket
+#                  (half of them: the server's retransmissions meet a closed port) or keeps
+#                  it open and says nothing (the server times out)
+#   the clients come from many source addresses (127.1.x.y, 127.3.x.y);
+# - every --interval seconds samples the server's RSS (VmRSS), open file descriptors, sockets
+#   among them (from /proc/PID) and running sessions (metrics) into soak.csv (seconds,
+#   transfers finished so far, rss_kib, fds, sockets, sessions);
 # - prints the curve: first, middle, last sample and the maxima; exits non-zero when a
-#   transfer failed, the server died, or the fds at the end exceed those at the start.
+#   transfer did not end as its kind should, the server died, or the fds or sessions at the
+#   end exceed those at the start.
 #
 # Everything it starts runs in the namespace it creates; an EXIT trap kills what it started
 # (by PID) and deletes the namespace. Root is required.
@@ -41,6 +49,7 @@ TOTAL=100000
 BATCH=10000
 CLIENTS=50
 INTERVAL=3
+VANISH_RATE=300
 OUT=""
 BUILD=1
 while [[ $# -gt 0 ]]; do
@@ -58,57 +67,24 @@ while [[ $# -gt 0 ]]; do
 done
 (( BATCH % CLIENTS == 0 )) || { echo "soak.sh: --batch must be a multiple of --clients" >&2; exit 2; }
 
-log() { printf '%s soak.sh: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+SCRIPT=soak.sh
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $(id -u) == 0 ]] || die "run as root: the soak runs in a network namespace"
-for t in ip sha256sum awk python3; do
+for t in ip sha256sum awk python3 curl; do
     command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tftpcast-soak.XXXXXX")
 OUT=${OUT:-$WORK/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 NS="tcsoak$$"
-NS_MADE=0
 SPID=""
-SAMPLER=""
+bench_traps
 
-cleanup() {
-    local rc=$? p
-    set +e
-    trap - EXIT INT TERM
-    [[ -n $SAMPLER ]] && kill "$SAMPLER" 2>/dev/null
-    if [[ -n $SPID ]] && kill -0 "$SPID" 2>/dev/null; then
-        kill -TERM "$SPID"
-        for _ in $(seq 50); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SPID" 2>/dev/null
-    fi
-    if [[ $NS_MADE == 1 ]]; then
-        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-        ip netns delete "$NS" 2>/dev/null
-    fi
-    if [[ $OUT == "$WORK/results" ]]; then
-        rm -rf "$WORK"
-    else
-        rm -rf "$WORK/root" "$WORK/bin"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log interrupted; exit 130' INT TERM
-
-if [[ $BUILD == 1 ]]; then
-    log "building tftpcast (release)"
-    (cd "$REPO" && cargo build --release --locked --bin tftpcast >&2)
-fi
-TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/tftpcast" "$WORK/bin/tftpcast"
-BIN=$WORK/bin/tftpcast
+build_tftpcast
 
 ROOT=$WORK/root
 mkdir -p "$ROOT"
@@ -117,13 +93,12 @@ head -c $((64 << 10)) /dev/urandom >"$ROOT/k64.bin"
 head -c $((300 << 10)) /dev/urandom >"$ROOT/k300.bin"
 sha() { sha256sum "$ROOT/$1" | awk '{print $1}'; }
 
-ip netns add "$NS"
-NS_MADE=1
-ip -n "$NS" link set lo up
+add_ns "$NS"
 
 ip netns exec "$NS" "$BIN" serve --root "$ROOT" --listen 127.0.0.1:69 --log-format json \
-    2>"$OUT/server.log" >/dev/null &
+    --metrics-listen 127.0.0.1:9469 2>"$OUT/server.log" >/dev/null &
 SPID=$!
+STARTED+=("$SPID")
 for _ in $(seq 50); do
     kill -0 "$SPID" 2>/dev/null || die "server exited at start: $(tail -3 "$OUT/server.log")"
     grep -q '"listening"' "$OUT/server.log" && break
@@ -131,7 +106,14 @@ for _ in $(seq 50); do
 done
 grep -q '"listening"' "$OUT/server.log" || die "server never logged listening"
 
-# One sample: seconds, transfers finished so far, RSS KiB, open fds, sockets among them.
+# Running sessions, from the server's metrics.
+sessions() {
+    ip netns exec "$NS" curl -s --max-time 5 http://127.0.0.1:9469/metrics |
+        awk '/^tftpcast_sessions_active / {print $2; f = 1} END {if (!f) print -1}'
+}
+
+# One sample: seconds, transfers finished so far, RSS KiB, open fds, sockets among them,
+# sessions.
 DONE=0
 echo "$DONE" >"$WORK/done"
 sample() {
@@ -139,79 +121,168 @@ sample() {
     rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$SPID/status" 2>/dev/null || echo 0)
     fds=$(find "/proc/$SPID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
     socks=$(find "/proc/$SPID/fd" -mindepth 1 -maxdepth 1 -lname 'socket:*' 2>/dev/null | wc -l)
-    printf '%s,%s,%s,%s,%s\n' "$(( $(date +%s) - t0 ))" "$(cat "$WORK/done")" "$rss" "$fds" "$socks"
+    printf '%s,%s,%s,%s,%s,%s\n' "$(( $(date +%s) - t0 ))" "$(cat "$WORK/done")" "$rss" "$fds" "$socks" "$(sessions)"
 }
 T0=$(date +%s)
-echo "seconds,transfers,rss_kib,fds,sockets" >"$OUT/soak.csv"
+echo "seconds,transfers,rss_kib,fds,sockets,sessions" >"$OUT/soak.csv"
 sample "$T0" >>"$OUT/soak.csv"
 (
+    # A descriptor may close while it is listed (find then fails): a sample is best effort.
+    set +e +o pipefail
     while kill -0 "$SPID" 2>/dev/null; do
         sleep "$INTERVAL"
         sample "$T0" >>"$OUT/soak.csv"
     done
 ) &
 SAMPLER=$!
+STARTED+=("$SAMPLER")
 
-KINDS=(
-    "--file small.bin --expect-sha256 $(sha small.bin)"
-    "--file k64.bin --blksize 1428 --tsize --expect-sha256 $(sha k64.bin)"
-    "--file k64.bin --blksize 1428 --windowsize 8 --expect-sha256 $(sha k64.bin)"
-    "--file k300.bin --blksize 512 --expect-sha256 $(sha k300.bin)"
+# Clients that do not complete: ERROR after DATA 1 (client-error), or gone after DATA 2
+# (vanished), started at most RATE a second. Prints "as-expected unexpected".
+ENDINGS=$(cat <<'PY'
+import ipaddress, selectors, socket, sys, time
+kind, count, conc, base, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(ipaddress.IPv4Address(sys.argv[4])), float(sys.argv[5])
+t0 = time.monotonic()
+server = ("127.0.0.1", 69)
+rrq = b"\x00\x01k64.bin\x00octet\x00"
+sel = selectors.DefaultSelector()
+started = ended = unexpected = 0
+held = []  # silent vanished clients: (close at, socket)
+def start():
+    global started
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((str(ipaddress.IPv4Address(base + started % 2000)), 0))
+    s.setblocking(False)
+    s.sendto(rrq, server)
+    sel.register(s, selectors.EVENT_READ, [started, time.monotonic() + 10])
+    started += 1
+def end(s, ok, keep=False):
+    global ended, unexpected
+    sel.unregister(s)
+    if keep:
+        held.append((time.monotonic() + 30, s))
+    else:
+        s.close()
+    ended += 1
+    unexpected += 0 if ok else 1
+while ended < count:
+    while started < count and started - ended < conc and started < rate * (time.monotonic() - t0) + 1:
+        start()
+    for key, _ in sel.select(0.05):
+        s, (i, _) = key.fileobj, key.data
+        try:
+            p, tid = s.recvfrom(2048)
+        except OSError:
+            continue
+        if p[:2] != b"\x00\x03":
+            end(s, False)
+            continue
+        block = int.from_bytes(p[2:4], "big")
+        if kind == "client-error":
+            s.sendto(b"\x00\x05\x00\x00client gives up\x00", tid)
+            end(s, True)
+        elif block == 1:
+            s.sendto(b"\x00\x04\x00\x01", tid)
+        else:
+            end(s, True, keep=i % 2 == 1)
+    now = time.monotonic()
+    for key in list(sel.get_map().values()):
+        if key.data[1] < now:
+            end(key.fileobj, False)
+    while held and held[0][0] < now:
+        held.pop(0)[1].close()
+print(ended - unexpected, unexpected)
+PY
 )
-FAILED=0
-batch=0
-while (( DONE < TOTAL )); do
-    n=$(( TOTAL - DONE < BATCH ? TOTAL - DONE : BATCH ))
+
+# A batch of `tftpcast bench`: prints "as-expected unexpected". A bench kind expecting
+# failures names the one failure reason it expects after a `!`.
+bench_batch() {
+    local n=$1 batch=$2 kind=$3 clients rounds expect=""
+    [[ $kind == *!* ]] && { expect=${kind##*!}; kind=${kind%!*}; }
     clients=$(( n < CLIENTS ? n : CLIENTS ))
     rounds=$(( n / clients ))
-    kind=${KINDS[$(( batch % ${#KINDS[@]} ))]}
     # shellcheck disable=SC2086
     ip netns exec "$NS" "$BIN" bench --server 127.0.0.1:69 --clients "$clients" --rounds "$rounds" \
         --source-base 127.1.0.1 --transfer-limit 120 --json -q $kind >"$OUT/batch$batch.json" 2>"$OUT/batch$batch.err" || true
-    read -r ok failed < <(python3 -c 'import json,sys
+    python3 -c 'import json,sys
 try:
-    v = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(v["ok"], v["failed"])
+    v = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 except Exception:
-    print(0, -1)' "$OUT/batch$batch.json")
-    (( failed == -1 )) && die "bench run $batch gave no result: $(tail -3 "$OUT/batch$batch.err")"
+    print(0, -1); sys.exit()
+if sys.argv[2]:
+    good = v["failures"].get(sys.argv[2], 0); print(good, v["ok"] + v["failed"] - good)
+else:
+    print(v["ok"], v["failed"])' "$OUT/batch$batch.json" "$expect"
+}
+
+KINDS=(
+    "complete --file small.bin --expect-sha256 $(sha small.bin)"
+    "not-found --file no-such-file.bin!server-error-1"
+    "client-error"
+    "vanished"
+    "complete --file k64.bin --blksize 1428 --tsize --windowsize 8 --expect-sha256 $(sha k64.bin)"
+    "complete --file k300.bin --blksize 512 --expect-sha256 $(sha k300.bin)"
+)
+FAILED=0
+batch=0
+declare -A ENDED
+while (( DONE < TOTAL )); do
+    n=$(( TOTAL - DONE < BATCH ? TOTAL - DONE : BATCH ))
+    kind=${KINDS[$(( batch % ${#KINDS[@]} ))]}
+    name=${kind%% *}
+    case $name in
+        # A vanished client's session lives until the server gives up on it (at least
+        # transfer.min_give_up_s): paced, so that they stay well under limits.max_sessions.
+        client-error) read -r ok failed < <(ip netns exec "$NS" python3 -c "$ENDINGS" "$name" "$n" "$CLIENTS" 127.3.0.1 100000 2>"$OUT/batch$batch.err" || echo 0 -1) ;;
+        vanished) read -r ok failed < <(ip netns exec "$NS" python3 -c "$ENDINGS" "$name" "$n" "$CLIENTS" 127.3.0.1 "$VANISH_RATE" 2>"$OUT/batch$batch.err" || echo 0 -1) ;;
+        *) read -r ok failed < <(bench_batch "$n" "$batch" "${kind#* }") ;;
+    esac
+    (( failed == -1 )) && die "batch $batch ($name) gave no result: $(tail -3 "$OUT/batch$batch.err")"
     FAILED=$(( FAILED + failed ))
     DONE=$(( DONE + ok + failed ))
+    ENDED[$name]=$(( ${ENDED[$name]:-0} + ok ))
     echo "$DONE" >"$WORK/done"
-    log "batch $batch (${kind%% --expect-sha256*}): $ok ok, $failed failed; $DONE/$TOTAL"
+    log "batch $batch ($name): $ok as expected, $failed not; $DONE/$TOTAL"
     kill -0 "$SPID" 2>/dev/null || die "the server died: $(tail -5 "$OUT/server.log")"
     batch=$(( batch + 1 ))
 done
-sleep 2   # let the last sessions end and their sockets close
+for name in "${!ENDED[@]}"; do log "ended $name: ${ENDED[$name]}"; done
+# Let the last sessions end (a vanished client's lasts its give-up time) and their sockets close.
+for _ in $(seq 60); do
+    [[ $(sessions) == 0 ]] && break
+    sleep 1
+done
+sleep 1
 sample "$T0" >>"$OUT/soak.csv"
-kill "$SAMPLER" 2>/dev/null || true
-wait "$SAMPLER" 2>/dev/null || true
-SAMPLER=""
+stop_pid "$SAMPLER"
 
 python3 - "$OUT/soak.csv" "$FAILED" "$TOTAL" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 failed, total = int(sys.argv[2]), int(sys.argv[3])
 def line(name, r):
-    return f"| {name} | {r['seconds']} | {r['transfers']} | {int(r['rss_kib']) / 1024:.1f} | {r['fds']} | {r['sockets']} |"
+    return f"| {name} | {r['seconds']} | {r['transfers']} | {int(r['rss_kib']) / 1024:.1f} | {r['fds']} | {r['sockets']} | {r['sessions']} |"
 print()
-print(f"soak: {total} transfers, {failed} failed, {len(rows)} samples")
+print(f"soak: {total} transfers, {failed} did not end as their kind should, {len(rows)} samples")
 print()
-print("| sample | s | transfers | RSS MiB | fds | sockets |")
-print("|---|---|---|---|---|---|")
+print("| sample | s | transfers | RSS MiB | fds | sockets | sessions |")
+print("|---|---|---|---|---|---|---|")
 print(line("first", rows[0]))
 print(line("middle", rows[len(rows) // 2]))
 print(line("last", rows[-1]))
 mx = lambda k: max(int(r[k]) for r in rows)
-print(f"| max | | | {mx('rss_kib') / 1024:.1f} | {mx('fds')} | {mx('sockets')} |")
+print(f"| max | | | {mx('rss_kib') / 1024:.1f} | {mx('fds')} | {mx('sockets')} | {mx('sessions')} |")
 print()
 bad = []
 if failed:
-    bad.append(f"{failed} transfers failed")
-if int(rows[-1]["fds"]) > int(rows[0]["fds"]):
-    bad.append(f"fds grew from {rows[0]['fds']} to {rows[-1]['fds']}")
+    bad.append(f"{failed} transfers did not end as their kind should")
+for k in ("fds", "sessions"):
+    if int(rows[-1][k]) > int(rows[0][k]):
+        bad.append(f"{k} grew from {rows[0][k]} to {rows[-1][k]}")
 if bad:
     print("soak: FAILED: " + "; ".join(bad))
     sys.exit(1)
-print("soak: ok (no failed transfer, fds back to the start)")
+print("soak: ok (every transfer ended as its kind should, fds and sessions back to the start)")
 PY
 log "results: $OUT"

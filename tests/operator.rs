@@ -261,6 +261,7 @@ fn check_config_rejects_bad_files_naming_the_setting() {
         ),
         ("missing group", "[[mapping.rewrite]]\nmatch = 'a'\nreplace = '$1'\n", "mapping.rewrite[1].replace"),
         ("unknown rule key", "[[mapping.rewrite]]\nmatch = 'a'\nreplace = 'b'\nlast_ = true\n", "mapping.rewrite[1].last_"),
+        ("no half-open budget", "[limits]\nmax_half_open_per_client = 0\n", "limits.max_half_open_per_client"),
     ];
     for (what, text, setting) in cases {
         let file = config_file(&fx, "bad.toml", text);
@@ -302,6 +303,12 @@ fn check_config_accepts_the_pxe_sample_and_shows_provenance() {
     has(&format!("mapping.case_insensitive = true   (file {})", sample.display()));
     has("pacing.max_rate_mbps = 500   (flag --max-rate-mbps)");
     has("transfer.timeout_ms = 1000   (default)");
+    // One address may be a whole lab: no per-address limit by default, a half-open budget.
+    has("limits.max_half_open_per_client = 128   (default)");
+    has("limits.defer_max_ms = 6000   (default)");
+    has(&format!("limits.max_sessions_per_client = 16   (file {})", sample.display()));
+    let r = tftpcast(&["check-config", "--root", root], &[]);
+    assert!(r.stdout.lines().any(|l| l == "limits.max_sessions_per_client = 0   (default)"), "{r}");
     has("cluster.key = \"********\"   (env TFTPCAST_CLUSTER__KEY)");
     assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret), "the cluster key leaked:\n{r}");
     let rules = lines.iter().find(|l| l.starts_with("mapping.rewrite = ")).expect("rewrite rules printed");

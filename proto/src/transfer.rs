@@ -296,6 +296,12 @@ impl Sender {
         self.state == State::Done && self.control.is_empty()
     }
 
+    /// Whether the peer has acknowledged anything yet (before that, the request may have
+    /// come from a spoofed source).
+    pub fn peer_answered(&self) -> bool {
+        self.peer_answered
+    }
+
     /// Highest block acknowledged so far.
     pub fn acked_blocks(&self) -> u64 {
         self.acked

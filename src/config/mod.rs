@@ -200,6 +200,7 @@ pub struct Transfer {
 pub struct Limits {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
+    pub max_half_open_per_client: usize,
     pub max_requests_per_s: u32,
     pub max_requests_per_s_per_client: u32,
     pub defer_queue: usize,
@@ -425,8 +426,8 @@ impl Settings {
         if l.max_sessions == 0 {
             return bad("limits.max_sessions", "must be at least 1".into());
         }
-        if l.max_sessions_per_client == 0 {
-            return bad("limits.max_sessions_per_client", "must be at least 1".into());
+        if l.max_half_open_per_client == 0 {
+            return bad("limits.max_half_open_per_client", "must be at least 1".into());
         }
         if l.defer_max_ms > 60_000 {
             return bad("limits.defer_max_ms", "must be 0..=60000".into());

@@ -1,19 +1,31 @@
 //! admission: how many requests the node takes on, and what happens to the others.
 //!
 //! A request is admitted when the node and its client are under their session limits
-//! (`limits.max_sessions`, `limits.max_sessions_per_client`) and under the request rates
+//! (`limits.max_sessions`, `limits.max_sessions_per_client`), its client under its half-open
+//! budget (`limits.max_half_open_per_client`) and both under the request rates
 //! (`limits.max_requests_per_s`, `limits.max_requests_per_s_per_client`, token buckets of one
 //! second's burst). Admission reserves a session slot with a [`Ticket`] while the file is
 //! looked up; the slot goes back when the ticket is dropped (a refusal, a multicast join) or,
 //! once committed to a session, when the listener releases it at the session's end.
 //!
+//! Half-open sessions (no answer from the client yet) cost little: a flood of requests that
+//! are never acknowledged, from one address, must not starve a real client behind the same
+//! address (a NAT: a whole lab). So an unanswered session holds a place in its client's
+//! half-open budget only for [`HALF_OPEN_HOLD`] (a real client answers within a round trip;
+//! the session itself keeps its usual retransmissions), and only answered sessions plus the
+//! ones still in that budget count against `limits.max_sessions_per_client`. Every session
+//! counts against `limits.max_sessions`.
+//!
 //! A request over a limit is not refused: it waits in a bounded FIFO queue and is started as
 //! soon as a slot and a token free up (the client is still waiting for its answer); the
-//! client's own retransmission of a queued request only refreshes its place. Requests that do
-//! not fit in the queue, or wait longer than `limits.defer_max_ms` without a retransmission,
-//! are dropped silently: an error reply would let a spoofed flood turn the server into an
-//! amplifier. Every decision is counted (metrics) and summarized in at most one log line a
-//! second.
+//! client's own retransmission of a queued request refreshes it and keeps its place. A
+//! request whose client has been silent for longer than `limits.defer_max_ms` (its patience:
+//! clients repeat their request every few seconds while they wait) is not started: its client
+//! has given up. Such a request is forgotten when a new one needs its room in the queue or
+//! after twice that time; a live request is never dropped while the queue has room. Requests
+//! that do not fit are dropped silently: an error reply would let a spoofed flood turn the
+//! server into an amplifier. Every decision is counted (metrics) and summarized in at most
+//! one log line a second.
 //!
 //! Everything here runs on the system arbiter with the listeners; the state is behind a
 //! mutex only because admitted requests travel to their listener in a message.
@@ -29,6 +41,12 @@ use tracing::warn;
 use crate::metrics::m;
 use crate::net::udp::Datagram;
 
+/// How long an unanswered session holds a place in its client's half-open budget. A real
+/// client answers the first DATA or OACK within a round trip; beyond that the session is
+/// probably talking to a spoofed or vanished source, and new requests from the same address
+/// must not wait for its retransmissions to run out.
+pub const HALF_OPEN_HOLD: Duration = Duration::from_millis(250);
+
 /// Clients whose request-rate buckets are remembered. Beyond it, buckets that have refilled
 /// (idle clients: forgetting them loses nothing) are evicted first, then the least recent.
 pub const SOURCE_TABLE_CAP: usize = 4096;
@@ -37,13 +55,16 @@ pub const SOURCE_TABLE_CAP: usize = 4096;
 pub struct AdmissionConfig {
     pub max_sessions: usize,
     pub max_sessions_per_client: usize,
+    /// Unanswered sessions from one client address admitted within [`HALF_OPEN_HOLD`].
+    pub max_half_open_per_client: usize,
     /// Requests a second, node-wide; 0 is no limit.
     pub max_requests_per_s: u32,
     /// Requests a second from one client address; 0 is no limit.
     pub max_requests_per_s_per_client: u32,
     /// Requests that may wait for a slot; 0 drops at the limit.
     pub defer_queue: usize,
-    /// Longest a request waits after its last (re)transmission.
+    /// How long after its last (re)transmission a queued request's client is still assumed
+    /// to wait for it.
     pub defer_max: Duration,
 }
 
@@ -54,6 +75,7 @@ pub enum Limit {
     ClientSessions,
     Rate,
     ClientRate,
+    HalfOpen,
 }
 
 impl Limit {
@@ -131,8 +153,8 @@ struct Tally {
     dropped_queue_full: u64,
     dropped_expired: u64,
     /// Defers and drops by the limit that held the request: sessions, client sessions,
-    /// rate, client rate.
-    by_limit: [u64; 4],
+    /// rate, client rate, half-open budget.
+    by_limit: [u64; 5],
     longest_wait: Duration,
 }
 
@@ -159,13 +181,51 @@ struct Entry {
     d: Datagram,
     to: Recipient<Admitted>,
     since: Instant,
-    deadline: Instant,
+    /// The last (re)transmission of the request.
+    seen: Instant,
+}
+
+/// The sessions of one client address that count against its limits.
+#[derive(Debug, Default)]
+struct ClientLoad {
+    /// Sessions whose client answered.
+    answered: usize,
+    /// Unanswered sessions still in the half-open budget: (slot, admitted at), oldest first.
+    opening: VecDeque<(u64, Instant)>,
+}
+
+impl ClientLoad {
+    /// Lets unanswered sessions older than [`HALF_OPEN_HOLD`] out of the budget.
+    fn expire(&mut self, now: Instant) {
+        while self.opening.front().is_some_and(|(_, at)| *at + HALF_OPEN_HOLD <= now) {
+            self.opening.pop_front();
+        }
+    }
+
+    fn forget(&mut self, slot: u64) {
+        if let Some(i) = self.opening.iter().position(|(s, _)| *s == slot) {
+            self.opening.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.answered == 0 && self.opening.is_empty()
+    }
+}
+
+/// A session slot in use: its client, and whether the client answered.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    ip: IpAddr,
+    answered: bool,
 }
 
 pub struct Admission {
     cfg: AdmissionConfig,
     active: usize,
-    per_client: HashMap<IpAddr, usize>,
+    per_client: HashMap<IpAddr, ClientLoad>,
+    slots: HashMap<u64, Slot>,
+    next_slot: u64,
     global: Bucket,
     sources: Sources,
     queue: VecDeque<Entry>,
@@ -196,20 +256,22 @@ pub enum Decision {
 /// a session, whose end the listener reports with [`release`].
 pub struct Ticket {
     adm: SharedAdmission,
-    ip: IpAddr,
+    slot: u64,
     live: bool,
 }
 
 impl Ticket {
-    pub fn commit(mut self) {
+    /// Hands the slot to a session; the listener reports with [`answered`] and [`release`].
+    pub fn commit(mut self) -> u64 {
         self.live = false;
+        self.slot
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.live {
-            release(&self.adm, self.ip);
+            release(&self.adm, self.slot);
         }
     }
 }
@@ -240,6 +302,8 @@ impl Admission {
             cfg,
             active: 0,
             per_client: HashMap::new(),
+            slots: HashMap::new(),
+            next_slot: 1,
             sources: Sources::default(),
             queue: VecDeque::new(),
             queued_peers: HashSet::new(),
@@ -258,8 +322,17 @@ impl Admission {
         if self.active >= self.cfg.max_sessions {
             return Some(Limit::Sessions);
         }
-        if self.per_client.get(&ip).copied().unwrap_or(0) >= self.cfg.max_sessions_per_client {
-            return Some(Limit::ClientSessions);
+        if let Some(c) = self.per_client.get_mut(&ip) {
+            c.expire(now);
+            if c.opening.len() >= self.cfg.max_half_open_per_client {
+                return Some(Limit::HalfOpen);
+            }
+            if c.answered + c.opening.len() >= self.cfg.max_sessions_per_client {
+                return Some(Limit::ClientSessions);
+            }
+            if c.is_empty() {
+                self.per_client.remove(&ip);
+            }
         }
         let rate = self.cfg.max_requests_per_s;
         if rate > 0 {
@@ -275,9 +348,13 @@ impl Admission {
         None
     }
 
-    fn take(&mut self, ip: IpAddr, now: Instant) {
+    /// Takes a slot for a request from `ip`; returns the slot's number.
+    fn take(&mut self, ip: IpAddr, now: Instant) -> u64 {
+        let slot = self.next_slot;
+        self.next_slot += 1;
         self.active += 1;
-        *self.per_client.entry(ip).or_insert(0) += 1;
+        self.slots.insert(slot, Slot { ip, answered: false });
+        self.per_client.entry(ip).or_default().opening.push_back((slot, now));
         if self.cfg.max_requests_per_s > 0 {
             self.global.tokens -= 1.0;
         }
@@ -285,11 +362,75 @@ impl Admission {
             self.sources.take(ip, self.cfg.max_requests_per_s_per_client, now);
         }
         m().admission("admitted");
+        slot
+    }
+
+    /// Frees a slot (its session ended, or its ticket was dropped).
+    fn free(&mut self, slot: u64) {
+        let Some(s) = self.slots.remove(&slot) else { return };
+        self.active = self.active.saturating_sub(1);
+        if let Some(c) = self.per_client.get_mut(&s.ip) {
+            if s.answered {
+                c.answered = c.answered.saturating_sub(1);
+            } else {
+                c.forget(slot);
+            }
+            if c.is_empty() {
+                self.per_client.remove(&s.ip);
+            }
+        }
+    }
+
+    /// The client of `slot` answered: its session leaves the half-open budget.
+    fn mark_answered(&mut self, slot: u64) {
+        let Some(s) = self.slots.get_mut(&slot) else { return };
+        if s.answered {
+            return;
+        }
+        s.answered = true;
+        let c = self.per_client.entry(s.ip).or_default();
+        c.forget(slot);
+        c.answered += 1;
+    }
+
+    /// Makes room in a full queue by forgetting the request whose client has been silent
+    /// the longest, if that client has given up. Returns whether there is room now.
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.queue.len() < self.cfg.defer_queue {
+            return true;
+        }
+        let patience = self.cfg.defer_max;
+        let stalest = self.queue.iter().enumerate().filter(|(_, e)| e.seen + patience <= now).min_by_key(|(_, e)| e.seen).map(|(i, _)| i);
+        let Some(i) = stalest else { return false };
+        let e = self.queue.remove(i).expect("index in queue");
+        self.queued_peers.remove(&e.d.meta.from);
+        self.tally.dropped_expired += 1;
+        m().admission("dropped_expired");
+        self.queue.len() < self.cfg.defer_queue
+    }
+
+    /// Forgets requests whose clients have been silent for twice their patience.
+    fn forget_abandoned(&mut self, now: Instant) {
+        let forget_after = self.cfg.defer_max * 2;
+        let before = self.queue.len();
+        let Admission { queue, queued_peers, .. } = self;
+        queue.retain(|e| {
+            let keep = e.seen + forget_after > now;
+            if !keep {
+                queued_peers.remove(&e.d.meta.from);
+            }
+            keep
+        });
+        let expired = (before - self.queue.len()) as u64;
+        self.tally.dropped_expired += expired;
+        for _ in 0..expired {
+            m().admission("dropped_expired");
+        }
     }
 
     fn defer(&mut self, d: &Datagram, to: &Recipient<Admitted>, limit: Limit, now: Instant) -> Decision {
         self.tally.by_limit[limit.index()] += 1;
-        if self.queue.len() >= self.cfg.defer_queue {
+        if !self.make_room(now) {
             self.tally.dropped_queue_full += 1;
             m().admission("dropped_queue_full");
             return Decision::Dropped;
@@ -297,7 +438,7 @@ impl Admission {
         // A copy: the received datagram shares a large receive buffer.
         let d = Datagram { meta: d.meta, data: bytes::Bytes::copy_from_slice(&d.data) };
         self.queued_peers.insert(d.meta.from);
-        self.queue.push_back(Entry { d, to: to.clone(), since: now, deadline: now + self.cfg.defer_max });
+        self.queue.push_back(Entry { d, to: to.clone(), since: now, seen: now });
         self.tally.deferred += 1;
         m().admission("deferred");
         m().admission_queue.set(self.queue.len() as i64);
@@ -321,6 +462,7 @@ impl Admission {
             by_client_sessions = t.by_limit[1],
             by_rate = t.by_limit[2],
             by_client_rate = t.by_limit[3],
+            by_half_open = t.by_limit[4],
             longest_wait_ms = t.longest_wait.as_millis() as u64,
             queued = self.queue.len(),
             active = self.active,
@@ -342,10 +484,10 @@ pub fn admit(shared: &SharedAdmission, d: &Datagram, to: &Recipient<Admitted>, f
     let mut a = lock(shared);
     let decision = match a.blocked(ip, now) {
         None => {
-            a.take(ip, now);
-            Decision::Admit(Ticket { adm: shared.clone(), ip, live: true })
+            let slot = a.take(ip, now);
+            Decision::Admit(Ticket { adm: shared.clone(), slot, live: true })
         }
-        Some(Limit::Sessions | Limit::ClientSessions) if foldable => {
+        Some(Limit::Sessions | Limit::ClientSessions | Limit::HalfOpen) if foldable => {
             a.tally.folded += 1;
             m().admission("folded");
             Decision::Fold
@@ -364,16 +506,15 @@ pub fn requeue(shared: &SharedAdmission, d: Datagram, to: &Recipient<Admitted>) 
     }
 }
 
-/// A retransmission of a queued request refreshes its deadline and keeps its place. Returns
-/// whether the request was queued.
+/// A retransmission of a queued request shows its client still waits: it keeps its place.
+/// Returns whether the request was queued.
 pub fn refresh(shared: &SharedAdmission, d: &Datagram) -> bool {
     let mut a = lock(shared);
     if !a.queued_peers.contains(&d.meta.from) {
         return false;
     }
-    let defer_max = a.cfg.defer_max;
     let Some(e) = a.queue.iter_mut().find(|e| e.d.meta.from == d.meta.from) else { return false };
-    e.deadline = Instant::now() + defer_max;
+    e.seen = Instant::now();
     if e.d.data != d.data {
         // Same port, another request: the newest one is what the client waits for.
         e.d = Datagram { meta: d.meta, data: bytes::Bytes::copy_from_slice(&d.data) };
@@ -383,8 +524,9 @@ pub fn refresh(shared: &SharedAdmission, d: &Datagram) -> bool {
     true
 }
 
-/// Drops expired requests and starts the waiting ones that fit now. Called on a short
-/// interval (token refill) and whenever a slot frees.
+/// Starts the waiting requests that fit now, in arrival order, skipping those whose client
+/// has given up; forgets the abandoned ones. Called on a short interval (token refill, the
+/// half-open budget) and whenever a slot frees.
 pub fn pump(shared: &SharedAdmission) {
     let mut out = Vec::new();
     {
@@ -394,35 +536,25 @@ pub fn pump(shared: &SharedAdmission) {
             a.maybe_log(now);
             return;
         }
-        let before = a.queue.len();
-        let Admission { queue, queued_peers, .. } = &mut *a;
-        queue.retain(|e| {
-            let keep = e.deadline > now;
-            if !keep {
-                queued_peers.remove(&e.d.meta.from);
-            }
-            keep
-        });
-        let expired = (before - a.queue.len()) as u64;
-        if expired > 0 {
-            a.tally.dropped_expired += expired;
-            for _ in 0..expired {
-                m().admission("dropped_expired");
-            }
-        }
+        a.forget_abandoned(now);
+        let patience = a.cfg.defer_max;
         let mut i = 0;
         while i < a.queue.len() {
+            if a.queue[i].seen + patience <= now {
+                i += 1; // its client stopped asking: no session for it
+                continue;
+            }
             let ip = key(a.queue[i].d.meta.from.ip());
             match a.blocked(ip, now) {
                 None => {
-                    a.take(ip, now);
+                    let slot = a.take(ip, now);
                     let e = a.queue.remove(i).expect("index in queue");
                     a.queued_peers.remove(&e.d.meta.from);
                     let waited = now.saturating_duration_since(e.since);
                     a.tally.admitted_after_defer += 1;
                     a.tally.longest_wait = a.tally.longest_wait.max(waited);
                     m().admission("admitted_after_defer");
-                    out.push((e, ip, waited));
+                    out.push((e, slot, waited));
                 }
                 // Node-wide limits hold everyone back: stop looking.
                 Some(Limit::Sessions | Limit::Rate) => break,
@@ -434,24 +566,21 @@ pub fn pump(shared: &SharedAdmission) {
     }
     // Sent with the lock released: a message that cannot be delivered drops its ticket,
     // which locks to give the slot back.
-    for (e, ip, waited) in out {
-        e.to.do_send(Admitted { d: e.d, ticket: Ticket { adm: shared.clone(), ip, live: true }, waited });
+    for (e, slot, waited) in out {
+        e.to.do_send(Admitted { d: e.d, ticket: Ticket { adm: shared.clone(), slot, live: true }, waited });
     }
 }
 
+/// The client of a committed session answered (acknowledged its first packet): the session
+/// leaves its client's half-open budget, which may let a waiting request in.
+pub fn answered(shared: &SharedAdmission, slot: u64) {
+    lock(shared).mark_answered(slot);
+    pump(shared);
+}
+
 /// A committed session ended: its slot is free for the next request.
-pub fn release(shared: &SharedAdmission, ip: IpAddr) {
-    {
-        let ip = key(ip);
-        let mut a = lock(shared);
-        a.active = a.active.saturating_sub(1);
-        if let Some(c) = a.per_client.get_mut(&ip) {
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                a.per_client.remove(&ip);
-            }
-        }
-    }
+pub fn release(shared: &SharedAdmission, slot: u64) {
+    lock(shared).free(slot);
     pump(shared);
 }
 
@@ -488,6 +617,7 @@ pub fn log_state(shared: &SharedAdmission, addr: std::net::SocketAddr) {
         by_client_sessions = t.by_limit[1],
         by_rate = t.by_limit[2],
         by_client_rate = t.by_limit[3],
+        by_half_open = t.by_limit[4],
         "state"
     );
 }
@@ -497,7 +627,56 @@ mod tests {
     use super::*;
 
     fn cfg() -> AdmissionConfig {
-        AdmissionConfig { max_sessions: 2, max_sessions_per_client: 2, max_requests_per_s: 0, max_requests_per_s_per_client: 0, defer_queue: 3, defer_max: Duration::from_secs(2) }
+        AdmissionConfig { max_sessions: 2, max_sessions_per_client: 2, max_half_open_per_client: 100, max_requests_per_s: 0, max_requests_per_s_per_client: 0, defer_queue: 3, defer_max: Duration::from_secs(2) }
+    }
+
+    #[test]
+    fn half_open_sessions_hold_their_clients_budget_only_briefly() {
+        let mut a = Admission::new(AdmissionConfig { max_sessions: 100, max_sessions_per_client: 3, max_half_open_per_client: 2, ..cfg() });
+        let now = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = a.take(ip, now);
+        let second = a.take(ip, now);
+        assert_eq!(a.blocked(ip, now), Some(Limit::HalfOpen));
+        assert_eq!(a.blocked(other, now), None, "another address has its own budget");
+        // An answer frees the budget at once (and the session counts as the client's).
+        a.mark_answered(first);
+        assert_eq!(a.blocked(ip, now), None);
+        a.take(ip, now);
+        assert_eq!(a.blocked(ip, now), Some(Limit::HalfOpen));
+        // Unanswered sessions leave the budget after the hold, and stop counting against
+        // the per-client limit (they still count node-wide).
+        let later = now + HALF_OPEN_HOLD;
+        assert_eq!(a.blocked(ip, later), None);
+        a.take(ip, later);
+        assert_eq!(a.blocked(ip, later), None, "1 answered + 1 half-open of 3; the stale ones do not count");
+        // A late answer counts again.
+        a.mark_answered(second);
+        assert_eq!(a.blocked(ip, later), Some(Limit::ClientSessions), "2 answered + 1 half-open of 3");
+        assert_eq!(a.active, 4);
+        a.free(first);
+        assert_eq!(a.blocked(ip, later), None);
+        assert_eq!(a.active, 3);
+    }
+
+    #[test]
+    fn per_client_sessions_are_counted_for_every_address() {
+        // However many addresses there are (more than the rate table holds), each one's
+        // sessions count: the per-client accounting never stops.
+        let n = SOURCE_TABLE_CAP as u32 + 1000;
+        let mut a = Admission::new(AdmissionConfig { max_sessions: usize::MAX, max_sessions_per_client: 1, max_half_open_per_client: 1, max_requests_per_s_per_client: 5, ..cfg() });
+        let now = Instant::now();
+        let ips: Vec<IpAddr> = (0..n).map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))).collect();
+        let slots: Vec<u64> = ips.iter().map(|ip| a.take(*ip, now)).collect();
+        for (ip, slot) in ips.iter().zip(&slots) {
+            a.mark_answered(*slot);
+            assert_eq!(a.blocked(*ip, now), Some(Limit::ClientSessions), "{ip}");
+        }
+        for slot in slots {
+            a.free(slot);
+        }
+        assert!(a.per_client.is_empty() && a.slots.is_empty() && a.active == 0);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::cluster::coordinator::{Coordinator, GroupKey, MemberPacket, Multicast
 use crate::fs::file_cache::{FileCache, FileError, FileReady, FileRequest};
 use crate::metrics::m;
 use crate::flow::pacing::{Advice, Pacing};
-use crate::node::session::{Session, SessionEnded, SessionSpec};
+use crate::node::session::{Session, SessionAnswered, SessionEnded, SessionSpec};
 use crate::state::DumpState;
 use crate::net::transport::{Endpoint, Routed, SharedSend};
 use crate::net::udp::{self, Datagram, DatagramStream, SharedSocket};
@@ -124,6 +124,8 @@ pub struct Listener {
     uploads: HashMap<SocketAddr, (u64, Addr<Upload>)>,
     upload_policy: Option<SharedUploadPolicy>,
     pending: HashSet<SocketAddr>,
+    /// The admission slot of every running session and upload, by session id.
+    slots: HashMap<u64, u64>,
     counters: Counters,
     last_dump: (Instant, u64),
     advice: Advice,
@@ -159,6 +161,7 @@ impl Listener {
             uploads: HashMap::new(),
             upload_policy: None,
             pending: HashSet::new(),
+            slots: HashMap::new(),
             counters: Counters::default(),
             last_dump: (Instant::now(), 0),
             advice: Advice::default(),
@@ -402,16 +405,7 @@ impl Listener {
                         return act.reply_error(&d, ErrorCode::NotDefined, "Server error");
                     }
                 };
-                let endpoint = match &act.shared {
-                    Some(s) => Endpoint::Shared(s.sending_from(local)),
-                    None => match crate::net::bind_transfer(local, act.policy.tid_port_range) {
-                        Ok(s) => Endpoint::Own(s),
-                        Err(e) => {
-                            warn!(peer = %peer, error = %e, "cannot open a transfer socket");
-                            return act.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
-                        }
-                    },
-                };
+                let Some(endpoint) = act.endpoint(&d, local) else { return };
                 let tid = endpoint.port();
                 let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!(
@@ -433,7 +427,9 @@ impl Listener {
                 act.next_arbiter = act.next_arbiter.wrapping_add(1);
                 let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
                 act.uploads.insert(peer, (id, addr));
-                ticket.commit();
+                // Not a half-open read: the client answers with DATA (uploads are off unless
+                // asked for).
+                act.hold_slot(id, ticket, true);
                 m().transfer_started("upload");
                 m().sessions_active.inc();
                 act.counters.started += 1;
@@ -487,6 +483,32 @@ impl Listener {
             info!(peer = %peer, old = n.blksize, new = b, reason = why, mtu = c.mtu, loss_pct = c.loss_pct, memory_pct = c.memory_pct, "block size adapted");
             n.lower_blksize(b);
         }
+    }
+
+    /// The socket a new transfer sends from: the listening one in single-port mode, else a
+    /// fresh one (None: there is none free, and the client was told).
+    fn endpoint(&self, d: &Datagram, local: IpAddr) -> Option<Endpoint> {
+        match &self.shared {
+            Some(s) => Some(Endpoint::Shared(s.sending_from(local))),
+            None => match crate::net::bind_transfer(local, self.policy.tid_port_range) {
+                Ok(s) => Some(Endpoint::Own(s)),
+                Err(e) => {
+                    warn!(peer = %d.meta.from, error = %e, "cannot open a transfer socket");
+                    self.reply_error(d, ErrorCode::NotDefined, "Server busy: no transfer port");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Hands a ticket's admission slot to transfer `id` (released at its end); `answered`:
+    /// its client has answered already.
+    fn hold_slot(&mut self, id: u64, ticket: Ticket, answered: bool) {
+        let slot = ticket.commit();
+        if answered {
+            admission::answered(&self.admission, slot);
+        }
+        self.slots.insert(id, slot);
     }
 
     /// The retransmission timer floor under the node's current load.
@@ -575,17 +597,7 @@ impl Listener {
             give_up_after: self.policy.min_give_up,
             adaptive: Some((floor.min(n.timeout), if n.timeout_negotiated { n.timeout } else { self.policy.max_timeout })),
         };
-        let endpoint = match &self.shared {
-            Some(s) => Endpoint::Shared(s.sending_from(local)),
-            None => match crate::net::bind_transfer(local, self.policy.tid_port_range) {
-                Ok(s) => Endpoint::Own(s),
-                Err(e) => {
-                    warn!(peer = %peer, error = %e, "cannot open a transfer socket");
-                    self.reply_error(&d, ErrorCode::NotDefined, "Server busy: no transfer port");
-                    return;
-                }
-            },
-        };
+        let Some(endpoint) = self.endpoint(&d, local) else { return };
         let tid = endpoint.port();
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         let span = info_span!(
@@ -610,13 +622,14 @@ impl Listener {
             span,
             pacing: self.pacing.clone(),
             ended: ctx.address().recipient(),
+            answered: ctx.address().recipient(),
             lease_every: self.policy.lease_every,
         };
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
         self.sessions.insert(peer, (id, addr));
-        ticket.commit();
+        self.hold_slot(id, ticket, false);
         m().transfer_started("unicast");
         m().sessions_active.inc();
         self.counters.started += 1;
@@ -680,12 +693,23 @@ impl Handler<SessionEnded> for Listener {
                 self.sessions.remove(&m.peer);
             }
             crate::metrics::m().sessions_active.dec();
-            admission::release(&self.admission, m.peer.ip());
+            if let Some(slot) = self.slots.remove(&m.id) {
+                admission::release(&self.admission, slot);
+            }
         }
         if m.ok {
             self.counters.completed += 1;
         } else {
             self.counters.failed += 1;
+        }
+    }
+}
+
+impl Handler<SessionAnswered> for Listener {
+    type Result = ();
+    fn handle(&mut self, m: SessionAnswered, _: &mut Context<Self>) {
+        if let Some(slot) = self.slots.get(&m.id) {
+            admission::answered(&self.admission, *slot);
         }
     }
 }

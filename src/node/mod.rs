@@ -352,7 +352,9 @@ fn admission_config(v: &Validated) -> AdmissionConfig {
     let l = &v.settings.limits;
     AdmissionConfig {
         max_sessions: l.max_sessions,
-        max_sessions_per_client: l.max_sessions_per_client,
+        // 0: no per-address limit (one address may be a whole lab behind a NAT).
+        max_sessions_per_client: if l.max_sessions_per_client == 0 { usize::MAX } else { l.max_sessions_per_client },
+        max_half_open_per_client: l.max_half_open_per_client,
         max_requests_per_s: l.max_requests_per_s,
         max_requests_per_s_per_client: l.max_requests_per_s_per_client,
         defer_queue: l.defer_queue,

@@ -31,6 +31,14 @@ pub struct SessionEnded {
     pub ok: bool,
 }
 
+/// Sent by a session to its listener when its client first answers (acknowledges the OACK
+/// or DATA 1): the transfer is no longer half-open (see `admission`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionAnswered {
+    pub id: u64,
+}
+
 /// Tells a session the node is shutting down: finish if possible (nothing changes for the
 /// transfer itself; the listener waits for `SessionEnded`).
 #[derive(Message)]
@@ -48,6 +56,7 @@ pub struct SessionSpec {
     pub span: Span,
     pub pacing: Addr<Pacing>,
     pub ended: Recipient<SessionEnded>,
+    pub answered: Recipient<SessionAnswered>,
     pub lease_every: Duration,
 }
 
@@ -60,6 +69,8 @@ pub struct Session {
     span: Span,
     pacing: Addr<Pacing>,
     ended: Recipient<SessionEnded>,
+    /// Told once, at the client's first answer; None after.
+    answered: Option<Recipient<SessionAnswered>>,
     lease_every: Duration,
     bucket: TokenBucket,
     started: Instant,
@@ -89,6 +100,7 @@ impl Session {
             span: spec.span,
             pacing: spec.pacing,
             ended: spec.ended,
+            answered: Some(spec.answered),
             lease_every: spec.lease_every,
             // Burst: one window of the largest datagrams, so a window leaves back to back.
             bucket: TokenBucket::new(now, None, 64 * 1024),
@@ -291,6 +303,11 @@ impl StreamHandler<Datagram> for Session {
             Err(_) => {
                 // Garbage from our own peer: ignore it; the transfer recovers or times out.
                 return;
+            }
+        }
+        if self.sender.peer_answered() {
+            if let Some(to) = self.answered.take() {
+                to.do_send(SessionAnswered { id: self.id });
             }
         }
         self.flush(ctx);
