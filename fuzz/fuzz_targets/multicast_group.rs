@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tftpcast_proto::multicast::{fits_without_rollover, oack_value, Group, GroupConfig, Output, RateConfig};
+use tftpcast_proto::multicast::{fits_without_rollover, oack_value, Group, GroupConfig, GroupDest, RateConfig};
 use tftpcast_proto::packet::{decode, ErrorCode, Mode, Packet, Request};
-use tftpcast_proto::transfer::Transmit;
+use tftpcast_proto::{Block, Datagram, Transmit};
 
 const CLIENTS: u8 = 8;
 
@@ -113,8 +113,8 @@ impl Harness {
         let s = &self.sims[&c];
         let hole = s.have.iter().skip(1).position(|h| !h).map(|p| p as u64 + 1);
         match hole {
-            Some(h) => (h - 1) as u16,
-            None => self.total() as u16,
+            Some(h) => Block(h - 1).wire(),
+            None => Block(self.total()).wire(),
         }
     }
 
@@ -129,13 +129,13 @@ impl Harness {
         let window = self.cfg.window.max(1) as u64;
         while let Some(o) = self.g.poll_transmit(self.now) {
             let (only, t) = match o {
-                Output::ToGroup(t) => (None, t),
-                Output::ToMember { to, data } => {
+                Transmit { to: GroupDest::Group, datagram } => (None, datagram),
+                Transmit { to: GroupDest::Client(to), datagram: data @ Datagram::Data { .. } } => {
                     assert!(self.cfg.lone_member_unicast, "{what}: unicast DATA although lone_member_unicast is off");
                     assert!(self.g.is_member(&to) && self.g.members() == 1, "{what}: unicast DATA to {to} with {} members", self.g.members());
                     (Some(to), data)
                 }
-                Output::ToClient { to, packet } => {
+                Transmit { to: GroupDest::Client(to), datagram: Datagram::Control(packet) } => {
                     to_clients += 1;
                     match decode(&packet) {
                         Ok(Packet::Error { code, .. }) => {
@@ -156,10 +156,10 @@ impl Harness {
                 }
             };
             match t {
-                Transmit::Data { block, payload } => {
+                Datagram::Data { block, payload } => {
                     data += 1;
                     assert!(self.g.started(), "{what}: DATA before the group started");
-                    let index = block as u64;
+                    let index = Block::unrolled(block).0;
                     assert!(index >= 1 && index <= self.total(), "{what}: DATA block {index} outside 1..={}", self.total());
                     assert!(
                         index <= self.g.current_block() + window,
@@ -385,7 +385,7 @@ fuzz_target!(|input: Input| {
             Op::Join(k) => h.join(c(k), &what),
             Op::Ack(k, b) => h.packet(c(k), Packet::Ack(b), &what),
             Op::AckRel(k, d) => {
-                let b = (h.g.current_block() as u16).wrapping_add(d as i16 as u16);
+                let b = Block(h.g.current_block()).wire().wrapping_add(d as i16 as u16);
                 h.packet(c(k), Packet::Ack(b), &what)
             }
             Op::Error(k) => h.packet(c(k), Packet::Error { code: ErrorCode::NotDefined, message: "bye".into() }, &what),

@@ -32,7 +32,8 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use tftpcast_proto::packet::{decode, ErrorCode, Mode, Packet, Request};
-use tftpcast_proto::transfer::{Outcome, Sender, SenderConfig, Source, Transmit};
+use tftpcast_proto::transfer::{Outcome, Sender, SenderConfig, Source};
+use tftpcast_proto::{Block, Datagram};
 
 #[derive(Debug, Arbitrary)]
 enum Op {
@@ -165,14 +166,14 @@ impl Harness {
         while let Some(t) = self.s.poll_transmit(self.now) {
             assert!(!was_done, "{what}: transmit after the transfer ended: {t:?}");
             self.packets += 1;
-            self.bytes += t.len() as u64;
-            match t {
-                Transmit::Control(c) => controls.push(c),
-                Transmit::Data { block, payload } => {
+            self.bytes += t.datagram.len() as u64;
+            match t.datagram {
+                Datagram::Control(c) => controls.push(c),
+                Datagram::Data { block, payload } => {
                     data_packets += 1;
                     assert!(!self.awaiting_oack_ack, "{what}: DATA block {block} before the OACK was acknowledged");
                     assert!(!self.ended, "{what}: DATA after the transfer ended");
-                    let d = block.wrapping_sub(self.acked as u16) as u64;
+                    let d = Block(self.acked).ahead(block).0 - self.acked;
                     let window = self.s.window() as u64;
                     assert!(d >= 1 && d <= window, "{what}: DATA block {block} outside the window (acked {}, window {window})", self.acked);
                     let index = self.acked + d;
@@ -280,7 +281,7 @@ impl Harness {
             if self.awaiting_oack_ack {
                 self.feed(Packet::Ack(0), "pump ACK 0");
             } else if self.rx_have > self.acked {
-                let b = self.rx_have as u16;
+                let b = Block(self.rx_have).wire();
                 self.feed(Packet::Ack(b), "pump ACK");
             } else if let Some(d) = self.s.poll_timeout() {
                 self.now = d;
@@ -358,7 +359,7 @@ fuzz_target!(|input: Input| {
                 h.feed(Packet::Ack(b), &what);
             }
             Op::AckRel(k) => {
-                let b = (h.acked as u16).wrapping_add(k as i16 as u16);
+                let b = Block(h.acked).wire().wrapping_add(k as i16 as u16);
                 h.feed(Packet::Ack(b), &what);
             }
             Op::Error(code) => {

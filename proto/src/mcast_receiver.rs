@@ -57,13 +57,19 @@
 //!   repairs someone else's holes); for the master only new blocks do.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::packet::{self, DecodeError, ErrorCode, Mode, Packet, DEFAULT_BLKSIZE, MAX_BLKSIZE, MIN_BLKSIZE};
-use crate::receiver::{Receiver, ReceiverConfig, ReceiverOutcome};
+use crate::addr::{same, unmap_ip};
+use crate::block::Block;
+use crate::oack::{self, Agreed, Multicast};
+use crate::options::parse_number;
+use crate::packet::{self, DecodeError, ErrorCode, Mode, Packet, DEFAULT_BLKSIZE};
+use crate::receiver::{payload_of, Receiver, ReceiverConfig, ReceiverOutcome};
+use crate::retry::Retry;
+use crate::transmit::{Datagram, Transmit};
 
 /// Highest block number of a multicast download (no rollover).
 pub const MAX_BLOCKS: u64 = 65535;
@@ -73,39 +79,16 @@ pub const MAX_BLOCKS: u64 = 65535;
 pub struct McastReceiverConfig {
     /// The server's listening address: requests go there.
     pub server: SocketAddr,
-    /// Remote file name, sent as is. The mode is always octet.
-    pub filename: Vec<u8>,
-    /// `blksize` to ask for (RFC 2348); clamped to 8..=65464.
-    pub blksize: Option<u16>,
-    /// `windowsize` to ask for (RFC 7440). A multicast group uses the server's window; this
-    /// only matters when the server answers by unicast.
-    pub windowsize: Option<u16>,
-    /// Local retransmission timeout; replaced by the agreed `timeout` option.
-    pub timeout: Duration,
-    /// Cap of the exponential backoff (never below `timeout`).
-    pub max_timeout: Duration,
-    /// `timeout` option to ask for, in seconds (RFC 2349); `Some(0)` asks for nothing.
-    pub request_timeout_option: Option<u8>,
-    /// Ask for the transfer size (RFC 2349).
-    pub tsize: bool,
-    /// Consecutive timeouts without progress before giving up.
-    pub max_retries: u32,
+    /// The request, as for a unicast download (file name, options, timeouts, retries). The
+    /// mode is always octet and `multicast` is always asked for. A multicast group uses the
+    /// server's window: `windowsize` only matters when the server answers by unicast.
+    pub request: ReceiverConfig,
 }
 
 impl McastReceiverConfig {
     /// A request with no option but `multicast`: 1 s timeout backing off to 4 s, 5 retries.
     pub fn new(server: SocketAddr, filename: impl Into<Vec<u8>>) -> Self {
-        McastReceiverConfig {
-            server,
-            filename: filename.into(),
-            blksize: None,
-            windowsize: None,
-            timeout: Duration::from_secs(1),
-            max_timeout: Duration::from_secs(4),
-            request_timeout_option: None,
-            tsize: false,
-            max_retries: 5,
-        }
+        McastReceiverConfig { server, request: ReceiverConfig::new(filename, Mode::Octet) }
     }
 }
 
@@ -135,13 +118,6 @@ impl Dest {
             Dest::Server(a) | Dest::Listener(a) | Dest::Stranger(a) => a,
         }
     }
-}
-
-/// One datagram to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct McastTransmit {
-    pub to: Dest,
-    pub packet: Vec<u8>,
 }
 
 /// How the server is serving us.
@@ -226,10 +202,10 @@ impl Mc {
     }
 
     /// What an ACK says: the block before the first one missing, or the last block.
-    fn ack_block(&self) -> u16 {
+    fn ack_block(&self) -> Block {
         match self.last {
-            Some((l, _)) if self.first_missing > l => l as u16,
-            _ => (self.first_missing - 1) as u16,
+            Some((l, _)) if self.first_missing > l => Block(l),
+            _ => Block(self.first_missing - 1),
         }
     }
 }
@@ -253,80 +229,14 @@ pub struct McastReceiver {
     rerequested: bool,
     blksize: u16,
     tsize: Option<u64>,
-    /// Base retransmission timeout (the agreed one once an OACK set it).
-    timeout: Duration,
-    out: VecDeque<McastTransmit>,
+    out: VecDeque<Transmit<Dest>>,
     blocks: VecDeque<(u64, Bytes)>,
-    deadline: Option<Instant>,
-    current_timeout: Duration,
-    retries: u32,
+    /// Retransmission timer; its base is the agreed timeout once an OACK set one.
+    retry: Retry,
     outcome: Option<ReceiverOutcome>,
     /// The file's length, once complete.
     len: Option<u64>,
     stats: McastStats,
-}
-
-/// Values a multicast OACK agreed on.
-struct Agreed {
-    blksize: u16,
-    timeout: Option<u8>,
-    tsize: Option<u64>,
-    mc: McValue,
-}
-
-/// A parsed `multicast` option value: address and port may be empty in later OACKs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct McValue {
-    addr: Option<Ipv4Addr>,
-    port: Option<u16>,
-    master: bool,
-}
-
-fn parse_number(value: &str) -> Option<u64> {
-    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
-fn parse_mc(value: &str) -> Result<McValue, String> {
-    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
-    let [addr, port, mc] = parts[..] else {
-        return Err(format!("OACK multicast {value:?} is not addr,port,mc"));
-    };
-    let addr = match addr {
-        "" => None,
-        a => match a.parse::<Ipv4Addr>() {
-            Ok(ip) if ip.is_multicast() => Some(ip),
-            _ => return Err(format!("OACK multicast address {a:?} is not an IPv4 multicast address")),
-        },
-    };
-    let port = match port {
-        "" => None,
-        p => match parse_number(p) {
-            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
-            _ => return Err(format!("OACK multicast port {p:?} is not a port")),
-        },
-    };
-    let master = match mc {
-        "1" => true,
-        "0" => false,
-        m => return Err(format!("OACK multicast flag {m:?} is neither 0 nor 1")),
-    };
-    Ok(McValue { addr, port, master })
-}
-
-/// IPv4-mapped IPv6 addresses compare as IPv4; flow labels and scope ids are ignored.
-fn canonical(a: SocketAddr) -> (IpAddr, u16) {
-    let ip = match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    (ip, a.port())
-}
-
-fn same(a: SocketAddr, b: SocketAddr) -> bool {
-    canonical(a) == canonical(b)
 }
 
 fn mc_value_of(opts: &[(String, String)]) -> Option<&str> {
@@ -336,44 +246,35 @@ fn mc_value_of(opts: &[(String, String)]) -> Option<&str> {
 impl McastReceiver {
     /// Starts a download: the RRQ is the first datagram [`Self::poll_transmit`] returns.
     pub fn new(now: Instant, mut cfg: McastReceiverConfig) -> McastReceiver {
-        cfg.blksize = cfg.blksize.map(|b| b.clamp(MIN_BLKSIZE, MAX_BLKSIZE));
-        cfg.windowsize = cfg.windowsize.map(|w| w.max(1));
-        cfg.request_timeout_option = cfg.request_timeout_option.filter(|&t| t > 0);
-        let rrq = Receiver::new(now, Self::unicast_config(&cfg)).request().to_vec();
-        let mut r = McastReceiver {
+        cfg.request.mode = Mode::Octet;
+        cfg.request.multicast = true;
+        cfg.request = cfg.request.normalized();
+        let rrq = cfg.request.rrq();
+        McastReceiver {
             state: State::Requesting,
             tid: None,
             rerequested: false,
             blksize: DEFAULT_BLKSIZE,
             tsize: None,
-            timeout: cfg.timeout,
-            out: VecDeque::from([McastTransmit { to: Dest::Listener(cfg.server), packet: rrq.clone() }]),
+            out: VecDeque::from([Transmit { to: Dest::Listener(cfg.server), datagram: Datagram::Control(rrq.clone()) }]),
             blocks: VecDeque::new(),
-            deadline: None,
-            current_timeout: cfg.timeout,
-            retries: 0,
+            retry: cfg.request.retry(now),
             outcome: None,
             len: None,
             stats: McastStats::default(),
             rrq,
             cfg,
-        };
-        r.arm(now);
-        r
+        }
     }
 
-    /// The unicast receiver's configuration for the same request (its RRQ is ours).
-    fn unicast_config(cfg: &McastReceiverConfig) -> ReceiverConfig {
-        let mut rc = ReceiverConfig::new(cfg.filename.clone(), Mode::Octet);
-        rc.blksize = cfg.blksize;
-        rc.windowsize = cfg.windowsize;
-        rc.timeout = cfg.timeout;
-        rc.max_timeout = cfg.max_timeout;
-        rc.request_timeout_option = cfg.request_timeout_option;
-        rc.tsize = cfg.tsize;
-        rc.multicast = true;
-        rc.max_retries = cfg.max_retries;
-        rc
+    /// Queues a datagram.
+    fn send(&mut self, to: Dest, packet: Vec<u8>) {
+        self.out.push_back(Transmit { to, datagram: Datagram::Control(packet) });
+    }
+
+    /// Where an answer goes: the server's TID once known, else its listener.
+    fn server_dest(&self) -> Dest {
+        self.tid.map_or(Dest::Listener(self.cfg.server), Dest::Server)
     }
 
     /// The encoded RRQ (as first sent and as sent again).
@@ -472,9 +373,9 @@ impl McastReceiver {
         self.blocks.pop_front()
     }
 
-    /// The next datagram to send, if any. Call until it returns `None`.
-    #[must_use]
-    pub fn poll_transmit(&mut self) -> Option<McastTransmit> {
+    /// The next datagram to send, if any, and where it goes. Call until it returns `None`.
+    /// (`now` is not needed here; every machine is polled the same way.)
+    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit<Dest>> {
         self.out.pop_front()
     }
 
@@ -483,7 +384,7 @@ impl McastReceiver {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::Unicast { rx, .. } => rx.poll_timeout(),
-            _ => self.deadline,
+            _ => self.retry.deadline(),
         }
     }
 
@@ -500,8 +401,7 @@ impl McastReceiver {
             return;
         }
         self.out.clear();
-        let to = self.tid.map_or(Dest::Listener(self.cfg.server), Dest::Server);
-        self.out.push_back(McastTransmit { to, packet: packet::error_packet(code, message) });
+        self.send(self.server_dest(), packet::error_packet(code, message));
         self.finish(ReceiverOutcome::Aborted { code, reason: message.to_string() });
     }
 
@@ -528,11 +428,11 @@ impl McastReceiver {
 
     fn on_packet(&mut self, now: Instant, from: SocketAddr, via: Via, pkt: &Packet<'_>, datagram: Option<&Bytes>) {
         self.stats.packets_received += 1;
-        let server_host = canonical(self.cfg.server).0;
+        let server_host = unmap_ip(self.cfg.server.ip());
         match self.tid {
             Some(t) if same(t, from) => {}
             None if via == Via::Unicast
-                && canonical(from).0 == server_host
+                && unmap_ip(from.ip()) == server_host
                 && self.outcome.is_none()
                 && matches!(pkt, Packet::Oack(_) | Packet::Data { .. } | Packet::Error { .. }) =>
             {
@@ -544,7 +444,7 @@ impl McastReceiver {
                 if via == Via::Unicast
                     && self.outcome.is_none()
                     && self.rerequested
-                    && canonical(from).0 == server_host
+                    && unmap_ip(from.ip()) == server_host
                     && matches!(pkt, Packet::Oack(_) | Packet::Data { .. }) =>
             {
                 // Our repeated request was answered from a new port: the server started
@@ -569,8 +469,7 @@ impl McastReceiver {
                 if via == Via::Unicast && self.tid.is_some() && !matches!(pkt, Packet::Error { .. }) {
                     // RFC 1350: a packet from a stranger gets ERROR 5; our transfer goes on.
                     self.stats.strangers += 1;
-                    let e = packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID");
-                    self.out.push_back(McastTransmit { to: Dest::Stranger(from), packet: e });
+                    self.send(Dest::Stranger(from), packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"));
                 }
                 return;
             }
@@ -588,10 +487,7 @@ impl McastReceiver {
             }
             State::Requesting => self.first_reply(now, pkt, datagram),
             State::Multicast(_) => match pkt {
-                Packet::Data { block, data } => {
-                    let owned = datagram.filter(|d| d.len() == data.len() + 4).map(|d| d.slice(4..));
-                    self.on_data(now, via, *block, data, owned);
-                }
+                Packet::Data { block, data } => self.on_data(now, via, *block, data, payload_of(datagram, data)),
                 Packet::Oack(opts) => self.on_later_oack(now, opts),
                 Packet::Error { code, message } => {
                     if self.outcome.is_none() {
@@ -621,15 +517,15 @@ impl McastReceiver {
     }
 
     fn start_unicast(&mut self, now: Instant, pkt: &Packet<'_>, datagram: Option<&Bytes>) {
-        let mut rx = Receiver::new(now, Self::unicast_config(&self.cfg));
-        let _rrq = rx.poll_transmit(); // already sent by us
+        let mut rx = Receiver::new(now, self.cfg.request.clone());
+        let _rrq = rx.pop_transmit(); // already sent by us
         match datagram {
             Some(d) => {
                 let _ = rx.handle_datagram(now, d.clone());
             }
             None => rx.handle(now, pkt),
         }
-        self.deadline = None;
+        self.retry.stop();
         self.state = State::Unicast { rx: Box::new(rx), offset: 0 };
         self.pump_unicast();
     }
@@ -638,8 +534,8 @@ impl McastReceiver {
     fn pump_unicast(&mut self) {
         let State::Unicast { rx, offset } = &mut self.state else { return };
         let to = self.tid.map_or(Dest::Listener(self.cfg.server), Dest::Server);
-        while let Some(p) = rx.poll_transmit() {
-            self.out.push_back(McastTransmit { to, packet: p });
+        while let Some(t) = rx.pop_transmit() {
+            self.out.push_back(Transmit { to, datagram: t.datagram });
         }
         while let Some(d) = rx.take_data() {
             let n = d.len() as u64;
@@ -656,63 +552,20 @@ impl McastReceiver {
         }
     }
 
+    /// Checks a first multicast OACK: the options as for a unicast download, then a group
+    /// to join and a file that fits without rollover.
     fn check_oack(&self, opts: &[(String, String)]) -> Result<Agreed, String> {
-        let mut blksize = DEFAULT_BLKSIZE;
-        let mut timeout = None;
-        let mut tsize = None;
-        let mut mc = None;
-        let mut seen: Vec<String> = Vec::new();
-        for (name, value) in opts {
-            let name = name.to_ascii_lowercase();
-            if seen.contains(&name) {
-                return Err(format!("OACK carries option {name} twice"));
-            }
-            let unrequested = || format!("OACK carries option {name}, which was not requested");
-            let bad = |range: String| format!("OACK {name} {value:?} is outside {range}");
-            match name.as_str() {
-                "blksize" => {
-                    let asked = self.cfg.blksize.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (MIN_BLKSIZE as u64..=asked as u64).contains(&v) => blksize = v as u16,
-                        _ => return Err(bad(format!("{MIN_BLKSIZE}..={asked}"))),
-                    }
-                }
-                "windowsize" => {
-                    // The group's window is the server's business; accept what we asked for.
-                    let asked = self.cfg.windowsize.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (1..=asked as u64).contains(&v) => {}
-                        _ => return Err(bad(format!("1..={asked}"))),
-                    }
-                }
-                "timeout" => {
-                    let asked = self.cfg.request_timeout_option.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (1..=asked as u64).contains(&v) => timeout = Some(v as u8),
-                        _ => return Err(bad(format!("1..={asked}"))),
-                    }
-                }
-                "tsize" => {
-                    if !self.cfg.tsize {
-                        return Err(unrequested());
-                    }
-                    tsize = Some(parse_number(value).ok_or_else(|| bad("0..=2^64-1".to_string()))?);
-                }
-                "multicast" => mc = Some(parse_mc(value)?),
-                _ => return Err(unrequested()),
-            }
-            seen.push(name);
-        }
-        let mc = mc.expect("checked by the caller");
+        let a = oack::check(&self.cfg.request.asked(Multicast::Accepted), opts)?;
+        let mc = a.multicast.expect("checked by the caller");
         if mc.addr.is_none() || mc.port.is_none() {
             return Err("the first multicast OACK names no group address and port".to_string());
         }
-        if let Some(t) = tsize {
-            if t / blksize as u64 + 1 > MAX_BLOCKS {
-                return Err(format!("a file of {t} bytes needs more than {MAX_BLOCKS} blocks of {blksize}"));
+        if let Some(t) = a.tsize {
+            if t / a.blksize as u64 + 1 > MAX_BLOCKS {
+                return Err(format!("a file of {t} bytes needs more than {MAX_BLOCKS} blocks of {}", a.blksize));
             }
         }
-        Ok(Agreed { blksize, timeout, tsize, mc })
+        Ok(a)
     }
 
     fn start_multicast(&mut self, now: Instant, a: Agreed) {
@@ -720,9 +573,10 @@ impl McastReceiver {
         self.blksize = a.blksize;
         self.tsize = a.tsize;
         if let Some(t) = a.timeout {
-            self.timeout = Duration::from_secs(t as u64);
+            self.retry.set_base(Duration::from_secs(t as u64));
         }
-        let group = SocketAddrV4::new(a.mc.addr.unwrap(), a.mc.port.unwrap());
+        let mc_value = a.multicast.expect("checked");
+        let group = SocketAddrV4::new(mc_value.addr.unwrap(), mc_value.port.unwrap());
         match &mut self.state {
             // A new group after a re-request: the blocks we have stay valid (same file,
             // same block size); otherwise start over.
@@ -732,8 +586,8 @@ impl McastReceiver {
             }
             _ => self.state = State::Multicast(Mc::new(group, false)),
         }
-        self.progress(now);
-        self.set_master(now, a.mc.master);
+        self.retry.progress(now);
+        self.set_master(now, mc_value.master);
     }
 
     /// Applies the `mc` flag of an OACK; a master (new or confirmed) asks for its block.
@@ -745,7 +599,7 @@ impl McastReceiver {
         mc.master = master;
         if master {
             self.send_ack();
-            self.arm(now);
+            self.retry.arm(now);
         }
     }
 
@@ -754,7 +608,7 @@ impl McastReceiver {
             self.stats.ignored += 1;
             return;
         };
-        let Ok(v) = parse_mc(value) else {
+        let Ok(v) = oack::parse_multicast(value) else {
             self.stats.ignored += 1;
             return;
         };
@@ -782,7 +636,7 @@ impl McastReceiver {
         }
         if v.master && !mc.master {
             // A promotion is progress: the server is alive and wants us.
-            self.progress(now);
+            self.retry.progress(now);
         }
         self.set_master(now, v.master);
     }
@@ -798,7 +652,7 @@ impl McastReceiver {
             self.abort(ErrorCode::IllegalOperation, &why);
             return;
         }
-        let b = block as u64;
+        let b = Block::unrolled(block).0;
         let short = data.len() < blksize as usize;
         let contradicts = b == 0
             || match mc.last {
@@ -841,33 +695,24 @@ impl McastReceiver {
         if master {
             self.send_ack();
             if new {
-                self.progress(now);
+                self.retry.progress(now);
             }
         } else {
             // Passive: any DATA says the group is alive.
-            self.progress(now);
+            self.retry.progress(now);
         }
     }
 
     /// Queues `ACK (first missing - 1)` (or `ACK last` when complete) to the TID.
     fn send_ack(&mut self) {
         let (State::Multicast(mc), Some(tid)) = (&self.state, self.tid) else { return };
-        self.out.push_back(McastTransmit { to: Dest::Server(tid), packet: packet::ack(mc.ack_block()).to_vec() });
+        let ack = packet::ack(mc.ack_block().wire()).to_vec();
+        self.send(Dest::Server(tid), ack);
         self.stats.acks_sent += 1;
     }
 
-    fn progress(&mut self, now: Instant) {
-        self.retries = 0;
-        self.current_timeout = self.timeout;
-        self.arm(now);
-    }
-
-    fn arm(&mut self, now: Instant) {
-        self.deadline = Some(now + self.current_timeout);
-    }
-
     fn finish(&mut self, outcome: ReceiverOutcome) {
-        self.deadline = None;
+        self.retry.stop();
         self.outcome = Some(outcome);
     }
 
@@ -878,34 +723,32 @@ impl McastReceiver {
             self.pump_unicast();
             return;
         }
-        let Some(deadline) = self.deadline else { return };
-        if now < deadline || self.outcome.is_some() {
+        if !self.retry.due(now) || self.outcome.is_some() {
             return;
         }
         self.stats.timeouts += 1;
-        if self.retries >= self.cfg.max_retries {
-            self.finish(ReceiverOutcome::TimedOut { retries: self.retries });
+        if self.retry.retries() >= self.cfg.request.max_retries {
+            self.finish(ReceiverOutcome::TimedOut { retries: self.retry.retries() });
             return;
         }
-        self.retries += 1;
-        self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout.max(self.timeout));
+        self.retry.back_off(now);
         match &self.state {
             State::Multicast(mc) if mc.master => self.send_ack(),
             State::Multicast(_) => {
                 self.stats.rerequests += 1;
                 self.rerequested = true;
-                self.out.push_back(McastTransmit { to: Dest::Listener(self.cfg.server), packet: self.rrq.clone() });
+                self.send(Dest::Listener(self.cfg.server), self.rrq.clone());
             }
-            _ => self.out.push_back(McastTransmit { to: Dest::Listener(self.cfg.server), packet: self.rrq.clone() }),
+            _ => self.send(Dest::Listener(self.cfg.server), self.rrq.clone()),
         }
-        self.arm(now);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::multicast::{Group, GroupConfig, Output};
+    use crate::loss::Loss;
+    use crate::multicast::{Group, GroupConfig, GroupDest};
     use crate::packet::decode;
     use std::cmp::Reverse;
     use std::collections::{BTreeMap, BinaryHeap};
@@ -920,26 +763,30 @@ mod tests {
 
     fn cfg() -> McastReceiverConfig {
         let mut c = McastReceiverConfig::new(addr(SERVER), "f");
-        c.blksize = Some(512);
-        c.tsize = true;
+        c.request.blksize = Some(512);
+        c.request.tsize = true;
         c
     }
 
-    fn drain(r: &mut McastReceiver) -> Vec<McastTransmit> {
-        std::iter::from_fn(|| r.poll_transmit()).collect()
+    fn drain(r: &mut McastReceiver) -> Vec<Transmit<Dest>> {
+        std::iter::from_fn(|| r.poll_transmit(Instant::now())).collect()
     }
 
     /// The ACK numbers among `t`, all of which must go to the TID.
-    fn acks(t: &[McastTransmit]) -> Vec<u16> {
+    fn acks(t: &[Transmit<Dest>]) -> Vec<u16> {
         t.iter()
             .map(|m| {
                 assert_eq!(m.to, Dest::Server(addr(TID)), "{m:?}");
-                match decode(&m.packet) {
+                match decode(&bytes(m)) {
                     Ok(Packet::Ack(b)) => b,
                     other => panic!("not an ACK: {other:?}"),
                 }
             })
             .collect()
+    }
+
+    fn bytes(t: &Transmit<Dest>) -> Vec<u8> {
+        t.datagram.clone().into_vec()
     }
 
     fn oack(list: &[(&str, &str)]) -> Vec<u8> {
@@ -977,12 +824,12 @@ mod tests {
     fn request_carries_multicast_and_goes_to_the_listener() {
         let now = Instant::now();
         let mut c = cfg();
-        c.request_timeout_option = Some(2);
+        c.request.request_timeout_option = Some(2);
         let mut r = McastReceiver::new(now, c);
         let t = drain(&mut r);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].to, Dest::Listener(addr(SERVER)));
-        let Ok(Packet::Rrq(req)) = decode(&t[0].packet) else { panic!("not an RRQ") };
+        let Ok(Packet::Rrq(req)) = decode(&bytes(&t[0])) else { panic!("not an RRQ") };
         assert_eq!(req.mode, Mode::Octet);
         let names: Vec<_> = req.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
         assert_eq!(names, ["blksize=512", "timeout=2", "tsize=0", "multicast="]);
@@ -1075,7 +922,7 @@ mod tests {
         let t = drain(&mut r);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].to, Dest::Stranger(addr("10.0.0.7:4000")));
-        assert!(matches!(decode(&t[0].packet), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
+        assert!(matches!(decode(&bytes(&t[0])), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
         assert!(r.take_block().is_none());
         assert_eq!(r.stats().ignored, 3);
         assert_eq!(r.stats().blocks, 0);
@@ -1117,7 +964,7 @@ mod tests {
             let t = drain(&mut r);
             assert_eq!(t.len(), 1, "round {i}");
             assert_eq!(t[0].to, Dest::Listener(addr(SERVER)));
-            assert_eq!(t[0].packet, r.request());
+            assert_eq!(bytes(&t[0]), r.request());
             // The server answers a member's repeated request with its OACK: not progress.
             feed(&mut r, now, TID, Via::Unicast, oack(&[("blksize", "512"), ("tsize", "1300"), ("multicast", "239.255.0.1,1758,0")]));
             assert!(drain(&mut r).is_empty());
@@ -1151,7 +998,7 @@ mod tests {
         let t = drain(&mut r);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].to, Dest::Server(addr("10.0.0.1:50002")));
-        assert_eq!(t[0].packet, packet::ack(1), "block 1 is kept");
+        assert_eq!(bytes(&t[0]), packet::ack(1), "block 1 is kept");
         assert_eq!(r.stats().tid_changes, 1);
     }
 
@@ -1159,7 +1006,7 @@ mod tests {
     fn an_oack_without_multicast_means_unicast() {
         let now = Instant::now();
         let mut c = cfg();
-        c.windowsize = Some(2);
+        c.request.windowsize = Some(2);
         let mut r = McastReceiver::new(now, c);
         drain(&mut r);
         feed(&mut r, now, TID, Via::Unicast, oack(&[("blksize", "512"), ("windowsize", "2"), ("tsize", "700")]));
@@ -1200,7 +1047,7 @@ mod tests {
             drain(&mut r);
             feed(&mut r, now, TID, Via::Unicast, oack(&opts));
             let t = drain(&mut r);
-            assert!(matches!(decode(&t[0].packet), Ok(Packet::Error { code: ErrorCode::OptionRefused, .. })));
+            assert!(matches!(decode(&bytes(&t[0])), Ok(Packet::Error { code: ErrorCode::OptionRefused, .. })));
             match r.outcome() {
                 Some(ReceiverOutcome::Aborted { reason, .. }) => assert!(reason.contains(why), "{reason}"),
                 o => panic!("{o:?}"),
@@ -1326,13 +1173,8 @@ mod tests {
         let mut queue: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
         let mut events: BTreeMap<u64, Ev> = BTreeMap::new();
         let mut seq = 0u64;
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut lost = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % 100 < sc.loss
-        };
+        let mut loss = Loss::new(0x2545_F491_4F6C_DD1D);
+        let mut lost = move || loss.pct(sc.loss);
         let mut push = |queue: &mut BinaryHeap<_>, events: &mut BTreeMap<u64, Ev>, at: Instant, ev: Ev| {
             seq += 1;
             queue.push(Reverse((at, seq)));
@@ -1347,11 +1189,11 @@ mod tests {
             for c in clients.iter_mut() {
                 if c.rx.is_none() && !c.dead && now >= t0 + c.start {
                     let mut cc = McastReceiverConfig::new(addr(SERVER), "f");
-                    cc.blksize = Some(512);
-                    cc.tsize = true;
-                    cc.timeout = Duration::from_millis(200);
-                    cc.max_timeout = Duration::from_secs(1);
-                    cc.max_retries = 8;
+                    cc.request.blksize = Some(512);
+                    cc.request.tsize = true;
+                    cc.request.timeout = Duration::from_millis(200);
+                    cc.request.max_timeout = Duration::from_secs(1);
+                    cc.request.max_retries = 8;
                     c.rx = Some(McastReceiver::new(now, cc));
                 }
                 if c.kill.is_some_and(|k| now >= t0 + k) {
@@ -1361,7 +1203,7 @@ mod tests {
             // Client output.
             for (i, c) in clients.iter_mut().enumerate() {
                 let (Some(rx), false) = (c.rx.as_mut(), c.dead) else { continue };
-                while let Some(t) = rx.poll_transmit() {
+                while let Some(t) = rx.poll_transmit(now) {
                     let to_listener = match t.to {
                         Dest::Listener(a) => {
                             assert_eq!(a, addr(SERVER));
@@ -1373,31 +1215,21 @@ mod tests {
                         }
                         Dest::Stranger(_) => continue,
                     };
-                    push(&mut queue, &mut events, now + latency, Ev::ToServer { client: i, to_listener, data: t.packet });
+                    push(&mut queue, &mut events, now + latency, Ev::ToServer { client: i, to_listener, data: t.datagram.into_vec() });
                 }
                 collect(rx, &mut c.file);
             }
             // Server output.
             while let Some(o) = group.poll_transmit(now) {
                 match o {
-                    Output::ToClient { to, packet } => {
+                    Transmit { to: GroupDest::Client(to), datagram } => {
                         if !lost() {
-                            let ev = Ev::ToClient { client: to, from: tid, via: Via::Unicast, data: Bytes::from(packet) };
+                            let ev = Ev::ToClient { client: to, from: tid, via: Via::Unicast, data: Bytes::from(datagram.into_vec()) };
                             push(&mut queue, &mut events, now + latency, ev);
                         }
                     }
-                    Output::ToMember { to, data: t } => {
-                        if !lost() {
-                            let mut buf = Vec::new();
-                            t.write_to(&mut buf);
-                            let ev = Ev::ToClient { client: to, from: tid, via: Via::Unicast, data: Bytes::from(buf) };
-                            push(&mut queue, &mut events, now + latency, ev);
-                        }
-                    }
-                    Output::ToGroup(t) => {
-                        let mut buf = Vec::new();
-                        t.write_to(&mut buf);
-                        let d = Bytes::from(buf);
+                    Transmit { to: GroupDest::Group, datagram } => {
+                        let d = Bytes::from(datagram.into_vec());
                         for (i, c) in clients.iter().enumerate() {
                             let member = c.rx.as_ref().is_some_and(|r| r.group() == Some(GROUP.parse().unwrap()));
                             if member && !c.dead && !lost() {

@@ -35,13 +35,17 @@ pub enum OptionError {
     Invalid { name: String, value: String },
 }
 
-fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, OptionError> {
-    let invalid = || OptionError::Invalid { name: name.into(), value: value.chars().take(32).collect() };
-    // Only plain decimal digits: `+5`, ` 5` and `5 ` are not what the RFCs describe.
+/// A plain decimal number of at most 20 digits: `+5`, ` 5` and `5 ` are not what the RFCs
+/// describe. Every option value (ours to parse or a server's answer) goes through here.
+pub(crate) fn parse_number(value: &str) -> Option<u64> {
     if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid());
+        return None;
     }
-    value.parse().map_err(|_| invalid())
+    value.parse().ok()
+}
+
+fn number(name: &str, value: &str) -> Result<u64, OptionError> {
+    parse_number(value).ok_or_else(|| OptionError::Invalid { name: name.into(), value: value.chars().take(32).collect() })
 }
 
 /// Parses the options of a request. `names` are expected lower-cased (the decoder does it).
@@ -56,7 +60,7 @@ pub fn parse(options: &[(String, String)]) -> Result<Requested, OptionError> {
         match name.as_str() {
             "blksize" => {
                 // Values above the RFC maximum are clamped like any large value; below 8 is invalid.
-                let v: u64 = number(name, value)?;
+                let v = number(name, value)?;
                 if v < MIN_BLKSIZE as u64 {
                     return Err(invalid());
                 }
@@ -64,14 +68,14 @@ pub fn parse(options: &[(String, String)]) -> Result<Requested, OptionError> {
             }
             "tsize" => req.tsize = Some(number(name, value)?),
             "timeout" => {
-                let v: u64 = number(name, value)?;
+                let v = number(name, value)?;
                 if !(1..=255).contains(&v) {
                     return Err(invalid());
                 }
                 req.timeout = Some(v as u8);
             }
             "windowsize" => {
-                let v: u64 = number(name, value)?;
+                let v = number(name, value)?;
                 if v == 0 {
                     return Err(invalid());
                 }

@@ -66,8 +66,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::block::Block;
 use crate::netascii;
+use crate::oack::{self, Asked, Multicast, Tsize};
 use crate::packet::{self, DecodeError, ErrorCode, Mode, Packet, Request, DEFAULT_BLKSIZE, MAX_BLKSIZE, MIN_BLKSIZE};
+use crate::retry::Retry;
+use crate::transmit::{Datagram, Transmit};
 
 /// Parameters of one download.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +94,9 @@ pub struct ReceiverConfig {
     pub request_timeout_option: Option<u8>,
     /// Ask for the transfer size (RFC 2349, `tsize 0`).
     pub tsize: bool,
-    /// Put the RFC 2090 `multicast` option in the request. Multicast reception is not
-    /// implemented yet: an OACK granting it is refused with ERROR 8. Leave it false.
+    /// Put the RFC 2090 `multicast` option in the request. This machine does not receive
+    /// multicast: an OACK granting it is refused with ERROR 8 (the
+    /// [`crate::mcast_receiver::McastReceiver`] does, and sets it itself).
     pub multicast: bool,
     /// Consecutive timeouts without progress before giving up.
     pub max_retries: u32,
@@ -112,6 +117,52 @@ impl ReceiverConfig {
             multicast: false,
             max_retries: 5,
         }
+    }
+
+    /// The configuration with its option values in range.
+    pub(crate) fn normalized(mut self) -> Self {
+        self.blksize = self.blksize.map(|b| b.clamp(MIN_BLKSIZE, MAX_BLKSIZE));
+        self.windowsize = self.windowsize.map(|w| w.max(1));
+        self.request_timeout_option = self.request_timeout_option.filter(|&t| t > 0);
+        self
+    }
+
+    /// The encoded RRQ with the configured options.
+    pub(crate) fn rrq(&self) -> Vec<u8> {
+        let mut options = Vec::new();
+        if let Some(b) = self.blksize {
+            options.push(("blksize".to_string(), b.to_string()));
+        }
+        if let Some(w) = self.windowsize {
+            options.push(("windowsize".to_string(), w.to_string()));
+        }
+        if let Some(t) = self.request_timeout_option {
+            options.push(("timeout".to_string(), t.to_string()));
+        }
+        if self.tsize {
+            options.push(("tsize".to_string(), "0".to_string()));
+        }
+        if self.multicast {
+            options.push(("multicast".to_string(), String::new()));
+        }
+        Packet::Rrq(Request { filename: self.filename.clone(), mode: self.mode, options }).to_vec()
+    }
+
+    /// What the RRQ asked for, to check the OACK against; `multicast` says what to make of
+    /// a granted `multicast` option.
+    pub(crate) fn asked(&self, multicast: Multicast) -> Asked {
+        Asked {
+            blksize: self.blksize,
+            windowsize: self.windowsize,
+            timeout: self.request_timeout_option,
+            tsize: if self.tsize { Tsize::Query } else { Tsize::NotAsked },
+            multicast: if self.multicast { multicast } else { Multicast::NotAsked },
+        }
+    }
+
+    /// The retransmission timer a download starts with.
+    pub(crate) fn retry(&self, now: Instant) -> Retry {
+        Retry::new(now, self.timeout, self.max_timeout)
     }
 }
 
@@ -176,6 +227,12 @@ pub(crate) struct ServerSide {
     pub max_bytes: Option<u64>,
 }
 
+/// The payload of a DATA packet as a slice of its datagram, when the datagram is at hand
+/// (the payload is the datagram minus its 4-byte header).
+pub(crate) fn payload_of(datagram: Option<&Bytes>, data: &[u8]) -> Option<Bytes> {
+    datagram.filter(|d| d.len() == data.len() + 4).map(|d| d.slice(4..))
+}
+
 /// One download, from the client's side. See the module documentation.
 #[derive(Debug)]
 pub struct Receiver {
@@ -184,91 +241,49 @@ pub struct Receiver {
     rrq: Vec<u8>,
     blksize: u16,
     windowsize: u16,
-    /// Base retransmission timeout (the agreed one once an OACK set it).
-    timeout: Duration,
     tsize: Option<u64>,
     oack: bool,
     /// Highest block index received in order (0: none).
-    received: u64,
+    received: Block,
     /// Highest block index we acknowledged.
-    last_ack: u64,
+    last_ack: Block,
     /// Whether a duplicate or out-of-order block may trigger an immediate ACK.
     reack_armed: bool,
     decoder: Option<netascii::Decoder>,
     data: VecDeque<Bytes>,
     transmits: VecDeque<Vec<u8>>,
-    deadline: Option<Instant>,
-    current_timeout: Duration,
-    retries: u32,
+    /// Retransmission timer; its base is the agreed timeout once an OACK set one.
+    retry: Retry,
     outcome: Option<ReceiverOutcome>,
     stats: ReceiverStats,
     /// Set when this is the receiving end of a write request.
     server: Option<ServerSide>,
 }
 
-/// Values an OACK agreed on.
-struct Agreed {
-    blksize: u16,
-    windowsize: u16,
-    timeout: Option<u8>,
-    tsize: Option<u64>,
-}
-
-fn parse_number(value: &str) -> Option<u64> {
-    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
 impl Receiver {
     /// Starts a download: the RRQ is the first datagram [`Self::poll_transmit`] returns.
-    pub fn new(now: Instant, mut cfg: ReceiverConfig) -> Receiver {
-        cfg.blksize = cfg.blksize.map(|b| b.clamp(MIN_BLKSIZE, MAX_BLKSIZE));
-        cfg.windowsize = cfg.windowsize.map(|w| w.max(1));
-        cfg.request_timeout_option = cfg.request_timeout_option.filter(|&t| t > 0);
-        let mut options = Vec::new();
-        if let Some(b) = cfg.blksize {
-            options.push(("blksize".to_string(), b.to_string()));
-        }
-        if let Some(w) = cfg.windowsize {
-            options.push(("windowsize".to_string(), w.to_string()));
-        }
-        if let Some(t) = cfg.request_timeout_option {
-            options.push(("timeout".to_string(), t.to_string()));
-        }
-        if cfg.tsize {
-            options.push(("tsize".to_string(), "0".to_string()));
-        }
-        if cfg.multicast {
-            options.push(("multicast".to_string(), String::new()));
-        }
-        let rrq = Packet::Rrq(Request { filename: cfg.filename.clone(), mode: cfg.mode, options }).to_vec();
-        let decoder = (cfg.mode != Mode::Octet).then(netascii::Decoder::new);
-        let mut r = Receiver {
+    pub fn new(now: Instant, cfg: ReceiverConfig) -> Receiver {
+        let cfg = cfg.normalized();
+        let rrq = cfg.rrq();
+        Receiver {
             state: State::Requesting,
             rrq: rrq.clone(),
             blksize: DEFAULT_BLKSIZE,
             windowsize: 1,
-            timeout: cfg.timeout,
             tsize: None,
             oack: false,
-            received: 0,
-            last_ack: 0,
+            received: Block(0),
+            last_ack: Block(0),
             reack_armed: true,
-            decoder,
+            decoder: (cfg.mode != Mode::Octet).then(netascii::Decoder::new),
             data: VecDeque::new(),
             transmits: VecDeque::from([rrq]),
-            deadline: None,
-            current_timeout: cfg.timeout,
-            retries: 0,
+            retry: cfg.retry(now),
             outcome: None,
             stats: ReceiverStats::default(),
             server: None,
             cfg,
-        };
-        r.arm(now);
-        r
+        }
     }
 
     /// The receiving end of a write request (see [`crate::upload::accept`]): `answer` is
@@ -342,7 +357,7 @@ impl Receiver {
 
     /// Base retransmission timeout in use.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.retry.base()
     }
 
     /// In-order payload bytes received so far, as on the wire.
@@ -352,7 +367,7 @@ impl Receiver {
 
     /// Blocks received in order so far.
     pub fn blocks_received(&self) -> u64 {
-        self.received
+        self.received.0
     }
 
     /// The next piece of the file, in order and in local form. Call until it returns `None`
@@ -364,15 +379,19 @@ impl Receiver {
     }
 
     /// The next datagram to send to the server, if any. Call until it returns `None`.
-    #[must_use]
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.transmits.pop_front()
+    /// (`now` is not needed here; every machine is polled the same way.)
+    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit> {
+        self.pop_transmit()
+    }
+
+    pub(crate) fn pop_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front().map(|d| Transmit::to_peer(Datagram::Control(d)))
     }
 
     /// When [`Self::handle_timeout`] must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.retry.deadline()
     }
 
     /// Ends the transfer from the local side (say, the disk is full), telling the server
@@ -403,11 +422,7 @@ impl Receiver {
     fn on_packet(&mut self, now: Instant, pkt: &Packet<'_>, datagram: Option<&Bytes>) {
         self.stats.packets_received += 1;
         match pkt {
-            Packet::Data { block, data } => {
-                // The payload is the datagram minus its 4-byte header.
-                let owned = datagram.filter(|d| d.len() == data.len() + 4).map(|d| d.slice(4..));
-                self.on_data(now, *block, data, owned);
-            }
+            Packet::Data { block, data } => self.on_data(now, *block, data, payload_of(datagram, data)),
             Packet::Oack(opts) => self.on_oack(now, opts),
             Packet::Error { code, message } => {
                 if self.state != State::Done {
@@ -431,80 +446,32 @@ impl Receiver {
             return; // an OACK means nothing coming from the client
         }
         match self.state {
-            State::Requesting => match self.check_oack(opts) {
+            State::Requesting => match oack::check(&self.cfg.asked(Multicast::Refused), opts) {
                 Ok(a) => {
                     self.oack = true;
                     self.blksize = a.blksize;
                     self.windowsize = a.windowsize;
                     self.tsize = a.tsize;
                     if let Some(t) = a.timeout {
-                        self.timeout = Duration::from_secs(t as u64);
+                        self.retry.set_base(Duration::from_secs(t as u64));
                     }
                     self.state = State::Receiving;
                     self.send_ack();
-                    self.progress(now);
+                    self.retry.progress(now);
                 }
                 Err(reason) => self.abort(ErrorCode::OptionRefused, &reason),
             },
             // The server did not see our ACK 0 and sent its OACK again.
-            State::Receiving if self.oack && self.received == 0 => self.send_ack(),
+            State::Receiving if self.oack && self.received == Block(0) => self.send_ack(),
             _ => {}
         }
-    }
-
-    fn check_oack(&self, opts: &[(String, String)]) -> Result<Agreed, String> {
-        let mut a = Agreed { blksize: DEFAULT_BLKSIZE, windowsize: 1, timeout: None, tsize: None };
-        let mut seen: Vec<String> = Vec::new();
-        for (name, value) in opts {
-            let name = name.to_ascii_lowercase();
-            if seen.contains(&name) {
-                return Err(format!("OACK carries option {name} twice"));
-            }
-            let unrequested = || format!("OACK carries option {name}, which was not requested");
-            let bad = |range: String| format!("OACK {name} {value:?} is outside {range}");
-            match name.as_str() {
-                "blksize" => {
-                    let asked = self.cfg.blksize.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (MIN_BLKSIZE as u64..=asked as u64).contains(&v) => a.blksize = v as u16,
-                        _ => return Err(bad(format!("{MIN_BLKSIZE}..={asked}"))),
-                    }
-                }
-                "windowsize" => {
-                    let asked = self.cfg.windowsize.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (1..=asked as u64).contains(&v) => a.windowsize = v as u16,
-                        _ => return Err(bad(format!("1..={asked}"))),
-                    }
-                }
-                "timeout" => {
-                    let asked = self.cfg.request_timeout_option.ok_or_else(unrequested)?;
-                    match parse_number(value) {
-                        Some(v) if (1..=asked as u64).contains(&v) => a.timeout = Some(v as u8),
-                        _ => return Err(bad(format!("1..={asked}"))),
-                    }
-                }
-                "tsize" => {
-                    if !self.cfg.tsize {
-                        return Err(unrequested());
-                    }
-                    a.tsize = Some(parse_number(value).ok_or_else(|| bad("0..=2^64-1".to_string()))?);
-                }
-                "multicast" if self.cfg.multicast => {
-                    return Err("multicast reception is not supported by this client".to_string());
-                }
-                _ => return Err(unrequested()),
-            }
-            seen.push(name);
-        }
-        Ok(a)
     }
 
     fn on_data(&mut self, now: Instant, block: u16, data: &[u8], owned: Option<Bytes>) {
         match self.state {
             State::Done => {
                 // Our final ACK was lost and the server sent the final block again.
-                if self.outcome == Some(ReceiverOutcome::Complete) && block == self.received as u16 {
+                if self.outcome == Some(ReceiverOutcome::Complete) && block == self.received.wire() {
                     self.stats.duplicates += 1;
                     self.send_ack();
                 }
@@ -526,29 +493,33 @@ impl Receiver {
             self.abort(ErrorCode::IllegalOperation, &why);
             return;
         }
-        let expected = self.received + 1;
-        let d = block.wrapping_sub(expected as u16);
-        if d != 0 {
-            if d < 0x8000 {
+        let expected = Block(self.received.0 + 1);
+        match expected.near(block) {
+            Some(b) if b == expected => self.accept(now, data, owned),
+            Some(b) if b > expected => {
                 // A gap: something before this block was lost. Say where to restart, once.
                 self.stats.out_of_order += 1;
                 if self.reack_armed {
                     self.reack_armed = false;
                     self.send_ack();
                 }
-            } else {
+            }
+            b => {
                 self.stats.duplicates += 1;
                 // Only the block we last acknowledged coming again says that ACK was lost.
                 // Any other duplicate comes from a window the server restarted while more
                 // was in flight: acknowledging it would make it restart again, and again.
-                let back = (self.received as u16).wrapping_sub(block) as u64;
-                if self.received.checked_sub(back) == Some(self.last_ack) {
+                if b == Some(self.last_ack) {
                     self.send_ack();
                 }
             }
-            return;
         }
-        self.received = expected;
+    }
+
+    /// The next block in order: deliver it, and acknowledge it when the window is full or
+    /// it is the last.
+    fn accept(&mut self, now: Instant, data: &[u8], owned: Option<Bytes>) {
+        self.received.0 += 1;
         self.stats.blocks += 1;
         self.stats.bytes_received += data.len() as u64;
         let last = data.len() < self.blksize as usize;
@@ -576,7 +547,7 @@ impl Receiver {
         self.reack_armed = true;
         if last && self.server.is_some() {
             self.state = State::Committing;
-            self.deadline = None;
+            self.retry.stop();
             return;
         }
         if last {
@@ -584,39 +555,28 @@ impl Receiver {
             self.finish(ReceiverOutcome::Complete);
             return;
         }
-        if self.received - self.last_ack >= self.windowsize as u64 {
+        if self.received.0 - self.last_ack.0 >= self.windowsize as u64 {
             self.send_ack();
         }
-        self.progress(now);
+        self.retry.progress(now);
     }
 
     /// Queues an ACK of the last in-order block.
     fn send_ack(&mut self) {
-        self.transmits.push_back(packet::ack(self.received as u16).to_vec());
+        self.transmits.push_back(packet::ack(self.received.wire()).to_vec());
         self.last_ack = self.received;
         self.stats.acks_sent += 1;
     }
 
-    fn progress(&mut self, now: Instant) {
-        self.retries = 0;
-        self.current_timeout = self.timeout;
-        self.arm(now);
-    }
-
-    fn arm(&mut self, now: Instant) {
-        self.deadline = Some(now + self.current_timeout);
-    }
-
     fn finish(&mut self, outcome: ReceiverOutcome) {
         self.state = State::Done;
-        self.deadline = None;
+        self.retry.stop();
         self.outcome = Some(outcome);
     }
 
     /// Call when `poll_timeout`'s instant has passed (calling earlier does nothing).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(deadline) = self.deadline else { return };
-        if now < deadline || matches!(self.state, State::Done | State::Committing) {
+        if !self.retry.due(now) || matches!(self.state, State::Done | State::Committing) {
             return;
         }
         self.stats.timeouts += 1;
@@ -624,12 +584,11 @@ impl Receiver {
             (Some(s), State::Requesting) => self.cfg.max_retries.min(s.initial_retries),
             _ => self.cfg.max_retries,
         };
-        if self.retries >= limit {
-            self.finish(ReceiverOutcome::TimedOut { retries: self.retries });
+        if self.retry.retries() >= limit {
+            self.finish(ReceiverOutcome::TimedOut { retries: self.retry.retries() });
             return;
         }
-        self.retries += 1;
-        self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout.max(self.timeout));
+        self.retry.back_off(now);
         self.stats.retransmits += 1;
         match self.state {
             State::Requesting => self.transmits.push_back(self.rrq.clone()),
@@ -637,13 +596,13 @@ impl Receiver {
             State::Done | State::Committing => {}
         }
         self.reack_armed = true;
-        self.arm(now);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::Loss;
     use crate::options::{self, Limits};
     use crate::packet::decode;
     use crate::transfer::{Outcome, Sender, SenderConfig, Source};
@@ -656,7 +615,7 @@ mod tests {
     }
 
     fn drain(r: &mut Receiver) -> Vec<Vec<u8>> {
-        std::iter::from_fn(|| r.poll_transmit()).collect()
+        std::iter::from_fn(|| r.poll_transmit(Instant::now()).map(|t| t.datagram.into_vec())).collect()
     }
 
     fn data(r: &mut Receiver) -> Vec<u8> {
@@ -962,20 +921,20 @@ mod tests {
         feed(&mut r, now, oack(&[("blksize", "8")]));
         drain(&mut r);
         for i in 1..=70_000u64 {
-            feed(&mut r, now, dat(i as u16, &i.to_be_bytes()));
-            assert_eq!(acks(&drain(&mut r)), [i as u16]);
+            feed(&mut r, now, dat(Block(i).wire(), &i.to_be_bytes()));
+            assert_eq!(acks(&drain(&mut r)), [Block(i).wire()]);
             // A stale block from one rollover ago is a duplicate, not new data.
             if i == 65_540 {
                 feed(&mut r, now, dat(65_535, &[9; 8]));
                 assert!(drain(&mut r).is_empty());
                 assert_eq!(r.stats().duplicates, 1);
                 // The block just acknowledged, repeated, is answered.
-                feed(&mut r, now, dat(i as u16, &i.to_be_bytes()));
-                assert_eq!(acks(&drain(&mut r)), [i as u16]);
+                feed(&mut r, now, dat(Block(i).wire(), &i.to_be_bytes()));
+                assert_eq!(acks(&drain(&mut r)), [Block(i).wire()]);
             }
         }
-        feed(&mut r, now, dat(70_001u64 as u16, b""));
-        assert_eq!(acks(&drain(&mut r)), [70_001u64 as u16]);
+        feed(&mut r, now, dat(Block(70_001).wire(), b""));
+        assert_eq!(acks(&drain(&mut r)), [Block(70_001).wire()]);
         let got = data(&mut r);
         let want: Vec<u8> = (1..=70_000u64).flat_map(|i| i.to_be_bytes()).collect();
         assert_eq!(got, want);
@@ -1097,22 +1056,9 @@ mod tests {
 
     // ---- Loopback: Receiver <-> Sender through a seeded lossy link, virtual clock ----
 
-    /// xorshift64*: small, seeded, good enough to pick losses.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Rng {
-            Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn pct(&mut self, p: u32) -> bool {
-            self.next() % 100 < p as u64
-        }
+    /// The shared seeded loss model, seeded per test.
+    fn rng(seed: u64) -> Loss {
+        Loss::new(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
     }
 
     /// Impairments of one direction of the link, in percent.
@@ -1128,24 +1074,24 @@ mod tests {
     struct Path {
         netem: Netem,
         delay: Duration,
-        rng: Rng,
+        rng: Loss,
         seq: u64,
         in_flight: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>,
     }
 
     impl Path {
         fn new(netem: Netem, seed: u64) -> Path {
-            Path { netem, delay: Duration::from_millis(5), rng: Rng::new(seed), seq: 0, in_flight: BinaryHeap::new() }
+            Path { netem, delay: Duration::from_millis(5), rng: rng(seed), seq: 0, in_flight: BinaryHeap::new() }
         }
 
         fn send(&mut self, now: Instant, d: Vec<u8>) {
-            if self.rng.pct(self.netem.loss) {
+            if self.rng.pct(self.netem.loss as u64) {
                 return;
             }
-            let copies = if self.rng.pct(self.netem.duplicate) { 2 } else { 1 };
+            let copies = if self.rng.pct(self.netem.duplicate as u64) { 2 } else { 1 };
             for _ in 0..copies {
                 let mut at = now + self.delay;
-                if self.rng.pct(self.netem.reorder) {
+                if self.rng.pct(self.netem.reorder as u64) {
                     at += self.delay * (1 + (self.rng.next() % 4) as u32);
                 }
                 self.seq += 1;
@@ -1261,15 +1207,15 @@ mod tests {
         loop {
             steps += 1;
             assert!(steps <= max_steps, "livelock: {steps} steps, {:?} of virtual time, {:?}", now - t0, rx.stats());
-            while let Some(d) = rx.poll_transmit() {
-                up.send(now, d);
+            while let Some(t) = rx.poll_transmit(now) {
+                up.send(now, t.datagram.into_vec());
             }
             while let Some(b) = rx.take_data() {
                 got.extend_from_slice(&b);
             }
             if let Some(s) = srv.sender.as_mut() {
                 while let Some(t) = s.poll_transmit(now) {
-                    t.write_to(&mut buf);
+                    t.datagram.write_to(&mut buf);
                     down.send(now, buf.clone());
                 }
             }
@@ -1332,7 +1278,7 @@ mod tests {
     }
 
     fn text(len: usize, seed: u64) -> Vec<u8> {
-        let mut rng = Rng::new(seed);
+        let mut rng = rng(seed);
         (0..len)
             .map(|_| match rng.next() % 16 {
                 0 => b'\n',
@@ -1541,7 +1487,7 @@ mod tests {
             let mut r = Receiver::new(now, c);
             for p in packets {
                 let _ = r.handle_datagram(now, Bytes::from(p));
-                while r.poll_transmit().is_some() {}
+                while r.poll_transmit(now).is_some() {}
                 while r.take_data().is_some() {}
             }
             r.handle_timeout(now + Duration::from_secs(10));

@@ -20,9 +20,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::block::Block;
 use crate::netascii;
 use crate::packet::{self, ErrorCode, Packet};
+use crate::retry::Retry;
 use crate::rto::Rto;
+use crate::transmit::{Datagram, Transmit};
 
 /// Where the blocks of a transfer come from.
 #[derive(Debug)]
@@ -105,41 +108,6 @@ impl Source {
                 n.cache.pop_front();
                 n.cache_first += 1;
             }
-        }
-    }
-}
-
-/// A datagram the sender wants sent to its peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transmit {
-    /// A DATA packet: `packet::data_header(block)` followed by `payload`.
-    Data { block: u16, payload: Bytes },
-    /// Any other packet (OACK, ERROR), already encoded.
-    Control(Vec<u8>),
-}
-
-impl Transmit {
-    /// Total size on the wire (UDP payload).
-    pub fn len(&self) -> usize {
-        match self {
-            Transmit::Data { payload, .. } => 4 + payload.len(),
-            Transmit::Control(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the whole datagram into `buf` (cleared first).
-    pub fn write_to(&self, buf: &mut Vec<u8>) {
-        buf.clear();
-        match self {
-            Transmit::Data { block, payload } => {
-                buf.extend_from_slice(&packet::data_header(*block));
-                buf.extend_from_slice(payload);
-            }
-            Transmit::Control(v) => buf.extend_from_slice(v),
         }
     }
 }
@@ -228,9 +196,8 @@ pub struct Sender {
     last: u64,
     /// Effective window: starts at `cfg.windowsize`; flow control may shrink it.
     window: u16,
-    deadline: Option<Instant>,
-    current_timeout: Duration,
-    retries: u32,
+    /// Retransmission timer; its base is `cfg.timeout` (adaptive or fixed).
+    retry: Retry,
     control: VecDeque<Vec<u8>>,
     outcome: Option<Outcome>,
     stats: SenderStats,
@@ -256,7 +223,7 @@ impl Sender {
         let mut s = Sender {
             rto,
             peer_answered: false,
-            current_timeout: cfg.timeout,
+            retry: Retry::new(now, cfg.timeout, cfg.max_timeout),
             cfg,
             source,
             state: State::Sending,
@@ -266,8 +233,6 @@ impl Sender {
             high_water: 0,
             last,
             window,
-            deadline: None,
-            retries: 0,
             control: VecDeque::new(),
             outcome: None,
             stats: SenderStats::default(),
@@ -280,7 +245,6 @@ impl Sender {
             s.control.push_back(o.clone());
             s.oack = Some(o);
         }
-        s.arm(now);
         s
     }
 
@@ -337,9 +301,7 @@ impl Sender {
     /// Flow control: the retransmission timeout for the next arming.
     pub fn set_timeout(&mut self, t: Duration) {
         self.cfg.timeout = t;
-        if self.retries == 0 {
-            self.current_timeout = t;
-        }
+        self.retry.set_base(t);
     }
 
     /// Bytes acknowledged by the peer so far.
@@ -347,13 +309,9 @@ impl Sender {
         (self.acked * self.cfg.blksize as u64).min(self.source.wire_len())
     }
 
-    fn arm(&mut self, now: Instant) {
-        self.deadline = Some(now + self.current_timeout);
-    }
-
     fn finish(&mut self, outcome: Outcome) {
         self.state = State::Done;
-        self.deadline = None;
+        self.retry.stop();
         self.outcome = Some(outcome);
     }
 
@@ -391,9 +349,8 @@ impl Sender {
             }
             return;
         }
-        let d = block.wrapping_sub(self.acked as u16) as u64;
-        let index = self.acked + d;
-        if d == 0 {
+        let index = Block(self.acked).ahead(block).0;
+        if index == self.acked {
             self.stats.duplicate_acks += 1;
             return;
         }
@@ -408,6 +365,7 @@ impl Sender {
                 if let Some(r) = self.rto.as_mut() {
                     r.on_sample(rtt);
                     self.cfg.timeout = r.timeout();
+                    self.retry.set_base(r.timeout());
                 }
             }
             if index >= probe {
@@ -431,28 +389,24 @@ impl Sender {
     }
 
     fn progress(&mut self, now: Instant) {
-        self.retries = 0;
         self.last_progress = now;
-        self.current_timeout = self.cfg.timeout;
-        self.arm(now);
+        self.retry.progress(now);
     }
 
     /// Call when `poll_timeout`'s instant has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(deadline) = self.deadline else { return };
-        if now < deadline || self.state == State::Done {
+        if !self.retry.due(now) || self.state == State::Done {
             return;
         }
         self.stats.timeouts += 1;
         let limit = if self.peer_answered { self.cfg.max_retries } else { self.cfg.max_retries.min(self.cfg.initial_retries) };
         // Before the peer answered, `initial_retries` alone decides (anti-amplification).
         let floor_pending = self.peer_answered && now.saturating_duration_since(self.last_progress) < self.cfg.give_up_after;
-        if self.retries >= limit && !floor_pending {
-            self.finish(Outcome::TimedOut { retries: self.retries });
+        if self.retry.retries() >= limit && !floor_pending {
+            self.finish(Outcome::TimedOut { retries: self.retry.retries() });
             return;
         }
-        self.retries = self.retries.saturating_add(1);
-        self.current_timeout = (self.current_timeout * 2).min(self.cfg.max_timeout.max(self.cfg.timeout));
+        self.retry.back_off(now);
         match self.state {
             State::AwaitOptionAck => {
                 if let Some(o) = &self.oack {
@@ -468,19 +422,19 @@ impl Sender {
             }
             State::Done => {}
         }
-        self.arm(now);
     }
 
     /// When `handle_timeout` must next be called.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.retry.deadline()
     }
 
     /// The next datagram to send, if any. Call until it returns `None`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(c) = self.control.pop_front() {
             self.count(c.len());
-            return Some(Transmit::Control(c));
+            return Some(Transmit::to_peer(Datagram::Control(c)));
         }
         if self.state != State::Sending {
             return None;
@@ -494,7 +448,7 @@ impl Sender {
         let payload = self.source.block(index, self.cfg.blksize);
         // The timer runs from the last transmission: when pacing spreads a window out, its
         // tail must not be declared lost before it has even left.
-        self.arm(now);
+        self.retry.arm(now);
         if index <= self.high_water {
             self.stats.retransmits += 1;
             self.stats.retransmitted_bytes += 4 + payload.len() as u64;
@@ -505,7 +459,7 @@ impl Sender {
             }
         }
         self.count(4 + payload.len());
-        Some(Transmit::Data { block: index as u16, payload })
+        Some(Transmit::to_peer(Datagram::Data { block: Block(index).wire(), payload }))
     }
 
     fn count(&mut self, len: usize) {
@@ -518,6 +472,7 @@ impl Sender {
 mod tests {
     use super::*;
     use crate::packet::decode;
+    use crate::loss::Loss;
 
     fn cfg(blksize: u16, windowsize: u16) -> SenderConfig {
         SenderConfig {
@@ -532,14 +487,14 @@ mod tests {
         }
     }
 
-    fn drain(s: &mut Sender, now: Instant) -> Vec<Transmit> {
-        std::iter::from_fn(|| s.poll_transmit(now)).collect()
+    fn drain(s: &mut Sender, now: Instant) -> Vec<Datagram> {
+        std::iter::from_fn(|| s.poll_transmit(now).map(|t| t.datagram)).collect()
     }
 
-    fn blocks(t: &[Transmit]) -> Vec<u16> {
+    fn blocks(t: &[Datagram]) -> Vec<u16> {
         t.iter()
             .filter_map(|t| match t {
-                Transmit::Data { block, .. } => Some(*block),
+                Datagram::Data { block, .. } => Some(*block),
                 _ => None,
             })
             .collect()
@@ -554,7 +509,7 @@ mod tests {
         s.handle(now, &Packet::Ack(1));
         let t = drain(&mut s, now);
         assert_eq!(blocks(&t), vec![2]);
-        assert!(matches!(&t[0], Transmit::Data { payload, .. } if payload.len() == 488));
+        assert!(matches!(&t[0], Datagram::Data { payload, .. } if payload.len() == 488));
         s.handle(now, &Packet::Ack(2));
         assert_eq!(s.outcome(), Some(&Outcome::Complete));
         assert!(s.is_done());
@@ -566,7 +521,7 @@ mod tests {
         let mut s = Sender::new(now, cfg(512, 4), Source::octet(Bytes::from(vec![1u8; 1024])), None);
         let t = drain(&mut s, now);
         assert_eq!(blocks(&t), vec![1, 2, 3]);
-        assert!(matches!(&t[2], Transmit::Data { payload, .. } if payload.is_empty()));
+        assert!(matches!(&t[2], Datagram::Data { payload, .. } if payload.is_empty()));
         s.handle(now, &Packet::Ack(3));
         assert!(s.is_done());
     }
@@ -576,7 +531,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Sender::new(now, cfg(512, 1), Source::octet(Bytes::new()), None);
         let t = drain(&mut s, now);
-        assert_eq!(t, vec![Transmit::Data { block: 1, payload: Bytes::new() }]);
+        assert_eq!(t, vec![Datagram::Data { block: 1, payload: Bytes::new() }]);
         s.handle(now, &Packet::Ack(1));
         assert!(s.is_done());
     }
@@ -586,7 +541,7 @@ mod tests {
         let now = Instant::now();
         let oack = packet::Packet::Oack(vec![("blksize".into(), "1024".into())]).to_vec();
         let mut s = Sender::new(now, cfg(1024, 1), Source::octet(Bytes::from(vec![0u8; 3000])), Some(oack.clone()));
-        assert_eq!(drain(&mut s, now), vec![Transmit::Control(oack)]);
+        assert_eq!(drain(&mut s, now), vec![Datagram::Control(oack)]);
         s.handle(now, &Packet::Ack(5));
         assert!(drain(&mut s, now).is_empty());
         s.handle(now, &Packet::Ack(0));
@@ -800,7 +755,7 @@ mod tests {
         drain(&mut s, now);
         s.handle(now, &Packet::Data { block: 1, data: b"x" });
         let t = drain(&mut s, now);
-        let Transmit::Control(bytes) = &t[0] else { panic!() };
+        let Datagram::Control(bytes) = &t[0] else { panic!() };
         assert!(matches!(decode(bytes), Ok(Packet::Error { code: ErrorCode::IllegalOperation, .. })));
     }
 
@@ -808,13 +763,8 @@ mod tests {
     /// `loss_pct` percent of DATA packets (seeded, so failures reproduce), and returns the
     /// reassembled bytes.
     fn run(data: &[u8], blksize: u16, window: u16, loss_pct: u64, netascii: bool) -> Vec<u8> {
-        let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ data.len() as u64;
-        let mut lose = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % 100 < loss_pct
-        };
+        let mut loss = Loss::new(0x9E37_79B9_7F4A_7C15 ^ data.len() as u64);
+        let mut lose = move || loss.pct(loss_pct);
         let mut now = Instant::now();
         let src = if netascii { Source::netascii(Bytes::copy_from_slice(data)) } else { Source::octet(Bytes::copy_from_slice(data)) };
         let mut c = cfg(blksize, window);
@@ -835,19 +785,19 @@ mod tests {
                 if lose() {
                     continue;
                 }
-                if let Transmit::Data { block, payload } = t {
-                    if block == expected as u16 {
+                if let Datagram::Data { block, payload } = t.datagram {
+                    if block == Block(expected).wire() {
                         got.extend_from_slice(&payload);
                         expected += 1;
                         progressed = true;
                         if payload.len() < blksize as usize || acks.len() + 1 == window as usize {
-                            acks.push((expected - 1) as u16);
+                            acks.push(Block(expected - 1).wire());
                         }
                     }
                 }
             }
             if progressed && acks.is_empty() {
-                acks.push((expected - 1) as u16);
+                acks.push(Block(expected - 1).wire());
             }
             if acks.is_empty() {
                 now = s.poll_timeout().unwrap_or(now);

@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::oack::{self, Asked, Multicast, Tsize};
 use crate::options::Negotiated;
 use crate::packet::{self, ErrorCode, Mode, Packet, Request, MAX_BLKSIZE, MIN_BLKSIZE};
 use crate::receiver::{Receiver, ReceiverConfig, ServerSide};
@@ -131,61 +132,20 @@ pub fn write_request(filename: &[u8], mode: Mode, o: &WriteOptions) -> Vec<u8> {
     Packet::Wrq(Request { filename: filename.to_vec(), mode, options }).to_vec()
 }
 
-fn parse_number(value: &str) -> Option<u64> {
-    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
 /// Checks a server's OACK to our WRQ (RFC 2347): only options we asked for, each once, with
 /// values within what we asked (`blksize` 8..=asked, `windowsize` 1..=asked, `timeout`
 /// 1..=asked, `tsize` equal to what we announced). The error is the reason to send with
 /// ERROR 8.
 pub fn check_oack(asked: &WriteOptions, opts: &[(String, String)]) -> Result<WriteAgreed, String> {
-    let mut a = WriteAgreed { blksize: packet::DEFAULT_BLKSIZE, windowsize: 1, timeout: None };
-    let mut seen: Vec<String> = Vec::new();
-    for (name, value) in opts {
-        let name = name.to_ascii_lowercase();
-        if seen.contains(&name) {
-            return Err(format!("OACK carries option {name} twice"));
-        }
-        let unrequested = || format!("OACK carries option {name}, which was not requested");
-        let bad = |range: String| format!("OACK {name} {value:?} is outside {range}");
-        let v = parse_number(value);
-        match name.as_str() {
-            "blksize" => {
-                let asked = asked.blksize.ok_or_else(unrequested)?.clamp(MIN_BLKSIZE, MAX_BLKSIZE);
-                match v {
-                    Some(v) if (MIN_BLKSIZE as u64..=asked as u64).contains(&v) => a.blksize = v as u16,
-                    _ => return Err(bad(format!("{MIN_BLKSIZE}..={asked}"))),
-                }
-            }
-            "windowsize" => {
-                let asked = asked.windowsize.ok_or_else(unrequested)?.max(1);
-                match v {
-                    Some(v) if (1..=asked as u64).contains(&v) => a.windowsize = v as u16,
-                    _ => return Err(bad(format!("1..={asked}"))),
-                }
-            }
-            "timeout" => {
-                let asked = asked.timeout.filter(|&t| t > 0).ok_or_else(unrequested)?;
-                match v {
-                    Some(v) if (1..=asked as u64).contains(&v) => a.timeout = Some(v as u8),
-                    _ => return Err(bad(format!("1..={asked}"))),
-                }
-            }
-            "tsize" => {
-                let announced = asked.tsize.ok_or_else(unrequested)?;
-                if v != Some(announced) {
-                    return Err(bad(format!("{announced}..={announced}")));
-                }
-            }
-            _ => return Err(unrequested()),
-        }
-        seen.push(name);
-    }
-    Ok(a)
+    let asked = Asked {
+        blksize: asked.blksize.map(|b| b.clamp(MIN_BLKSIZE, MAX_BLKSIZE)),
+        windowsize: asked.windowsize.map(|w| w.max(1)),
+        timeout: asked.timeout.filter(|&t| t > 0),
+        tsize: asked.tsize.map_or(Tsize::NotAsked, Tsize::Announced),
+        multicast: Multicast::NotAsked,
+    };
+    let a = oack::check(&asked, opts)?;
+    Ok(WriteAgreed { blksize: a.blksize, windowsize: a.windowsize, timeout: a.timeout })
 }
 
 #[cfg(test)]
@@ -193,7 +153,8 @@ mod tests {
     use super::*;
     use crate::options::{self, Limits};
     use crate::packet::decode;
-    use crate::transfer::{Outcome, Sender, SenderConfig, Source, Transmit};
+    use crate::transfer::{Outcome, Sender, SenderConfig, Source};
+    use crate::{Receiver, Transmit};
     use crate::ReceiverOutcome;
     use bytes::Bytes;
 
@@ -215,9 +176,11 @@ mod tests {
     }
 
     fn wire(t: Transmit) -> Vec<u8> {
-        let mut v = Vec::new();
-        t.write_to(&mut v);
-        v
+        t.datagram.into_vec()
+    }
+
+    fn next(r: &mut Receiver) -> Option<Vec<u8>> {
+        r.poll_transmit(Instant::now()).map(wire)
     }
 
     /// Result of one simulated upload.
@@ -267,7 +230,7 @@ mod tests {
             if server.awaiting_commit() {
                 server.commit();
             }
-            while let Some(d) = server.poll_transmit() {
+            while let Some(d) = next(&mut server) {
                 moved = true;
                 down += 1;
                 from_server.push(d.clone());
@@ -393,30 +356,30 @@ mod tests {
         let now = Instant::now();
         let n = Negotiated::defaults(&Limits::default());
         let mut s = accept(now, server_cfg(&n, Mode::Octet, None));
-        assert_eq!(s.poll_transmit(), Some(packet::ack(0).to_vec()));
+        assert_eq!(next(&mut s), Some(packet::ack(0).to_vec()));
         s.handle(now, &Packet::Data { block: 1, data: b"tail" });
         assert_eq!(s.take_data().as_deref(), Some(&b"tail"[..]));
         assert!(s.awaiting_commit());
-        assert_eq!(s.poll_transmit(), None, "no ACK before the file is stored");
+        assert_eq!(next(&mut s), None, "no ACK before the file is stored");
         assert_eq!(s.poll_timeout(), None);
         // The client resends while we store: still nothing.
         s.handle(now, &Packet::Data { block: 1, data: b"tail" });
-        assert_eq!(s.poll_transmit(), None);
+        assert_eq!(next(&mut s), None);
         s.abort(ErrorCode::FileExists, "File already exists");
-        let d = s.poll_transmit().unwrap();
+        let d = next(&mut s).unwrap();
         assert!(matches!(decode(&d), Ok(Packet::Error { code: ErrorCode::FileExists, .. })));
         assert!(s.is_done());
 
         let mut s = accept(now, server_cfg(&n, Mode::Octet, None));
-        let _ = s.poll_transmit();
+        let _ = next(&mut s);
         s.handle(now, &Packet::Data { block: 1, data: b"x" });
         let _ = s.take_data();
         s.commit();
-        assert_eq!(s.poll_transmit(), Some(packet::ack(1).to_vec()));
+        assert_eq!(next(&mut s), Some(packet::ack(1).to_vec()));
         assert_eq!(s.outcome(), Some(&ReceiverOutcome::Complete));
         // Our final ACK was lost: the repeated final block is acknowledged again (dally).
         s.handle(now, &Packet::Data { block: 1, data: b"x" });
-        assert_eq!(s.poll_transmit(), Some(packet::ack(1).to_vec()));
+        assert_eq!(next(&mut s), Some(packet::ack(1).to_vec()));
     }
 
     #[test]
@@ -425,20 +388,20 @@ mod tests {
         let req = options::parse(&[("windowsize".into(), "4".into())]).unwrap();
         let n = options::negotiate(&req, &Limits::default(), None, true);
         let mut s = accept(now, server_cfg(&n, Mode::Octet, None));
-        assert!(matches!(decode(&s.poll_transmit().unwrap()), Ok(Packet::Oack(_))));
+        assert!(matches!(decode(&next(&mut s).unwrap()), Ok(Packet::Oack(_))));
         let full = [0u8; 512];
         s.handle(now, &Packet::Data { block: 1, data: &full });
         s.handle(now, &Packet::Data { block: 3, data: &full });
-        assert_eq!(s.poll_transmit(), Some(packet::ack(1).to_vec()), "gap: ACK the last in-order block");
+        assert_eq!(next(&mut s), Some(packet::ack(1).to_vec()), "gap: ACK the last in-order block");
         s.handle(now, &Packet::Data { block: 4, data: &full });
-        assert_eq!(s.poll_transmit(), None, "one re-ACK per gap");
+        assert_eq!(next(&mut s), None, "one re-ACK per gap");
         for b in 2..=5 {
             s.handle(now, &Packet::Data { block: b, data: &full });
         }
-        assert_eq!(s.poll_transmit(), Some(packet::ack(5).to_vec()), "ACK after windowsize blocks");
+        assert_eq!(next(&mut s), Some(packet::ack(5).to_vec()), "ACK after windowsize blocks");
         // The window's last block again: our ACK was lost, say so again.
         s.handle(now, &Packet::Data { block: 5, data: &full });
-        assert_eq!(s.poll_transmit(), Some(packet::ack(5).to_vec()));
+        assert_eq!(next(&mut s), Some(packet::ack(5).to_vec()));
     }
 
     #[test]
@@ -447,12 +410,12 @@ mod tests {
         let req = options::parse(&[("blksize".into(), "1024".into())]).unwrap();
         let n = options::negotiate(&req, &Limits::default(), None, true);
         let mut s = accept(now, server_cfg(&n, Mode::Octet, None));
-        let oack = s.poll_transmit().unwrap();
+        let oack = next(&mut s).unwrap();
         let mut resent = 0;
         while let Some(t) = s.poll_timeout() {
             now = t;
             s.handle_timeout(now);
-            while let Some(d) = s.poll_transmit() {
+            while let Some(d) = next(&mut s) {
                 assert_eq!(d, oack, "the OACK is what is resent");
                 resent += 1;
             }
@@ -466,11 +429,11 @@ mod tests {
         let now = Instant::now();
         let n = Negotiated::defaults(&Limits::default());
         let mut s = accept(now, server_cfg(&n, Mode::Octet, None));
-        let _ = s.poll_transmit();
+        let _ = next(&mut s);
         s.handle(now, &Packet::Oack(vec![("blksize".into(), "8".into())]));
-        assert_eq!(s.poll_transmit(), None, "an OACK from a client is ignored");
+        assert_eq!(next(&mut s), None, "an OACK from a client is ignored");
         s.handle(now, &Packet::Ack(0));
-        assert!(matches!(decode(&s.poll_transmit().unwrap()), Ok(Packet::Error { code: ErrorCode::IllegalOperation, .. })));
+        assert!(matches!(decode(&next(&mut s).unwrap()), Ok(Packet::Error { code: ErrorCode::IllegalOperation, .. })));
     }
 
     #[test]

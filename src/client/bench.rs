@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tftpcast_proto::mcast_receiver::{McastReceiver, McastReceiverConfig, Via};
+use tftpcast_proto::addr;
 use tftpcast_proto::packet::{self, ErrorCode, Mode, MAX_BLKSIZE, MAX_DATAGRAM, MIN_BLKSIZE};
 use tftpcast_proto::{Receiver, ReceiverConfig, ReceiverOutcome};
 
@@ -249,17 +250,6 @@ impl Plan {
             let blksize = a.blksize.unwrap_or(packet::DEFAULT_BLKSIZE);
             let window = a.windowsize.unwrap_or(1);
             (Kind::Raw { size, blksize, window, timeout: base }, format!("raw ping-pong of {size} bytes"))
-        } else if a.multicast {
-            let file = a.file.clone().ok_or("--file is required")?;
-            let mut cfg = McastReceiverConfig::new(server, file.as_bytes());
-            cfg.blksize = a.blksize;
-            cfg.windowsize = a.windowsize;
-            cfg.timeout = base;
-            cfg.max_timeout = MAX_TIMEOUT.max(base);
-            cfg.request_timeout_option = a.timeout;
-            cfg.tsize = a.tsize;
-            cfg.max_retries = a.retries;
-            (Kind::Mcast { template: cfg }, format!("{file} (multicast)"))
         } else {
             let file = a.file.clone().ok_or("--file is required")?;
             let mut cfg = ReceiverConfig::new(file.as_bytes(), Mode::Octet);
@@ -270,7 +260,10 @@ impl Plan {
             cfg.request_timeout_option = a.timeout;
             cfg.tsize = a.tsize;
             cfg.max_retries = a.retries;
-            (Kind::Tftp { template: cfg }, file)
+            match a.multicast {
+                true => (Kind::Mcast { template: McastReceiverConfig { server, request: cfg } }, format!("{file} (multicast)")),
+                false => (Kind::Tftp { template: cfg }, file),
+            }
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let threads = a.threads.unwrap_or(cores).min(a.clients).max(1);
@@ -435,16 +428,7 @@ struct Transfer {
     io_error: Option<String>,
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
 
-fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && canonical(a.ip()) == canonical(b.ip())
-}
 
 impl Transfer {
     fn start(plan: &Plan, client: u32, now: Instant, blocking: bool) -> io::Result<Transfer> {
@@ -547,8 +531,8 @@ impl Transfer {
                     hasher.update(&chunk);
                     self.bytes += chunk.len() as u64;
                 }
-                while let Some(d) = rx.poll_transmit() {
-                    if let Err(e) = send(&self.sock, &d, to) {
+                while let Some(t) = rx.poll_transmit(Instant::now()) {
+                    if let Err(e) = send(&self.sock, &t.datagram.into_vec(), to) {
                         self.io_error.get_or_insert(format!("sending to {to}: {e}"));
                     }
                 }
@@ -575,9 +559,9 @@ impl Transfer {
                         }
                     }
                 }
-                while let Some(t) = rx.poll_transmit() {
+                while let Some(t) = rx.poll_transmit(Instant::now()) {
                     let to = t.to.addr();
-                    if let Err(e) = send(&self.sock, &t.packet, to) {
+                    if let Err(e) = send(&self.sock, &t.datagram.into_vec(), to) {
                         if !matches!(t.to, tftpcast_proto::mcast_receiver::Dest::Stranger(_)) {
                             self.io_error.get_or_insert(format!("sending to {to}: {e}"));
                         }
@@ -598,7 +582,7 @@ impl Transfer {
     fn on_datagram(&mut self, now: Instant, from: SocketAddr, via: Via, datagram: Bytes) {
         if let Job::Mcast { rx, .. } = &mut self.job {
             // The receiver filters by the server's TID itself.
-            if canonical(from.ip()) == canonical(self.server.ip()) {
+            if addr::unmap_ip(from.ip()) == addr::unmap_ip(self.server.ip()) {
                 self.server_datagrams += 1;
             }
             let _ = rx.handle_datagram(now, from, via, datagram);
@@ -606,7 +590,7 @@ impl Transfer {
             return;
         }
         match self.peer {
-            Some(p) if same_endpoint(p, from) => {}
+            Some(p) if addr::same(p, from) => {}
             Some(_) => {
                 // RFC 1350: a stranger gets ERROR 5 and the transfer goes on.
                 if !matches!(self.job, Job::Raw { .. }) {
@@ -620,7 +604,7 @@ impl Transfer {
                     Job::Tftp { .. } | Job::Mcast { .. } => packet::decode(&datagram).is_ok(),
                     Job::Raw { .. } => true,
                 };
-                if canonical(from.ip()) != canonical(self.server.ip()) || !plausible {
+                if addr::unmap_ip(from.ip()) != addr::unmap_ip(self.server.ip()) || !plausible {
                     return;
                 }
                 self.peer = Some(from);
@@ -818,7 +802,7 @@ fn open_group_socket(group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<UdpSock
 fn route_source(to: SocketAddr) -> Ipv4Addr {
     let probe = || -> io::Result<IpAddr> {
         let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-        s.connect(SocketAddr::from((canonical(to.ip()), to.port())))?;
+        s.connect(SocketAddr::from((addr::unmap_ip(to.ip()), to.port())))?;
         Ok(s.local_addr()?.ip())
     };
     match probe() {

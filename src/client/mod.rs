@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tftpcast_proto::mcast_receiver::{Dest, Kind, McastReceiver, McastReceiverConfig, Via};
+use tftpcast_proto::addr;
 use tftpcast_proto::packet::{self, ErrorCode, Mode, MAX_BLKSIZE, MAX_DATAGRAM, MIN_BLKSIZE};
 use tftpcast_proto::upload::{self, WriteOptions};
 use tftpcast_proto::{Outcome, Packet, Receiver, ReceiverConfig, ReceiverOutcome, Sender, SenderConfig, Source};
@@ -190,23 +191,12 @@ fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, Cl
     let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
     grow_receive_buffer(&sock, args);
 
-    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let mut cfg = ReceiverConfig::new(
-        args.remote_file.as_bytes(),
-        match args.mode {
-            TransferMode::Octet => Mode::Octet,
-            TransferMode::Netascii => Mode::Netascii,
-        },
-    );
-    cfg.blksize = args.blksize;
-    cfg.windowsize = args.windowsize;
-    cfg.timeout = base;
-    cfg.max_timeout = MAX_TIMEOUT.max(base);
-    cfg.request_timeout_option = args.timeout;
-    cfg.tsize = args.tsize;
-    cfg.max_retries = args.retries;
+    let mode = match args.mode {
+        TransferMode::Octet => Mode::Octet,
+        TransferMode::Netascii => Mode::Netascii,
+    };
     let start = Instant::now();
-    let mut rx = Receiver::new(start, cfg);
+    let mut rx = Receiver::new(start, receiver_config(args, mode));
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
 
     let result = drive(&sock, args.server, &mut rx, &mut out, &mut progress);
@@ -251,16 +241,16 @@ fn drive(
                     _ => ErrorCode::NotDefined,
                 };
                 rx.abort(code, "the client could not write the file");
-                while let Some(d) = rx.poll_transmit() {
-                    let _ = sock.send_to(&d, peer.unwrap_or(server));
+                while let Some(t) = rx.poll_transmit(Instant::now()) {
+                    let _ = sock.send_to(&t.datagram.into_vec(), peer.unwrap_or(server));
                 }
                 return Err(ClientError::Io { context: format!("writing {}", out.name()), source: e });
             }
             written += chunk.len() as u64;
         }
-        while let Some(d) = rx.poll_transmit() {
+        while let Some(t) = rx.poll_transmit(Instant::now()) {
             let to = peer.unwrap_or(server);
-            sock.send_to(&d, to).map_err(io_err(format!("sending to {to}")))?;
+            sock.send_to(&t.datagram.into_vec(), to).map_err(io_err(format!("sending to {to}")))?;
         }
         if rx.is_done() {
             return Ok(written);
@@ -292,7 +282,7 @@ fn drive(
                 let datagram = buf.split_to(n).freeze();
                 let now = Instant::now();
                 match peer {
-                    Some(p) if same_endpoint(p, from) => {
+                    Some(p) if addr::same(p, from) => {
                         let _ = rx.handle_datagram(now, datagram);
                     }
                     Some(_) => {
@@ -303,7 +293,7 @@ fn drive(
                     None => {
                         // The first reply fixes the server's TID; it must come from the host
                         // we asked and be TFTP at all.
-                        if canonical(from.ip()) == canonical(server.ip()) && packet::decode(&datagram).is_ok() {
+                        if addr::unmap_ip(from.ip()) == addr::unmap_ip(server.ip()) && packet::decode(&datagram).is_ok() {
                             peer = Some(from);
                             let _ = rx.handle_datagram(now, datagram);
                         }
@@ -381,7 +371,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     let result = 'transfer: loop {
         let now = Instant::now();
         while let Some(t) = tx.poll_transmit(now) {
-            t.write_to(&mut out);
+            t.datagram.write_to(&mut out);
             let to = peer.unwrap_or(args.server);
             match sock.send_to(&out, to) {
                 Ok(_) => {}
@@ -407,7 +397,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
         };
         let Ok(pkt) = packet::decode(&buf[..n]) else { continue };
         match peer {
-            Some(p) if same_endpoint(p, from) => {}
+            Some(p) if addr::same(p, from) => {}
             Some(_) => {
                 // RFC 1350: a packet from a stranger gets ERROR 5; our transfer goes on.
                 if !matches!(pkt, Packet::Error { .. }) {
@@ -416,7 +406,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
                 continue;
             }
             // The first reply fixes the server's TID; it must come from the host we asked.
-            None if canonical(from.ip()) == canonical(args.server.ip()) => peer = Some(from),
+            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.server.ip()) => peer = Some(from),
             None => continue,
         }
         let now = Instant::now();
@@ -466,15 +456,7 @@ fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, 
     sock.set_nonblocking(true).map_err(io_err("making the socket non-blocking"))?;
     grow_receive_buffer(&sock, args);
 
-    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let mut cfg = McastReceiverConfig::new(args.server, args.remote_file.as_bytes());
-    cfg.blksize = args.blksize;
-    cfg.windowsize = args.windowsize;
-    cfg.timeout = base;
-    cfg.max_timeout = MAX_TIMEOUT.max(base);
-    cfg.request_timeout_option = args.timeout;
-    cfg.tsize = args.tsize;
-    cfg.max_retries = args.retries;
+    let cfg = McastReceiverConfig { server: args.server, request: receiver_config(args, Mode::Octet) };
     let start = Instant::now();
     let mut rx = McastReceiver::new(start, cfg);
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
@@ -557,11 +539,8 @@ impl GroupSocket {
 fn route_source(to: SocketAddr) -> Ipv4Addr {
     let probe = || -> io::Result<IpAddr> {
         let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-        let to = match to {
-            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-                Some(v4) => SocketAddr::from((v4, v6.port())),
-                None => return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            },
+        let to = match addr::unmap(to) {
+            SocketAddr::V6(_) => return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             v4 => v4,
         };
         s.connect(to)?;
@@ -594,8 +573,8 @@ fn drive_multicast(
                     _ => ErrorCode::NotDefined,
                 };
                 rx.abort(code, "the client could not write the file");
-                while let Some(t) = rx.poll_transmit() {
-                    let _ = sock.send_to(&t.packet, t.to.addr());
+                while let Some(t) = rx.poll_transmit(Instant::now()) {
+                    let _ = sock.send_to(&t.datagram.into_vec(), t.to.addr());
                 }
                 return Err(ClientError::Io { context: format!("writing {}", out.name()), source: e });
             }
@@ -611,17 +590,17 @@ fn drive_multicast(
                     Ok(joined) => *group = Some(joined),
                     Err(e) => {
                         rx.abort(ErrorCode::NotDefined, "the client cannot join the multicast group");
-                        while let Some(t) = rx.poll_transmit() {
-                            let _ = sock.send_to(&t.packet, t.to.addr());
+                        while let Some(t) = rx.poll_transmit(Instant::now()) {
+                            let _ = sock.send_to(&t.datagram.into_vec(), t.to.addr());
                         }
                         return Ok(Some(format!("cannot join multicast group {g} on {iface}: {e}")));
                     }
                 }
             }
         }
-        while let Some(t) = rx.poll_transmit() {
+        while let Some(t) = rx.poll_transmit(Instant::now()) {
             let to = t.to.addr();
-            match (sock.send_to(&t.packet, to), t.to) {
+            match (sock.send_to(&t.datagram.into_vec(), to), t.to) {
                 (Ok(_), _) | (Err(_), Dest::Stranger(_)) => {}
                 (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
                 (Err(e), _) => return Err(ClientError::Io { context: format!("sending to {to}"), source: e }),
@@ -689,20 +668,24 @@ fn recv_batch(sock: &UdpSocket, via: Via, rx: &mut McastReceiver, buf: &mut Byte
     Ok(RECV_BATCH)
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
 
-/// Same address and port (ignoring IPv6 flow labels and scope ids the kernel fills in).
-fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && canonical(a.ip()) == canonical(b.ip())
-}
 
 /// A window of large blocks can outrun the default socket buffer; ask for room for two
 /// windows (best effort: the kernel caps it).
+/// The download `args` ask for, by unicast or (as the request inside) multicast.
+fn receiver_config(args: &GetArgs, mode: Mode) -> ReceiverConfig {
+    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let mut cfg = ReceiverConfig::new(args.remote_file.as_bytes(), mode);
+    cfg.blksize = args.blksize;
+    cfg.windowsize = args.windowsize;
+    cfg.timeout = base;
+    cfg.max_timeout = MAX_TIMEOUT.max(base);
+    cfg.request_timeout_option = args.timeout;
+    cfg.tsize = args.tsize;
+    cfg.max_retries = args.retries;
+    cfg
+}
+
 fn grow_receive_buffer(sock: &UdpSocket, args: &GetArgs) {
     let block = args.blksize.unwrap_or(packet::DEFAULT_BLKSIZE) as usize + 4;
     let want = (2 * args.windowsize.unwrap_or(1) as usize * block).clamp(256 << 10, 16 << 20);
@@ -955,8 +938,8 @@ mod tests {
     fn endpoints_compare_without_v4_mapping_noise() {
         let a: SocketAddr = "127.0.0.1:6970".parse().unwrap();
         let b: SocketAddr = "[::ffff:127.0.0.1]:6970".parse().unwrap();
-        assert!(same_endpoint(a, b));
-        assert!(!same_endpoint(a, "127.0.0.1:6971".parse().unwrap()));
+        assert!(addr::same(a, b));
+        assert!(!addr::same(a, "127.0.0.1:6971".parse().unwrap()));
     }
 
     #[test]

@@ -24,10 +24,10 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tftpcast_proto::cluster::MemberInfo;
 use tftpcast_proto::multicast::rate::RateChange;
-use tftpcast_proto::multicast::{Event, Group, GroupConfig, GroupStats, Output};
+use tftpcast_proto::multicast::{Event, Group, GroupConfig, GroupDest, GroupStats};
 use tftpcast_proto::pacing::TokenBucket;
 use tftpcast_proto::packet;
-use tftpcast_proto::transfer::Transmit;
+use tftpcast_proto::transmit::{self, Transmit};
 use tracing::{debug, info, warn, Span};
 
 use crate::flow::lease::{self, Leased};
@@ -206,14 +206,14 @@ impl GroupSession {
     /// which wakes once for the run (the budget is still charged per datagram).
     fn flush(&mut self, ctx: &mut Context<Self>) {
         let (Some(sock), Some(group_dest)) = (self.sock.clone(), self.dest) else { return };
-        let mut batch: Vec<Transmit> = Vec::new();
+        let mut batch: Vec<transmit::Datagram> = Vec::new();
         let mut batch_dest = group_dest;
         while !self.blocked {
             let now = Instant::now();
             let out = if self.bucket.ready_at(now).is_some() { None } else { self.group.as_mut().and_then(|g| g.poll_transmit(now)) };
             let (data, dest) = match &out {
-                Some(Output::ToGroup(t)) => (Some(t), group_dest),
-                Some(Output::ToMember { to, data }) => (Some(data), *to),
+                Some(Transmit { to: GroupDest::Group, datagram: d @ transmit::Datagram::Data { .. } }) => (Some(d), group_dest),
+                Some(Transmit { to: GroupDest::Client(to), datagram: d @ transmit::Datagram::Data { .. } }) => (Some(d), *to),
                 _ => (None, group_dest),
             };
             let joins = data.is_some_and(|t| dest == batch_dest && crate::net::udp::batchable(&batch, t));
@@ -222,7 +222,7 @@ impl GroupSession {
             }
             match out {
                 None => break,
-                Some(Output::ToClient { to, packet }) => {
+                Some(Transmit { to: GroupDest::Client(to), datagram: transmit::Datagram::Control(packet) }) => {
                     self.unicast_bytes += packet.len() as u64;
                     self.bucket.consume(packet.len() as u64);
                     if let Err(e) = sock.send_bytes(&packet, to) {
@@ -230,7 +230,7 @@ impl GroupSession {
                         warn!(client = %to, error = %e, "cannot send to member");
                     }
                 }
-                Some(Output::ToGroup(t)) | Some(Output::ToMember { data: t, .. }) => {
+                Some(Transmit { datagram: t, .. }) => {
                     self.bucket.consume(t.len() as u64);
                     batch_dest = dest;
                     batch.push(t);
@@ -245,7 +245,7 @@ impl GroupSession {
     }
 
     /// Sends a run of DATA; on a full send queue the rest goes when the socket has room.
-    fn send_batch(&mut self, sock: &Transport, batch: &mut Vec<Transmit>, dest: SocketAddr, ctx: &mut Context<Self>) {
+    fn send_batch(&mut self, sock: &Transport, batch: &mut Vec<transmit::Datagram>, dest: SocketAddr, ctx: &mut Context<Self>) {
         match sock.send_batch(batch, dest, &mut self.gso) {
             Ok(()) => batch.clear(),
             Err((sent, e)) if e.kind() == std::io::ErrorKind::WouldBlock => {

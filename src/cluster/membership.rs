@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tftpcast_proto::cluster::{self, ClusterError, Envelope, NodeId};
-use tftpcast_proto::Transmit;
+use tftpcast_proto::transmit;
 use tracing::{debug, info, warn};
 
 use crate::state::DumpState;
@@ -523,7 +523,7 @@ impl Membership {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // A full socket buffer is back-pressure, not loss: send when writable.
-                ctx.spawn(udp::send_when_writable(sock.clone(), Transmit::Control(bytes), to).into_actor(self));
+                ctx.spawn(udp::send_when_writable(sock.clone(), transmit::Datagram::Control(bytes), to).into_actor(self));
                 Ok(())
             }
             Err(e) => {

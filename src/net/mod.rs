@@ -23,22 +23,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// IPv4-mapped IPv6 addresses (from a dual-stack socket) become plain IPv4.
-pub fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
-fn unmap_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
+pub use tftpcast_proto::addr::{unmap, unmap_ip};
 
 fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(*addr), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;

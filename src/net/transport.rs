@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tftpcast_proto::packet;
-use tftpcast_proto::Transmit;
+use tftpcast_proto::transmit;
 
 use crate::net::udp::{self, Datagram, SharedSocket};
 
@@ -105,12 +105,12 @@ pub enum Transport {
 impl Transport {
     /// Sends one datagram the state machines produced: DATA as header + shared payload
     /// without copying them together.
-    pub fn send_transmit(&self, t: &Transmit, to: SocketAddr) -> io::Result<()> {
+    pub fn send_datagram(&self, t: &transmit::Datagram, to: SocketAddr) -> io::Result<()> {
         match self {
-            Transport::Own(s) => udp::send_transmit(s.get_ref(), t, to),
+            Transport::Own(s) => udp::send_datagram(s.get_ref(), t, to),
             Transport::Shared(s) => match t {
-                Transmit::Data { block, payload } => s.send(&packet::data_header(*block), payload, to),
-                Transmit::Control(v) => s.send(v, &[], to),
+                transmit::Datagram::Data { block, payload } => s.send(&packet::data_header(*block), payload, to),
+                transmit::Datagram::Control(v) => s.send(v, &[], to),
             },
         }
     }
@@ -118,12 +118,12 @@ impl Transport {
     /// Sends a run of datagrams (see [`udp::send_batch`]): one segmented send on an own
     /// socket when the path takes it; datagram by datagram on the shared port. On an error,
     /// says how many left before it.
-    pub fn send_batch(&self, batch: &[Transmit], to: SocketAddr, gso: &mut bool) -> Result<(), (usize, io::Error)> {
+    pub fn send_batch(&self, batch: &[transmit::Datagram], to: SocketAddr, gso: &mut bool) -> Result<(), (usize, io::Error)> {
         match self {
             Transport::Own(s) => udp::send_batch(s.get_ref(), batch, to, gso),
             Transport::Shared(_) => {
                 for (i, t) in batch.iter().enumerate() {
-                    self.send_transmit(t, to).map_err(|e| (i, e))?;
+                    self.send_datagram(t, to).map_err(|e| (i, e))?;
                 }
                 Ok(())
             }
@@ -131,7 +131,7 @@ impl Transport {
     }
 
     /// Sends what is left of a batch once the kernel queue has room again.
-    pub async fn send_batch_when_writable(self, rest: Vec<Transmit>, to: SocketAddr) {
+    pub async fn send_batch_when_writable(self, rest: Vec<transmit::Datagram>, to: SocketAddr) {
         match self {
             Transport::Own(s) => udp::send_batch_when_writable(s, rest, to).await,
             Transport::Shared(_) => {
@@ -153,12 +153,12 @@ impl Transport {
     /// Sends `t` once the kernel queue has room again (after a `WouldBlock`): back-pressure,
     /// not loss. An own socket waits for write readiness; the shared one retries on a short
     /// timer (see the module doc).
-    pub async fn send_when_writable(self, t: Transmit, to: SocketAddr) {
+    pub async fn send_when_writable(self, t: transmit::Datagram, to: SocketAddr) {
         match self {
             Transport::Own(s) => udp::send_when_writable(s, t, to).await,
             Transport::Shared(_) => loop {
                 tokio::time::sleep(SHARED_RETRY).await;
-                match self.send_transmit(&t, to) {
+                match self.send_datagram(&t, to) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     _ => return,
                 }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use tftpcast_proto::packet;
-use tftpcast_proto::Transmit;
+use tftpcast_proto::transmit;
 use tokio::io::unix::AsyncFd;
 
 use crate::net::{self, RecvMeta};
@@ -104,20 +104,20 @@ impl futures_core::Stream for DatagramStream {
 
 /// Sends one datagram the state machines produced: DATA as header + shared payload without
 /// copying them together, anything else as is.
-pub fn send_transmit(sock: &UdpSocket, t: &Transmit, to: SocketAddr) -> io::Result<()> {
+pub fn send_datagram(sock: &UdpSocket, t: &transmit::Datagram, to: SocketAddr) -> io::Result<()> {
     match t {
-        Transmit::Data { block, payload } => net::send_vectored(sock, &packet::data_header(*block), payload, to),
-        Transmit::Control(v) => sock.send_to(v, to),
+        transmit::Datagram::Data { block, payload } => net::send_vectored(sock, &packet::data_header(*block), payload, to),
+        transmit::Datagram::Control(v) => sock.send_to(v, to),
     }
     .map(|_| ())
 }
 
 /// Sends `t` once the socket has buffer space again (after a `WouldBlock`): the kernel queue
 /// being full is back-pressure, not loss, so the datagram waits instead of being dropped.
-pub async fn send_when_writable(sock: SharedSocket, t: Transmit, to: SocketAddr) {
+pub async fn send_when_writable(sock: SharedSocket, t: transmit::Datagram, to: SocketAddr) {
     loop {
         let Ok(mut guard) = sock.writable().await else { return };
-        match guard.try_io(|s| send_transmit(s.get_ref(), &t, to)) {
+        match guard.try_io(|s| send_datagram(s.get_ref(), &t, to)) {
             Ok(_) => return,
             Err(_would_block) => continue,
         }
@@ -126,9 +126,9 @@ pub async fn send_when_writable(sock: SharedSocket, t: Transmit, to: SocketAddr)
 
 /// Whether `next` may join `batch` in one segmented send: DATA datagrams of one size, of which
 /// only the last may be shorter, within the kernel's limits.
-pub fn batchable(batch: &[Transmit], next: &Transmit) -> bool {
-    let Some(first) = batch.first() else { return matches!(next, Transmit::Data { .. }) };
-    let (Transmit::Data { .. }, Transmit::Data { .. }) = (first, next) else { return false };
+pub fn batchable(batch: &[transmit::Datagram], next: &transmit::Datagram) -> bool {
+    let Some(first) = batch.first() else { return matches!(next, transmit::Datagram::Data { .. }) };
+    let (transmit::Datagram::Data { .. }, transmit::Datagram::Data { .. }) = (first, next) else { return false };
     let seg = first.len();
     let last = batch.last().map(|t| t.len()).unwrap_or(seg);
     last == seg
@@ -141,19 +141,19 @@ pub fn batchable(batch: &[Transmit], next: &Transmit) -> bool {
 /// `gso` still says the path takes it, else datagram by datagram. A refused segmented send
 /// clears `gso` (for the caller to remember) and falls back. On an error, says how many
 /// datagrams left before it; the caller keeps the rest (a `WouldBlock` is back-pressure).
-pub fn send_batch(sock: &UdpSocket, batch: &[Transmit], to: SocketAddr, gso: &mut bool) -> Result<(), (usize, io::Error)> {
+pub fn send_batch(sock: &UdpSocket, batch: &[transmit::Datagram], to: SocketAddr, gso: &mut bool) -> Result<(), (usize, io::Error)> {
     if batch.len() > 1 && *gso {
         let headers: Vec<[u8; 4]> = batch
             .iter()
             .map(|t| match t {
-                Transmit::Data { block, .. } => packet::data_header(*block),
-                Transmit::Control(_) => unreachable!("batchable() admits DATA only"),
+                transmit::Datagram::Data { block, .. } => packet::data_header(*block),
+                transmit::Datagram::Control(_) => unreachable!("batchable() admits DATA only"),
             })
             .collect();
         let mut iov = Vec::with_capacity(batch.len() * 2);
         for (t, h) in batch.iter().zip(&headers) {
             iov.push(io::IoSlice::new(h));
-            if let Transmit::Data { payload, .. } = t {
+            if let transmit::Datagram::Data { payload, .. } = t {
                 if !payload.is_empty() {
                     iov.push(io::IoSlice::new(payload));
                 }
@@ -171,13 +171,13 @@ pub fn send_batch(sock: &UdpSocket, batch: &[Transmit], to: SocketAddr, gso: &mu
         }
     }
     for (i, t) in batch.iter().enumerate() {
-        send_transmit(sock, t, to).map_err(|e| (i, e))?;
+        send_datagram(sock, t, to).map_err(|e| (i, e))?;
     }
     Ok(())
 }
 
 /// Sends what is left of a batch once the socket has buffer space again.
-pub async fn send_batch_when_writable(sock: SharedSocket, mut rest: Vec<Transmit>, to: SocketAddr) {
+pub async fn send_batch_when_writable(sock: SharedSocket, mut rest: Vec<transmit::Datagram>, to: SocketAddr) {
     let mut gso = false;
     while !rest.is_empty() {
         let Ok(mut guard) = sock.writable().await else { return };

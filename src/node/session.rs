@@ -78,7 +78,7 @@ pub struct Session {
     /// A datagram waiting for socket buffer space.
     blocked: bool,
     /// Datagrams polled from the sender, not yet sent (reused between flushes).
-    batch: Vec<tftpcast_proto::Transmit>,
+    batch: Vec<tftpcast_proto::transmit::Datagram>,
     /// The path takes segmented sends (cleared the first time the kernel refuses one).
     gso: bool,
     reported: Report,
@@ -126,7 +126,7 @@ impl Session {
         let mut batch = std::mem::take(&mut self.batch);
         loop {
             let now = Instant::now();
-            let next = if self.bucket.ready_at(now).is_some() { None } else { self.sender.poll_transmit(now) };
+            let next = if self.bucket.ready_at(now).is_some() { None } else { self.sender.poll_transmit(now).map(|t| t.datagram) };
             let full = match &next {
                 Some(t) => !batch.is_empty() && !crate::net::udp::batchable(&batch, t),
                 None => !batch.is_empty(),

@@ -156,8 +156,8 @@ impl Upload {
         let hold = self.busy && self.buffered.len() > MAX_BUFFERED && self.rx.outcome().is_none();
         if !hold {
             if let Some(sock) = &self.sock {
-                while let Some(d) = self.rx.poll_transmit() {
-                    if let Err(e) = sock.send_bytes(&d, self.peer) {
+                while let Some(t) = self.rx.poll_transmit(Instant::now()) {
+                    if let Err(e) = sock.send_bytes(&t.datagram.into_vec(), self.peer) {
                         let _g = self.span.enter();
                         warn!(error = %e, "send failed");
                     }

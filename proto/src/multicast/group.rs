@@ -8,11 +8,12 @@ use bytes::Bytes;
 
 use super::rate::{GroupRate, RateChange};
 use super::window::{LossEstimate, Window};
-use super::{oack_value, Event, GroupConfig, GroupStats, Handover, Output, PROBE_INTERVAL, RECENTLY_DONE};
+use super::{oack_value, Event, GroupConfig, GroupDest, GroupStats, Handover, PROBE_INTERVAL, RECENTLY_DONE};
 use crate::packet::{self, ErrorCode, Packet};
 use crate::pacing::{burst_for, TokenBucket};
 use crate::rto::Rto;
-use crate::transfer::Transmit;
+use crate::block::Block;
+use crate::transmit::{Datagram, Transmit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -160,7 +161,7 @@ pub struct Group<C: Copy + Eq + std::fmt::Debug> {
     /// When the last probe (or the first pass) began.
     probe_at: Option<Instant>,
     last_unexpected_retransmit: Option<Instant>,
-    out: VecDeque<Output<C>>,
+    out: VecDeque<Transmit<GroupDest<C>>>,
     events: VecDeque<Event<C>>,
     stats: GroupStats,
 }
@@ -332,8 +333,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     /// extra ACK, stays silent until its own timer, seconds later).
     fn tell_passive(&mut self, to: C) {
         let pkt = packet::Packet::Oack(vec![("multicast".to_string(), oack_value(self.cfg.group, false))]).to_vec();
-        self.out.push_back(Output::ToClient { to, packet: pkt.clone() });
-        self.out.push_back(Output::ToClient { to, packet: pkt });
+        self.send(to, pkt.clone());
+        self.send(to, pkt);
     }
 
     fn arm(&mut self, now: Instant) {
@@ -356,7 +357,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     pub fn join(&mut self, now: Instant, client: C, options: Vec<(String, String)>) {
         if let Some(m) = self.members.iter().find(|m| m.id == client) {
             let pkt = self.oack(m, m.role == Role::Master);
-            self.out.push_back(Output::ToClient { to: client, packet: pkt });
+            self.send(client, pkt);
             return;
         }
         self.stats.joins += 1;
@@ -366,7 +367,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         } else {
             let m = self.members.back().expect("just pushed");
             let pkt = self.oack(m, false);
-            self.out.push_back(Output::ToClient { to: client, packet: pkt });
+            self.send(client, pkt);
         }
         self.events.push_back(Event::Joined { client, master: self.master() == Some(client), members: self.members.len() });
         if !self.started && self.cfg.start_min_clients > 0 && self.members.len() >= self.cfg.start_min_clients {
@@ -403,7 +404,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         // from this one (with `multicast` alone it would take the default 512 and refuse the
         // group's DATA).
         let pkt = self.oack(m, true);
-        self.out.push_back(Output::ToClient { to: client, packet: pkt });
+        self.send(client, pkt);
         self.master_pending = true;
         self.retries = 0;
         self.current_timeout = self.rto.timeout();
@@ -511,12 +512,17 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
     }
 
     /// Where DATA goes: the group, or the last member by unicast.
-    fn data_output(&mut self, t: Transmit) -> Output<C> {
+    fn data_output(&mut self, datagram: Datagram) -> Transmit<GroupDest<C>> {
         if self.cfg.lone_member_unicast && self.members.len() == 1 {
             self.stats.unicast_data_packets += 1;
-            return Output::ToMember { to: self.members[0].id, data: t };
+            return Transmit { to: GroupDest::Client(self.members[0].id), datagram };
         }
-        Output::ToGroup(t)
+        Transmit { to: GroupDest::Group, datagram }
+    }
+
+    /// Queues a control packet (OACK, ERROR) for one client.
+    fn send(&mut self, to: C, packet: Vec<u8>) {
+        self.out.push_back(Transmit { to: GroupDest::Client(to), datagram: Datagram::Control(packet) });
     }
 
     /// Feeds a packet that arrived on the group's socket from `from`.
@@ -529,7 +535,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             }
             // Not a member: RFC 1350 answers a stranger's packet with error 5.
             if !matches!(pkt, Packet::Error { .. }) {
-                self.out.push_back(Output::ToClient { to: from, packet: packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID") });
+                self.send(from, packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"));
             }
             return;
         };
@@ -764,7 +770,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.out.push_back(o);
     }
 
-    fn data_packet(&mut self, index: u64) -> Transmit {
+    fn data_packet(&mut self, index: u64) -> Datagram {
         let blk = self.cfg.blksize as u64;
         let len = self.data.len() as u64;
         let start = ((index - 1) * blk).min(len);
@@ -772,7 +778,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         let payload = self.data.slice(start as usize..end as usize);
         self.stats.data_packets += 1;
         self.stats.data_bytes += 4 + payload.len() as u64;
-        Transmit::Data { block: index as u16, payload }
+        Datagram::Data { block: Block(index).wire(), payload }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -815,7 +821,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
             let m = self.members.iter().find(|m| m.id == master).expect("master is a member");
             // The promotion OACK again, with the full options (see `promote`).
             let pkt = self.oack(m, true);
-            self.out.push_back(Output::ToClient { to: master, packet: pkt });
+            self.send(master, pkt);
         } else {
             self.on_hole(now, self.base + 1, Cause::Timeout);
         }
@@ -827,7 +833,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         [self.deadline, start, self.pace_at].into_iter().flatten().min()
     }
 
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Output<C>> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit<GroupDest<C>>> {
         if let Some(o) = self.out.pop_front() {
             return Some(o);
         }

@@ -55,8 +55,6 @@ use std::time::{Duration, Instant};
 pub use group::Group;
 pub use rate::RateConfig;
 
-use crate::transfer::Transmit;
-
 /// True when a file of `len` bytes at `blksize` needs no block number above 65535.
 pub fn fits_without_rollover(len: u64, blksize: u16) -> bool {
     len / (blksize as u64) < 65535
@@ -99,15 +97,13 @@ pub struct GroupConfig {
     pub rate: RateConfig,
 }
 
-/// A datagram the group wants sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output<C> {
-    /// Unicast to one client (OACK, ERROR), from the group's socket.
-    ToClient { to: C, packet: Vec<u8> },
-    /// DATA to the multicast group, from the group's socket.
-    ToGroup(Transmit),
-    /// DATA to one member by unicast, from the group's socket (the last member left).
-    ToMember { to: C, data: Transmit },
+/// Where a group's datagram goes; everything leaves from the group's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupDest<C> {
+    /// The multicast group (DATA).
+    Group,
+    /// One client by unicast: OACK and ERROR, or DATA to the last member left.
+    Client(C),
 }
 
 /// Why the master changed.

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Event, Group, GroupConfig, Output, RateConfig};
+use super::{Event, Group, GroupConfig, GroupDest, RateConfig};
 use crate::packet::{decode, Packet};
-use crate::transfer::Transmit;
+use crate::block::Block;
+use crate::loss::Loss;
+use crate::transmit::{Datagram, Transmit};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -116,7 +118,7 @@ pub struct Lab {
     pub t0: Instant,
     pub now: Instant,
     owd: Duration,
-    rng: u64,
+    loss: Loss,
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
     evs: Vec<Option<Ev>>,
     pub data_sent: u64,
@@ -191,7 +193,7 @@ impl Lab {
             t0,
             now: t0,
             owd: Duration::from_micros(100),
-            rng: 0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D),
+            loss: Loss::new(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D)),
             heap: BinaryHeap::new(),
             evs: Vec::new(),
             data_sent: 0,
@@ -209,10 +211,7 @@ impl Lab {
     }
 
     fn random(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+        self.loss.unit()
     }
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
@@ -237,15 +236,15 @@ impl Lab {
         while let Some(o) = self.g.poll_transmit(self.now) {
             let at = self.now + self.owd;
             let (only, block, payload) = match o {
-                Output::ToClient { to, packet } => {
+                Transmit { to: GroupDest::Client(to), datagram: Datagram::Control(packet) } => {
                     if let Ok(Packet::Oack(opts)) = decode(&packet) {
                         let master = opts.iter().any(|(k, v)| k == "multicast" && v.ends_with(",1"));
                         self.schedule(at, Ev::Arrive(to as usize, Pkt::Oack { master }));
                     }
                     continue;
                 }
-                Output::ToGroup(Transmit::Data { block, payload }) => (None, block, payload),
-                Output::ToMember { to, data: Transmit::Data { block, payload } } => (Some(to), block, payload),
+                Transmit { to: GroupDest::Group, datagram: Datagram::Data { block, payload } } => (None, block, payload),
+                Transmit { to: GroupDest::Client(to), datagram: Datagram::Data { block, payload } } => (Some(to), block, payload),
                 other => panic!("not DATA: {other:?}"),
             };
             self.data_sent += 1;
@@ -400,7 +399,7 @@ impl Lab {
                     Ev::Process(c, p) => self.process(c, p),
                     Ev::Ack(c, n) => {
                         if self.clients[c].alive {
-                            self.g.handle(self.now, c as u32, &Packet::Ack(n as u16));
+                            self.g.handle(self.now, c as u32, &Packet::Ack(Block(n).wire()));
                         }
                     }
                 }

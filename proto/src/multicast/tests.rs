@@ -6,8 +6,9 @@ use bytes::Bytes;
 
 use super::sim::{config, file, floor, ClientSpec, Kind, Lab};
 use super::*;
+use crate::block::Block;
 use crate::packet::{decode, ErrorCode, Packet};
-use crate::transfer::Transmit;
+use crate::transmit::{Datagram, Transmit};
 
 type Client = u32;
 
@@ -228,14 +229,14 @@ fn cfg(start_at: Instant, window: u16) -> GroupConfig {
     c
 }
 
-fn drain(g: &mut Group<Client>, now: Instant) -> Vec<Output<Client>> {
+fn drain(g: &mut Group<Client>, now: Instant) -> Vec<Transmit<GroupDest<Client>>> {
     std::iter::from_fn(|| g.poll_transmit(now)).collect()
 }
 
-fn data_blocks(outs: &[Output<Client>]) -> Vec<u16> {
+fn data_blocks(outs: &[Transmit<GroupDest<Client>>]) -> Vec<u16> {
     outs.iter()
         .filter_map(|o| match o {
-            Output::ToGroup(Transmit::Data { block, .. }) | Output::ToMember { data: Transmit::Data { block, .. }, .. } => Some(*block),
+            Transmit { datagram: Datagram::Data { block, .. }, .. } => Some(*block),
             _ => None,
         })
         .collect()
@@ -339,7 +340,7 @@ fn delayed_start_then_early_start_with_enough_clients() {
     drain(&mut g, t0);
     g.join(t0, 2, vec![]);
     let outs = drain(&mut g, t0);
-    assert_eq!(outs.iter().filter(|o| matches!(o, Output::ToGroup(_))).count(), 4);
+    assert_eq!(outs.iter().filter(|o| matches!(o, Transmit { to: GroupDest::Group, .. })).count(), 4);
     assert!(std::iter::from_fn(|| g.poll_event()).any(|e| e == Event::Started { members: 2, early: true }));
 }
 
@@ -401,7 +402,7 @@ fn probes_hand_the_lead_round_and_the_old_masters_late_acks_are_ignored() {
     let flags: Vec<(Client, Option<bool>)> = outs
         .iter()
         .filter_map(|o| match o {
-            Output::ToClient { to, packet } => Some((*to, mc_flag(packet))),
+            Transmit { to: GroupDest::Client(to), datagram: Datagram::Control(packet) } => Some((*to, mc_flag(packet))),
             _ => None,
         })
         .collect();
@@ -454,7 +455,7 @@ fn stranger_gets_error_5_and_oack_is_resent_on_repeat_request() {
     g.join(t0, 1, vec![("tsize".into(), "5000".into())]);
     assert_eq!(g.poll_transmit(t0).unwrap(), first);
     g.handle(t0, 9, &Packet::Ack(1));
-    let Some(Output::ToClient { to: 9, packet }) = g.poll_transmit(t0) else { panic!() };
+    let Some(Transmit { to: GroupDest::Client(9), datagram: Datagram::Control(packet) }) = g.poll_transmit(t0) else { panic!() };
     assert!(matches!(decode(&packet), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
     assert_eq!(g.members(), 1);
 }
@@ -466,7 +467,7 @@ fn a_finished_members_repeated_final_ack_gets_no_error() {
     g.join(t0, 1, vec![]);
     g.join(t0, 2, vec![]);
     while g.poll_transmit(t0).is_some() {}
-    let last = g.total_blocks() as u16;
+    let last = Block(g.total_blocks()).wire();
     g.handle(t0, 1, &Packet::Ack(last));
     assert!(!g.is_member(&1) && g.finished_recently(&1));
     while g.poll_transmit(t0).is_some() {}
@@ -474,9 +475,9 @@ fn a_finished_members_repeated_final_ack_gets_no_error() {
     g.handle(t0, 1, &Packet::Ack(last));
     assert!(g.poll_transmit(t0).is_none(), "a finished member's repeated final ACK was answered");
     g.handle(t0, 1, &Packet::Ack(0));
-    assert!(matches!(g.poll_transmit(t0), Some(Output::ToClient { to: 1, .. })));
+    assert!(matches!(g.poll_transmit(t0), Some(Transmit { to: GroupDest::Client(1), datagram: Datagram::Control(_) })));
     g.handle(t0, 9, &Packet::Ack(last));
-    assert!(matches!(g.poll_transmit(t0), Some(Output::ToClient { to: 9, .. })));
+    assert!(matches!(g.poll_transmit(t0), Some(Transmit { to: GroupDest::Client(9), datagram: Datagram::Control(_) })));
 }
 
 #[test]
@@ -486,11 +487,11 @@ fn take_over_promotes_the_oldest_member_which_gets_its_holes() {
     let mut g: Group<Client> = Group::new(cfg(t0 + Duration::from_secs(5), 4), Bytes::from(data.clone()));
     g.take_over(t0, vec![(7, vec![]), (8, vec![])]);
     assert!(g.started());
-    let Some(Output::ToClient { to: 7, packet }) = g.poll_transmit(t0) else { panic!("OACK to the oldest member") };
+    let Some(Transmit { to: GroupDest::Client(7), datagram: Datagram::Control(packet) }) = g.poll_transmit(t0) else { panic!("OACK to the oldest member") };
     assert_eq!(mc_flag(&packet), Some(true));
     // Member 7 had blocks 1..=10: it asks for 11, and DATA resumes there without delay.
     g.handle(t0, 7, &Packet::Ack(10));
-    let Some(Output::ToGroup(Transmit::Data { block: 11, .. })) = g.poll_transmit(t0) else { panic!("block 11") };
+    let Some(Transmit { to: GroupDest::Group, datagram: Datagram::Data { block: 11, .. } }) = g.poll_transmit(t0) else { panic!("block 11") };
     let drained = g.drain_members();
     assert_eq!(drained.iter().map(|m| m.0).collect::<Vec<_>>(), vec![7, 8]);
     assert!(g.poll_transmit(t0).is_none());
