@@ -647,6 +647,31 @@ mod tests {
         Packet::Oack(list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()).to_vec()
     }
 
+    /// A receiver whose request asked for `opts` and whose server agreed to all of them
+    /// (RRQ and ACK 0 already drained).
+    fn agreed(now: Instant, opts: &[(&str, &str)]) -> Receiver {
+        let mut c = cfg();
+        for (name, value) in opts {
+            match *name {
+                "blksize" => c.blksize = value.parse().ok(),
+                "windowsize" => c.windowsize = value.parse().ok(),
+                other => panic!("agreed() does not ask for {other}"),
+            }
+        }
+        let mut r = Receiver::new(now, c);
+        drain(&mut r);
+        feed(&mut r, now, oack(opts));
+        drain(&mut r);
+        r
+    }
+
+    /// Feeds full 512-byte blocks `blocks`.
+    fn full_blocks(r: &mut Receiver, now: Instant, blocks: std::ops::RangeInclusive<u16>) {
+        for b in blocks {
+            feed(r, now, dat(b, &[0; 512]));
+        }
+    }
+
     fn error_code(d: &[u8]) -> ErrorCode {
         match decode(d) {
             Ok(Packet::Error { code, .. }) => code,
@@ -837,20 +862,11 @@ mod tests {
     #[test]
     fn only_a_repeat_of_the_last_acked_block_is_reacked() {
         let now = Instant::now();
-        let mut c = cfg();
-        c.windowsize = Some(4);
-        let mut r = Receiver::new(now, c);
-        drain(&mut r);
-        feed(&mut r, now, oack(&[("windowsize", "4")]));
-        drain(&mut r);
-        for b in 1..=4u16 {
-            feed(&mut r, now, dat(b, &[0; 512]));
-        }
+        let mut r = agreed(now, &[("windowsize", "4")]);
+        full_blocks(&mut r, now, 1..=4);
         assert_eq!(acks(&drain(&mut r)), [4]);
         // The ACK was lost; the server resends the window: one ACK answers it all.
-        for b in 1..=4u16 {
-            feed(&mut r, now, dat(b, &[0; 512]));
-        }
+        full_blocks(&mut r, now, 1..=4);
         assert_eq!(acks(&drain(&mut r)), [4]);
         assert_eq!(r.stats().duplicates, 4);
         feed(&mut r, now, dat(5, &[0; 512]));
@@ -864,12 +880,7 @@ mod tests {
         // Both timers fire at once: our timeout ACK crosses the server's retransmission.
         // Acknowledging the duplicates would restart the server's window again and again.
         let t0 = Instant::now();
-        let mut c = cfg();
-        c.windowsize = Some(4);
-        let mut r = Receiver::new(t0, c);
-        drain(&mut r);
-        feed(&mut r, t0, oack(&[("windowsize", "4")]));
-        drain(&mut r);
+        let mut r = agreed(t0, &[("windowsize", "4")]);
         for b in 1..=3u16 {
             feed(&mut r, t0, dat(b, &[0; 512])); // 4 is lost
         }
@@ -878,26 +889,17 @@ mod tests {
         r.handle_timeout(t1);
         assert_eq!(acks(&drain(&mut r)), [3]);
         // The server's timeout resends 1..=4: only the repeat of 3 (acknowledged last) is answered.
-        for b in 1..=4u16 {
-            feed(&mut r, t1, dat(b, &[0; 512]));
-        }
+        full_blocks(&mut r, t1, 1..=4);
         assert_eq!(acks(&drain(&mut r)), [3]);
         // Our ACK 3 makes it restart at 4: window 4..=7, with 4 a duplicate by now.
-        for b in 4..=7u16 {
-            feed(&mut r, t1, dat(b, &[0; 512]));
-        }
+        full_blocks(&mut r, t1, 4..=7);
         assert_eq!(acks(&drain(&mut r)), [7]);
     }
 
     #[test]
     fn gap_is_acked_at_once_and_window_realigns() {
         let now = Instant::now();
-        let mut c = cfg();
-        c.windowsize = Some(4);
-        let mut r = Receiver::new(now, c);
-        drain(&mut r);
-        feed(&mut r, now, oack(&[("windowsize", "4")]));
-        drain(&mut r);
+        let mut r = agreed(now, &[("windowsize", "4")]);
         feed(&mut r, now, dat(1, &[0; 512]));
         feed(&mut r, now, dat(3, &[0; 512])); // 2 lost
         assert_eq!(acks(&drain(&mut r)), [1]);
@@ -905,21 +907,14 @@ mod tests {
         assert!(drain(&mut r).is_empty());
         assert_eq!(r.stats().out_of_order, 2);
         // The server restarts after ACK 1: the window is 2..=5.
-        for b in 2..=5u16 {
-            feed(&mut r, now, dat(b, &[0; 512]));
-        }
+        full_blocks(&mut r, now, 2..=5);
         assert_eq!(acks(&drain(&mut r)), [5]);
     }
 
     #[test]
     fn block_numbers_roll_over() {
         let now = Instant::now();
-        let mut c = cfg();
-        c.blksize = Some(8);
-        let mut r = Receiver::new(now, c);
-        drain(&mut r);
-        feed(&mut r, now, oack(&[("blksize", "8")]));
-        drain(&mut r);
+        let mut r = agreed(now, &[("blksize", "8")]);
         for i in 1..=70_000u64 {
             feed(&mut r, now, dat(Block(i).wire(), &i.to_be_bytes()));
             assert_eq!(acks(&drain(&mut r)), [Block(i).wire()]);

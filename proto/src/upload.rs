@@ -23,35 +23,23 @@ use crate::receiver::{Receiver, ReceiverConfig, ServerSide};
 pub struct UploadConfig {
     /// `Netascii` uploads are decoded to local text (LF line ends) before they are stored.
     pub mode: Mode,
-    pub blksize: u16,
-    pub windowsize: u16,
-    /// Base retransmission timeout of the server's ACKs; doubles up to `max_timeout`.
-    pub timeout: Duration,
+    /// What the WRQ's options agreed on: block and window size, the base timeout of the
+    /// server's ACKs, and the OACK (empty: answer with ACK 0).
+    pub negotiated: Negotiated,
+    /// Cap of the ACKs' backoff (never below the negotiated timeout).
     pub max_timeout: Duration,
-    /// Consecutive timeouts without progress before the upload is abandoned.
+    /// Consecutive timeouts without progress before the upload is abandoned, and before the
+    /// client's first DATA (anti-amplification: a WRQ may be spoofed).
     pub max_retries: u32,
-    /// The same, before the client's first DATA (anti-amplification: a WRQ may be spoofed).
     pub initial_retries: u32,
     /// Largest file stored; more data ends the upload with ERROR 3.
     pub max_bytes: Option<u64>,
-    /// Accepted options, in the client's order: empty means "answer with ACK 0".
-    pub oack: Vec<(String, String)>,
 }
 
 impl UploadConfig {
     /// The parameters a negotiation agreed on.
     pub fn from_negotiated(n: &Negotiated, mode: Mode, max_timeout: Duration, max_retries: u32, initial_retries: u32, max_bytes: Option<u64>) -> Self {
-        UploadConfig {
-            mode,
-            blksize: n.blksize,
-            windowsize: n.windowsize,
-            timeout: n.timeout,
-            max_timeout: max_timeout.max(n.timeout),
-            max_retries,
-            initial_retries,
-            max_bytes,
-            oack: n.oack.clone(),
-        }
+        UploadConfig { mode, negotiated: n.clone(), max_timeout: max_timeout.max(n.timeout), max_retries, initial_retries, max_bytes }
     }
 }
 
@@ -80,19 +68,20 @@ pub fn check_size(n: &Negotiated, max_bytes: Option<u64>) -> Result<(), Refusal>
 /// Data comes out of [`Receiver::take_data`]; once [`Receiver::awaiting_commit`] is true the
 /// caller stores the file and calls [`Receiver::commit`] (or [`Receiver::abort`]).
 pub fn accept(now: Instant, cfg: UploadConfig) -> Receiver {
-    let answer = if cfg.oack.is_empty() {
+    let n = &cfg.negotiated;
+    let answer = if n.oack.is_empty() {
         packet::ack(0).to_vec()
     } else {
         let mut v = Vec::new();
-        packet::encode_oack(&cfg.oack, &mut v);
+        packet::encode_oack(&n.oack, &mut v);
         v
     };
     let mut rc = ReceiverConfig::new(Vec::new(), cfg.mode);
-    rc.timeout = cfg.timeout;
-    rc.max_timeout = cfg.max_timeout.max(cfg.timeout);
+    rc.timeout = n.timeout;
+    rc.max_timeout = cfg.max_timeout.max(n.timeout);
     rc.max_retries = cfg.max_retries;
     let side = ServerSide { initial_retries: cfg.initial_retries, max_bytes: cfg.max_bytes };
-    Receiver::new_server(now, rc, answer, cfg.blksize, cfg.windowsize, side)
+    Receiver::new_server(now, rc, answer, n.blksize, n.windowsize, side)
 }
 
 /// The options a client asks for in a WRQ.

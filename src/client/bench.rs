@@ -55,10 +55,6 @@ use tftpcast_proto::addr;
 use tftpcast_proto::packet::{self, ErrorCode, Mode, MAX_BLKSIZE, MAX_DATAGRAM, MIN_BLKSIZE};
 use tftpcast_proto::{Receiver, ReceiverConfig, ReceiverOutcome};
 
-/// Local retransmission timeout when `--timeout` is not given (as `tftpcast get`).
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Cap of the retransmission backoff.
-const MAX_TIMEOUT: Duration = Duration::from_secs(5);
 /// Datagrams are received into slices of buffers this large.
 const RECV_CHUNK: usize = 1 << 20;
 /// How often a worker scans its transfers for expired timers.
@@ -244,7 +240,7 @@ impl Plan {
         if !(a.transfer_limit > 0.0 && a.transfer_limit.is_finite()) {
             return Err("--transfer-limit must be positive".into());
         }
-        let base = a.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+        let base = a.timeout.map_or(super::DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
         let (kind, label) = if a.raw_pingpong {
             let size = a.raw_size.or(expect_size).unwrap_or(1 << 20);
             let blksize = a.blksize.unwrap_or(packet::DEFAULT_BLKSIZE);
@@ -252,14 +248,7 @@ impl Plan {
             (Kind::Raw { size, blksize, window, timeout: base }, format!("raw ping-pong of {size} bytes"))
         } else {
             let file = a.file.clone().ok_or("--file is required")?;
-            let mut cfg = ReceiverConfig::new(file.as_bytes(), Mode::Octet);
-            cfg.blksize = a.blksize;
-            cfg.windowsize = a.windowsize;
-            cfg.timeout = base;
-            cfg.max_timeout = MAX_TIMEOUT.max(base);
-            cfg.request_timeout_option = a.timeout;
-            cfg.tsize = a.tsize;
-            cfg.max_retries = a.retries;
+            let cfg = super::download(&file, Mode::Octet, a.blksize, a.windowsize, a.timeout, a.tsize, a.retries);
             match a.multicast {
                 true => (Kind::Mcast { template: McastReceiverConfig { server, request: cfg } }, format!("{file} (multicast)")),
                 false => (Kind::Tftp { template: cfg }, file),

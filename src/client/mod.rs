@@ -674,15 +674,29 @@ fn recv_batch(sock: &UdpSocket, via: Via, rx: &mut McastReceiver, buf: &mut Byte
 /// windows (best effort: the kernel caps it).
 /// The download `args` ask for, by unicast or (as the request inside) multicast.
 fn receiver_config(args: &GetArgs, mode: Mode) -> ReceiverConfig {
-    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let mut cfg = ReceiverConfig::new(args.remote_file.as_bytes(), mode);
-    cfg.blksize = args.blksize;
-    cfg.windowsize = args.windowsize;
+    download(&args.remote_file, mode, args.blksize, args.windowsize, args.timeout, args.tsize, args.retries)
+}
+
+/// A download with the options `get` and `bench` share; `timeout` is asked for (RFC 2349)
+/// and used locally, else [`DEFAULT_TIMEOUT`].
+pub(crate) fn download(
+    file: &str,
+    mode: Mode,
+    blksize: Option<u16>,
+    windowsize: Option<u16>,
+    timeout: Option<u8>,
+    tsize: bool,
+    retries: u32,
+) -> ReceiverConfig {
+    let base = timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let mut cfg = ReceiverConfig::new(file.as_bytes(), mode);
+    cfg.blksize = blksize;
+    cfg.windowsize = windowsize;
     cfg.timeout = base;
     cfg.max_timeout = MAX_TIMEOUT.max(base);
-    cfg.request_timeout_option = args.timeout;
-    cfg.tsize = args.tsize;
-    cfg.max_retries = args.retries;
+    cfg.request_timeout_option = timeout;
+    cfg.tsize = tsize;
+    cfg.max_retries = retries;
     cfg
 }
 

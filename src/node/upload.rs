@@ -113,7 +113,7 @@ impl Upload {
         // Linger about one client timeout for a resent final block; at most a few seconds,
         // since the upload is already stored and a client that misses its final ACK only
         // reports an error about a file that arrived.
-        let dally = spec.cfg.timeout.clamp(Duration::from_millis(500), MAX_DALLY);
+        let dally = spec.cfg.negotiated.timeout.clamp(Duration::from_millis(500), MAX_DALLY);
         let mode = spec.cfg.mode;
         Upload {
             id: spec.id,
