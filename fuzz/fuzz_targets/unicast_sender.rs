@@ -98,17 +98,6 @@ fn content(len: usize, seed: u8, netascii: bool) -> Vec<u8> {
         .collect()
 }
 
-fn netascii(local: &[u8]) -> Vec<u8> {
-    let mut w = Vec::new();
-    for &b in local {
-        match b {
-            b'\n' => w.extend_from_slice(b"\r\n"),
-            b'\r' => w.extend_from_slice(b"\r\0"),
-            _ => w.push(b),
-        }
-    }
-    w
-}
 
 struct Harness {
     s: Sender,
@@ -301,7 +290,7 @@ fuzz_target!(|input: Input| {
         input.len as usize % 8192
     };
     let data = content(len, input.seed, input.netascii);
-    let wire = if input.netascii { netascii(&data) } else { data.clone() };
+    let wire = if input.netascii { tftpcast_proto::netascii::encode(&data) } else { data.clone() };
     let windowsize = (input.windowsize % 65) as u16; // 0 is treated as 1
     let timeout = Duration::from_millis(1 + input.timeout_ms as u64 % 10_000);
     let max_timeout = timeout.max(Duration::from_millis(input.max_timeout_ms as u64 % 20_000));

@@ -375,6 +375,7 @@ impl McastReceiver {
 
     /// The next datagram to send, if any, and where it goes. Call until it returns `None`.
     /// (`now` is not needed here; every machine is polled the same way.)
+    #[must_use]
     pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit<Dest>> {
         self.out.pop_front()
     }

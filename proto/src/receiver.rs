@@ -380,6 +380,7 @@ impl Receiver {
 
     /// The next datagram to send to the server, if any. Call until it returns `None`.
     /// (`now` is not needed here; every machine is polled the same way.)
+    #[must_use]
     pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit> {
         self.pop_transmit()
     }

@@ -431,6 +431,7 @@ impl Sender {
     }
 
     /// The next datagram to send, if any. Call until it returns `None`.
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(c) = self.control.pop_front() {
             self.count(c.len());
@@ -469,12 +470,12 @@ impl Sender {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::packet::decode;
     use crate::loss::Loss;
 
-    fn cfg(blksize: u16, windowsize: u16) -> SenderConfig {
+    pub(crate) fn cfg(blksize: u16, windowsize: u16) -> SenderConfig {
         SenderConfig {
             blksize,
             windowsize,
@@ -621,15 +622,21 @@ mod tests {
         (resent, now - from)
     }
 
-    #[test]
-    fn give_up_after_keeps_a_proven_peer_until_the_floor() {
-        let t0 = Instant::now();
+    /// A 5000-byte lock-step transfer with a 100 ms timeout backing off to 2 s, 3 retries
+    /// and a 10 s floor.
+    fn floor_sender(t0: Instant) -> Sender {
         let mut c = cfg(512, 1);
         c.timeout = Duration::from_millis(100);
         c.max_timeout = Duration::from_secs(2);
         c.max_retries = 3;
         c.give_up_after = Duration::from_secs(10);
-        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None)
+    }
+
+    #[test]
+    fn give_up_after_keeps_a_proven_peer_until_the_floor() {
+        let t0 = Instant::now();
+        let mut s = floor_sender(t0);
         drain(&mut s, t0);
         let t1 = t0 + Duration::from_millis(5);
         s.handle(t1, &Packet::Ack(1));
@@ -648,12 +655,7 @@ mod tests {
     #[test]
     fn give_up_after_counts_from_the_last_progress() {
         let t0 = Instant::now();
-        let mut c = cfg(512, 1);
-        c.timeout = Duration::from_millis(100);
-        c.max_timeout = Duration::from_secs(2);
-        c.max_retries = 3;
-        c.give_up_after = Duration::from_secs(10);
-        let mut s = Sender::new(t0, c, Source::octet(Bytes::from(vec![0u8; 5000])), None);
+        let mut s = floor_sender(t0);
         drain(&mut s, t0);
         s.handle(t0, &Packet::Ack(1));
         drain(&mut s, t0);

@@ -142,7 +142,7 @@ mod tests {
     use super::*;
     use crate::options::{self, Limits};
     use crate::packet::decode;
-    use crate::transfer::{Outcome, Sender, SenderConfig, Source};
+    use crate::transfer::{Outcome, Sender, Source};
     use crate::{Receiver, Transmit};
     use crate::ReceiverOutcome;
     use bytes::Bytes;
@@ -151,18 +151,6 @@ mod tests {
         UploadConfig::from_negotiated(n, mode, Duration::from_secs(4), 5, 3, max_bytes)
     }
 
-    fn sender_cfg(blksize: u16, windowsize: u16) -> SenderConfig {
-        SenderConfig {
-            blksize,
-            windowsize,
-            timeout: Duration::from_secs(1),
-            max_timeout: Duration::from_secs(4),
-            max_retries: 5,
-            initial_retries: 5,
-            give_up_after: Duration::ZERO,
-            adaptive: None,
-        }
-    }
 
     fn wire(t: Transmit) -> Vec<u8> {
         t.datagram.into_vec()
@@ -194,7 +182,7 @@ mod tests {
         let Ok(Packet::Wrq(req)) = decode(&wrq) else { panic!("not a WRQ") };
         let requested = options::parse(&req.options).unwrap();
         let n = options::negotiate(&requested, &Limits::default(), None, true);
-        let mut client = Sender::new(now, sender_cfg(512, 1), source(data), Some(wrq));
+        let mut client = Sender::new(now, crate::transfer::tests::cfg(512, 1), source(data), Some(wrq));
         // The WRQ reaches the listener (not lost in these tests); the server answers.
         let first = client.poll_transmit(now).unwrap();
         assert!(matches!(decode(&wire(first)), Ok(Packet::Wrq(_))));
@@ -231,7 +219,7 @@ mod tests {
                     Packet::Oack(ref opts) if !options_done => {
                         options_done = true;
                         let a = check_oack(&asked, opts).expect("server OACK acceptable");
-                        let mut c = sender_cfg(a.blksize, a.windowsize);
+                        let mut c = crate::transfer::tests::cfg(a.blksize, a.windowsize);
                         if let Some(t) = a.timeout {
                             c.timeout = Duration::from_secs(t as u64);
                         }

@@ -68,9 +68,9 @@ pub enum TransferMode {
     Netascii,
 }
 
-/// Arguments of `tftpcast get`.
+/// The server and the options `get` and `put` ask it for.
 #[derive(Debug, Clone, clap::Args)]
-pub struct GetArgs {
+pub struct Ask {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:69")]
     pub server: SocketAddr,
@@ -83,6 +83,13 @@ pub struct GetArgs {
     /// Retransmission timeout in seconds to ask for (RFC 2349).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     pub timeout: Option<u8>,
+}
+
+/// Arguments of `tftpcast get`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub ask: Ask,
     /// Join the server's multicast group for this file (RFC 2090); octet mode only. A
     /// server that answers without multicast is followed by unicast.
     #[arg(long)]
@@ -109,18 +116,8 @@ pub struct GetArgs {
 /// Arguments of `tftpcast put`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PutArgs {
-    /// Server address.
-    #[arg(long, default_value = "127.0.0.1:69")]
-    pub server: SocketAddr,
-    /// Block size to ask for (RFC 2348).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(MIN_BLKSIZE as i64..=MAX_BLKSIZE as i64))]
-    pub blksize: Option<u16>,
-    /// Window size to ask for (RFC 7440).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub windowsize: Option<u16>,
-    /// Retransmission timeout in seconds to ask for (RFC 2349).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
-    pub timeout: Option<u8>,
+    #[command(flatten)]
+    pub ask: Ask,
     /// Transfer mode.
     #[arg(long, value_enum, default_value_t = TransferMode::Octet)]
     pub mode: TransferMode,
@@ -184,7 +181,7 @@ pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
 
 /// A plain download (no `multicast` option) through [`Receiver`].
 fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
-    let bind: SocketAddr = match args.server {
+    let bind: SocketAddr = match args.ask.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
@@ -199,7 +196,7 @@ fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, Cl
     let mut rx = Receiver::new(start, receiver_config(args, mode));
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
 
-    let result = drive(&sock, args.server, &mut rx, &mut out, &mut progress);
+    let result = drive(&sock, args.ask.server, &mut rx, &mut out, &mut progress);
     progress.finish(rx.bytes_received(), rx.tsize());
     let written = result?;
     match rx.outcome() {
@@ -208,7 +205,7 @@ fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, Cl
             return Err(ClientError::Server { code: *code, message: message.clone() })
         }
         Some(ReceiverOutcome::TimedOut { retries }) => {
-            return Err(ClientError::TimedOut { server: args.server, retries: *retries })
+            return Err(ClientError::TimedOut { server: args.ask.server, retries: *retries })
         }
         Some(ReceiverOutcome::Aborted { code, reason }) => {
             return Err(ClientError::Aborted { code: *code, reason: reason.clone() })
@@ -340,15 +337,15 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
         _ => Source::netascii(data.clone()),
     };
     let wire_len = source().wire_len();
-    let asked = WriteOptions { blksize: args.blksize, windowsize: args.windowsize, timeout: args.timeout, tsize: args.tsize.then_some(wire_len) };
+    let asked = WriteOptions { blksize: args.ask.blksize, windowsize: args.ask.windowsize, timeout: args.ask.timeout, tsize: args.tsize.then_some(wire_len) };
     let wrq = upload::write_request(remote.as_bytes(), mode, &asked);
 
-    let bind: SocketAddr = match args.server {
+    let bind: SocketAddr = match args.ask.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
-    let base = args.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let base = args.ask.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
     let sender_cfg = |blksize: u16, windowsize: u16, timeout: Duration| SenderConfig {
         blksize,
         windowsize,
@@ -372,7 +369,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
         let now = Instant::now();
         while let Some(t) = tx.poll_transmit(now) {
             t.datagram.write_to(&mut out);
-            let to = peer.unwrap_or(args.server);
+            let to = peer.unwrap_or(args.ask.server);
             match sock.send_to(&out, to) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
@@ -406,7 +403,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
                 continue;
             }
             // The first reply fixes the server's TID; it must come from the host we asked.
-            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.server.ip()) => peer = Some(from),
+            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.ask.server.ip()) => peer = Some(from),
             None => continue,
         }
         let now = Instant::now();
@@ -435,7 +432,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     match tx.outcome() {
         Some(Outcome::Complete) => {}
         Some(Outcome::PeerError { code, message }) => return Err(ClientError::Server { code: *code, message: message.clone() }),
-        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.server), retries: *retries }),
+        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.ask.server), retries: *retries }),
         Some(Outcome::ProtocolViolation(why)) => return Err(ClientError::Aborted { code: ErrorCode::IllegalOperation, reason: why.to_string() }),
         None => return Err(ClientError::Aborted { code: ErrorCode::NotDefined, reason: "send failed".into() }),
     }
@@ -448,7 +445,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
 /// `tftpcast get --multicast`: see the module documentation.
 fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
     out.make_positional()?;
-    let bind: SocketAddr = match args.server {
+    let bind: SocketAddr = match args.ask.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
@@ -456,7 +453,7 @@ fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, 
     sock.set_nonblocking(true).map_err(io_err("making the socket non-blocking"))?;
     grow_receive_buffer(&sock, args);
 
-    let cfg = McastReceiverConfig { server: args.server, request: receiver_config(args, Mode::Octet) };
+    let cfg = McastReceiverConfig { server: args.ask.server, request: receiver_config(args, Mode::Octet) };
     let start = Instant::now();
     let mut rx = McastReceiver::new(start, cfg);
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
@@ -478,7 +475,7 @@ fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, 
             return Err(ClientError::Server { code: *code, message: message.clone() })
         }
         Some(ReceiverOutcome::TimedOut { retries }) => {
-            return Err(ClientError::TimedOut { server: rx.server_tid().unwrap_or(args.server), retries: *retries })
+            return Err(ClientError::TimedOut { server: rx.server_tid().unwrap_or(args.ask.server), retries: *retries })
         }
         Some(ReceiverOutcome::Aborted { code, reason }) => {
             return Err(ClientError::Aborted { code: *code, reason: reason.clone() })
@@ -674,7 +671,7 @@ fn recv_batch(sock: &UdpSocket, via: Via, rx: &mut McastReceiver, buf: &mut Byte
 /// windows (best effort: the kernel caps it).
 /// The download `args` ask for, by unicast or (as the request inside) multicast.
 fn receiver_config(args: &GetArgs, mode: Mode) -> ReceiverConfig {
-    download(&args.remote_file, mode, args.blksize, args.windowsize, args.timeout, args.tsize, args.retries)
+    download(&args.remote_file, mode, args.ask.blksize, args.ask.windowsize, args.ask.timeout, args.tsize, args.retries)
 }
 
 /// A download with the options `get` and `bench` share; `timeout` is asked for (RFC 2349)
@@ -701,8 +698,8 @@ pub(crate) fn download(
 }
 
 fn grow_receive_buffer(sock: &UdpSocket, args: &GetArgs) {
-    let block = args.blksize.unwrap_or(packet::DEFAULT_BLKSIZE) as usize + 4;
-    let want = (2 * args.windowsize.unwrap_or(1) as usize * block).clamp(256 << 10, 16 << 20);
+    let block = args.ask.blksize.unwrap_or(packet::DEFAULT_BLKSIZE) as usize + 4;
+    let want = (2 * args.ask.windowsize.unwrap_or(1) as usize * block).clamp(256 << 10, 16 << 20);
     let _ = socket2::SockRef::from(sock).set_recv_buffer_size(want);
 }
 

@@ -828,11 +828,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
         self.arm(now);
     }
 
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let start = (!self.started && !self.members.is_empty()).then_some(self.cfg.start_at);
         [self.deadline, start, self.pace_at].into_iter().flatten().min()
     }
 
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit<GroupDest<C>>> {
         if let Some(o) = self.out.pop_front() {
             return Some(o);

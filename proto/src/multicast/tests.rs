@@ -245,7 +245,12 @@ fn data_blocks(outs: &[Transmit<GroupDest<Client>>]) -> Vec<u16> {
 /// A group of two started at t0 whose master (1) asked for block 1 at t0, 300 us after its
 /// OACK went out (the round trip the group measures).
 fn running(t0: Instant, window: u16, len: usize) -> Group<Client> {
-    let mut g: Group<Client> = Group::new(cfg(t0, window), Bytes::from(file(len)));
+    running_with(t0, cfg(t0, window), len)
+}
+
+/// The same with a configuration of the test's own.
+fn running_with(t0: Instant, c: GroupConfig, len: usize) -> Group<Client> {
+    let mut g: Group<Client> = Group::new(c, Bytes::from(file(len)));
     let joined = t0 - Duration::from_micros(300);
     g.join(joined, 1, vec![]);
     g.join(joined, 2, vec![]);
@@ -420,13 +425,7 @@ fn a_master_stuck_on_one_hole_is_dropped_and_the_others_finish() {
     let t0 = Instant::now();
     let mut c = cfg(t0, 8);
     c.give_up_after = Duration::from_secs(2);
-    let mut g: Group<Client> = Group::new(c, Bytes::from(file(20_000)));
-    let joined = t0 - Duration::from_micros(300);
-    g.join(joined, 1, vec![]);
-    g.join(joined, 2, vec![]);
-    drain(&mut g, joined);
-    g.handle(t0, 1, &Packet::Ack(0));
-    g.handle_timeout(t0);
+    let mut g = running_with(t0, c, 20_000);
     drain(&mut g, t0);
     let mut t = t0;
     let mut sent = 0;
