@@ -68,9 +68,20 @@ pub enum TransferMode {
     Netascii,
 }
 
-/// The server and the options `get` and `put` ask it for.
+impl TransferMode {
+    /// The mode as the protocol names it.
+    fn wire(self) -> Mode {
+        match self {
+            TransferMode::Octet => Mode::Octet,
+            TransferMode::Netascii => Mode::Netascii,
+        }
+    }
+}
+
+/// What `get` and `put` share: the server, the options to ask it for, the mode, retries
+/// and quietness.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Ask {
+pub struct Common {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:69")]
     pub server: SocketAddr,
@@ -83,29 +94,29 @@ pub struct Ask {
     /// Retransmission timeout in seconds to ask for (RFC 2349).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     pub timeout: Option<u8>,
-}
-
-/// Arguments of `tftpcast get`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct GetArgs {
-    #[command(flatten)]
-    pub ask: Ask,
-    /// Join the server's multicast group for this file (RFC 2090); octet mode only. A
-    /// server that answers without multicast is followed by unicast.
-    #[arg(long)]
-    pub multicast: bool,
     /// Transfer mode.
     #[arg(long, value_enum, default_value_t = TransferMode::Octet)]
     pub mode: TransferMode,
-    /// Ask the server for the file size (RFC 2349), shown in the progress line.
-    #[arg(long)]
-    pub tsize: bool,
     /// Consecutive timeouts without progress before giving up.
     #[arg(long, default_value_t = 6)]
     pub retries: u32,
     /// No progress line or notices on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// Arguments of `tftpcast get`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Join the server's multicast group for this file (RFC 2090); octet mode only. A
+    /// server that answers without multicast is followed by unicast.
+    #[arg(long)]
+    pub multicast: bool,
+    /// Ask the server for the file size (RFC 2349), shown in the progress line.
+    #[arg(long)]
+    pub tsize: bool,
     /// File to fetch.
     pub remote_file: String,
     /// Where to write it (default: the remote file's last component; `-` for stdout).
@@ -117,19 +128,10 @@ pub struct GetArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PutArgs {
     #[command(flatten)]
-    pub ask: Ask,
-    /// Transfer mode.
-    #[arg(long, value_enum, default_value_t = TransferMode::Octet)]
-    pub mode: TransferMode,
+    pub common: Common,
     /// Announce the file size (RFC 2349), so a server with a size limit can refuse at once.
     #[arg(long)]
     pub tsize: bool,
-    /// Consecutive timeouts without progress before giving up.
-    #[arg(long, default_value_t = 6)]
-    pub retries: u32,
-    /// No progress line or notices on stderr.
-    #[arg(short, long)]
-    pub quiet: bool,
     /// File to send (`-` for standard input).
     pub local_file: PathBuf,
     /// Name on the server (default: the local file's name).
@@ -166,8 +168,8 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ClientError {
 
 /// Fetches `args.remote_file`; returns the number of bytes written.
 pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
-    let notices = !args.quiet;
-    if args.multicast && args.mode != TransferMode::Octet {
+    let notices = !args.common.quiet;
+    if args.multicast && args.common.mode != TransferMode::Octet {
         return Err(ClientError::Usage("--multicast works in octet mode only".into()));
     }
     // Open the destination first: a directory we cannot write to should fail before the
@@ -181,22 +183,19 @@ pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
 
 /// A plain download (no `multicast` option) through [`Receiver`].
 fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
-    let bind: SocketAddr = match args.ask.server {
+    let bind: SocketAddr = match args.common.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
     grow_receive_buffer(&sock, args);
 
-    let mode = match args.mode {
-        TransferMode::Octet => Mode::Octet,
-        TransferMode::Netascii => Mode::Netascii,
-    };
+    let mode = args.common.mode.wire();
     let start = Instant::now();
     let mut rx = Receiver::new(start, receiver_config(args, mode));
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
 
-    let result = drive(&sock, args.ask.server, &mut rx, &mut out, &mut progress);
+    let result = drive(&sock, args.common.server, &mut rx, &mut out, &mut progress);
     progress.finish(rx.bytes_received(), rx.tsize());
     let written = result?;
     match rx.outcome() {
@@ -205,7 +204,7 @@ fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, Cl
             return Err(ClientError::Server { code: *code, message: message.clone() })
         }
         Some(ReceiverOutcome::TimedOut { retries }) => {
-            return Err(ClientError::TimedOut { server: args.ask.server, retries: *retries })
+            return Err(ClientError::TimedOut { server: args.common.server, retries: *retries })
         }
         Some(ReceiverOutcome::Aborted { code, reason }) => {
             return Err(ClientError::Aborted { code: *code, reason: reason.clone() })
@@ -309,7 +308,7 @@ fn drive(
 /// Sends `args.local_file`; returns the number of bytes the server acknowledged (as on the
 /// wire: netascii encoded).
 pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
-    let notices = !args.quiet;
+    let notices = !args.common.quiet;
     let local = args.local_file.display().to_string();
     let data = if args.local_file.as_os_str() == "-" {
         let mut v = Vec::new();
@@ -328,31 +327,28 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
             .ok_or_else(|| ClientError::Usage("name the remote file: tftpcast put LOCAL REMOTE".into()))?,
     };
     let data = bytes::Bytes::from(data);
-    let mode = match args.mode {
-        TransferMode::Octet => Mode::Octet,
-        TransferMode::Netascii => Mode::Netascii,
-    };
+    let mode = args.common.mode.wire();
     let source = || match mode {
         Mode::Octet => Source::octet(data.clone()),
         _ => Source::netascii(data.clone()),
     };
     let wire_len = source().wire_len();
-    let asked = WriteOptions { blksize: args.ask.blksize, windowsize: args.ask.windowsize, timeout: args.ask.timeout, tsize: args.tsize.then_some(wire_len) };
+    let asked = WriteOptions { blksize: args.common.blksize, windowsize: args.common.windowsize, timeout: args.common.timeout, tsize: args.tsize.then_some(wire_len) };
     let wrq = upload::write_request(remote.as_bytes(), mode, &asked);
 
-    let bind: SocketAddr = match args.ask.server {
+    let bind: SocketAddr = match args.common.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
-    let base = args.ask.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
+    let base = args.common.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
     let sender_cfg = |blksize: u16, windowsize: u16, timeout: Duration| SenderConfig {
         blksize,
         windowsize,
         timeout,
         max_timeout: MAX_TIMEOUT.max(timeout),
-        max_retries: args.retries,
-        initial_retries: args.retries,
+        max_retries: args.common.retries,
+        initial_retries: args.common.retries,
         // The client's own `--retries` decide; no time floor.
         give_up_after: Duration::ZERO,
         adaptive: None,
@@ -369,7 +365,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
         let now = Instant::now();
         while let Some(t) = tx.poll_transmit(now) {
             t.datagram.write_to(&mut out);
-            let to = peer.unwrap_or(args.ask.server);
+            let to = peer.unwrap_or(args.common.server);
             match sock.send_to(&out, to) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
@@ -403,7 +399,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
                 continue;
             }
             // The first reply fixes the server's TID; it must come from the host we asked.
-            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.ask.server.ip()) => peer = Some(from),
+            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.common.server.ip()) => peer = Some(from),
             None => continue,
         }
         let now = Instant::now();
@@ -432,7 +428,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     match tx.outcome() {
         Some(Outcome::Complete) => {}
         Some(Outcome::PeerError { code, message }) => return Err(ClientError::Server { code: *code, message: message.clone() }),
-        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.ask.server), retries: *retries }),
+        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.common.server), retries: *retries }),
         Some(Outcome::ProtocolViolation(why)) => return Err(ClientError::Aborted { code: ErrorCode::IllegalOperation, reason: why.to_string() }),
         None => return Err(ClientError::Aborted { code: ErrorCode::NotDefined, reason: "send failed".into() }),
     }
@@ -445,7 +441,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
 /// `tftpcast get --multicast`: see the module documentation.
 fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
     out.make_positional()?;
-    let bind: SocketAddr = match args.ask.server {
+    let bind: SocketAddr = match args.common.server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
@@ -453,7 +449,7 @@ fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, 
     sock.set_nonblocking(true).map_err(io_err("making the socket non-blocking"))?;
     grow_receive_buffer(&sock, args);
 
-    let cfg = McastReceiverConfig { server: args.ask.server, request: receiver_config(args, Mode::Octet) };
+    let cfg = McastReceiverConfig { server: args.common.server, request: receiver_config(args, Mode::Octet) };
     let start = Instant::now();
     let mut rx = McastReceiver::new(start, cfg);
     let mut progress = Progress::new(notices && io::stderr().is_terminal(), start);
@@ -475,7 +471,7 @@ fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, 
             return Err(ClientError::Server { code: *code, message: message.clone() })
         }
         Some(ReceiverOutcome::TimedOut { retries }) => {
-            return Err(ClientError::TimedOut { server: rx.server_tid().unwrap_or(args.ask.server), retries: *retries })
+            return Err(ClientError::TimedOut { server: rx.server_tid().unwrap_or(args.common.server), retries: *retries })
         }
         Some(ReceiverOutcome::Aborted { code, reason }) => {
             return Err(ClientError::Aborted { code: *code, reason: reason.clone() })
@@ -671,7 +667,7 @@ fn recv_batch(sock: &UdpSocket, via: Via, rx: &mut McastReceiver, buf: &mut Byte
 /// windows (best effort: the kernel caps it).
 /// The download `args` ask for, by unicast or (as the request inside) multicast.
 fn receiver_config(args: &GetArgs, mode: Mode) -> ReceiverConfig {
-    download(&args.remote_file, mode, args.ask.blksize, args.ask.windowsize, args.ask.timeout, args.tsize, args.retries)
+    download(&args.remote_file, mode, args.common.blksize, args.common.windowsize, args.common.timeout, args.tsize, args.common.retries)
 }
 
 /// A download with the options `get` and `bench` share; `timeout` is asked for (RFC 2349)
@@ -698,8 +694,8 @@ pub(crate) fn download(
 }
 
 fn grow_receive_buffer(sock: &UdpSocket, args: &GetArgs) {
-    let block = args.ask.blksize.unwrap_or(packet::DEFAULT_BLKSIZE) as usize + 4;
-    let want = (2 * args.ask.windowsize.unwrap_or(1) as usize * block).clamp(256 << 10, 16 << 20);
+    let block = args.common.blksize.unwrap_or(packet::DEFAULT_BLKSIZE) as usize + 4;
+    let want = (2 * args.common.windowsize.unwrap_or(1) as usize * block).clamp(256 << 10, 16 << 20);
     let _ = socket2::SockRef::from(sock).set_recv_buffer_size(want);
 }
 
