@@ -1362,3 +1362,75 @@ fn multicast_acks_from_non_masters_cause_no_retransmission_storm() {
     assert!(r.complete && r.data == want, "after the flood the server no longer serves: {r}\n{}", server.log_tail(30));
     drop(server);
 }
+
+/// A group's transfer port and its request path against floods (issue 16, items 2 and 3): a
+/// spray of ACKs from a non-member at the group port gets ERROR 5 within the budget unicast
+/// transfers use (bursts of 10, then 10 a second), counted on the server's wire; a member that
+/// repeats its request in a burst gets its OACK again at most once per round-trip estimate
+/// (the timer floor, 100 ms here), not once per request.
+#[test]
+fn group_ports_and_repeated_group_requests_are_not_reflected() {
+    if !tftpcast_only() || !require_netns() {
+        return;
+    }
+    let fx = Fixture::new();
+    let lab = Lab::new("bimcref", 2);
+    Wire::install(&lab.server);
+    let listen = SocketAddr::from((lab.server_ip(), 69));
+    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
+    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
+    let bind_in = |i: usize| {
+        let ip = lab.client_ip(i);
+        lab.in_ns(&lab.clients[i], move || {
+            let s = UdpSocket::bind((ip, 0)).expect("bind in namespace");
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s
+        })
+    };
+    let rrq = raw::rrq(ONE_MIB.as_bytes(), "octet", &[("multicast", ""), ("blksize", "1024")]);
+    // The master asks, gets its OACK and stays silent: the group waits for its ACK.
+    let master = bind_in(0);
+    master.send_to(&rrq, listen).unwrap();
+    let (oack, tid) = recv(&master, REPLY).unwrap_or_else(|| panic!("no OACK to the master\n{}", server.log_tail(30)));
+    assert_eq!(raw::opcode(&oack), Some(OACK), "master got {}", show(&oack));
+
+    // A stranger sprays ACKs at the group port for 400 ms.
+    let stranger = bind_in(1);
+    let before = Wire::read(&lab.server);
+    let t = Instant::now();
+    let mut sent = 0;
+    while t.elapsed() < Duration::from_millis(400) {
+        stranger.send_to(&raw::ack(1), tid).unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let spray = t.elapsed();
+    let answers = collect(&stranger, Duration::from_millis(300));
+    let wire = Wire::read(&lab.server).since(before);
+    let allowed = 10 + (spray.as_millis() as usize * 10).div_ceil(1000) + 1;
+    eprintln!("group port spray: {sent} ACKs in {spray:?}, {} answers (allowed {allowed}), server sent {} unicast packets", answers.len(), wire.uc_packets);
+    assert!(!answers.is_empty(), "the stranger got no ERROR 5 at all: the spray proved nothing");
+    assert!(answers.iter().all(|(p, from)| *from == tid && raw::parse_error(p).map(|e| e.0) == Some(5)), "not all ERROR 5 from the group port");
+    assert!(answers.len() <= allowed, "{sent} packets of a non-member bought {} ERROR 5 (allowed {allowed})", answers.len());
+    // On the wire: the answers, and at most a few OACKs to the waiting master.
+    assert!(wire.uc_packets as usize <= allowed + 3, "the server sent {} unicast packets during the spray (allowed {allowed} + 3)", wire.uc_packets);
+
+    // A member repeats its request 100 times within 200 ms.
+    let member = bind_in(1);
+    member.send_to(&rrq, listen).unwrap();
+    let t = Instant::now();
+    for _ in 0..99 {
+        std::thread::sleep(Duration::from_millis(2));
+        member.send_to(&rrq, listen).unwrap();
+    }
+    let burst = t.elapsed();
+    let oacks: Vec<_> = collect(&member, Duration::from_millis(300)).into_iter().filter(|(p, _)| raw::opcode(p) == Some(OACK)).collect();
+    let allowed = 1 + (burst.as_millis() as usize).div_ceil(100) + 1;
+    eprintln!("repeated group request: 100 in {burst:?}, {} OACKs (allowed {allowed})", oacks.len());
+    assert!(!oacks.is_empty(), "no OACK for the member\n{}", server.log_tail(30));
+    assert!(oacks.len() <= allowed, "100 repeated requests in {burst:?} bought {} OACKs (allowed {allowed})", oacks.len());
+    for s in [&master, &member] {
+        s.send_to(&error_packet(0, "done"), tid).unwrap();
+    }
+    drop(server);
+}
