@@ -1148,6 +1148,46 @@ fn garbage_and_requests_from_the_peer_to_its_tid_are_ignored() {
     server.finish(&fx);
 }
 
+/// A request whose first answer is never acknowledged (a spoofed source, a client that went
+/// away) gets 1 + 2 packets: the first answer, a retransmission after the starting timeout
+/// (1 s, so a client that lost the first DATA or OACK still starts within a second), another
+/// 2 s later, then nothing. Checked for a first DATA and a first OACK.
+#[test]
+fn an_unacknowledged_first_answer_goes_at_most_three_times() {
+    if !tftpcast_only() {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &[]);
+    let watch = |opts: &'static [(&'static str, &'static str)]| {
+        let to = server.addr();
+        std::thread::spawn(move || {
+            let sock = client_socket();
+            sock.send_to(&raw::rrq(ONE_MIB.as_bytes(), "octet", opts), to).unwrap();
+            let t = Instant::now();
+            let mut got = Vec::new();
+            // Past where a fourth packet would come with three retransmissions (7 s).
+            while let Some(left) = Duration::from_millis(8500).checked_sub(t.elapsed()) {
+                match recv(&sock, left) {
+                    Some((p, _)) => got.push((t.elapsed(), show(&p))),
+                    None => break,
+                }
+            }
+            got
+        })
+    };
+    let (data, oack) = (watch(&[]), watch(&[("blksize", "1024")]));
+    for (got, want) in [(data.join().unwrap(), "DATA block 1 ("), (oack.join().unwrap(), "OACK")] {
+        eprintln!("unanswered {want}: {got:?}");
+        assert_eq!(got.len(), 3, "an unanswered first {want} went {} times, want 1 + 2: {got:?}", got.len());
+        assert!(got.iter().all(|(_, p)| p.starts_with(want)), "not all {want}: {got:?}");
+        let gap = got[1].0 - got[0].0;
+        assert!(gap >= Duration::from_millis(800) && gap <= Duration::from_millis(1600), "first retransmission of {want} after {gap:?}, want about 1 s");
+    }
+    assert_still_serves(&server, &fx, "unanswered first packets");
+    server.finish(&fx);
+}
+
 #[test]
 fn a_repeated_request_starts_no_second_transfer() {
     if !tftpcast_only() {

@@ -44,9 +44,13 @@ const BAD_REQUEST: &str = "Bad request";
 
 /// Retransmissions of a transfer's first packet while the client has acknowledged nothing.
 /// A request may come from a spoofed source or be a stale duplicate of a finished transfer;
-/// either way the server sends at most 1 + 3 packets for it (anti-amplification), while a
-/// real client, which retransmits its request too, still gets four chances.
-const INITIAL_RETRIES: u32 = 3;
+/// either way the server sends at most 1 + 2 packets for it (anti-amplification; tftpd-hpa
+/// sends 5). The first retransmission comes after the transfer's starting timeout
+/// (`transfer.timeout_ms`, 1 s by default, or the client's RFC 2349 timeout), the second 2 s
+/// later: a client that lost the first DATA or OACK starts after a second, well before its
+/// own request timer (several seconds for tftp-hpa, atftp and PXE ROMs) would fire, and a
+/// path with a long round trip still gets no spurious duplicate.
+const INITIAL_RETRIES: u32 = 2;
 
 /// Settings the listener applies to every request.
 #[derive(Debug, Clone)]
