@@ -44,11 +44,15 @@ fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, OptionErro
     value.parse().map_err(|_| invalid())
 }
 
+/// The options this server negotiates; any other is ignored (RFC 2347).
+const KNOWN: [&str; 5] = ["blksize", "tsize", "timeout", "windowsize", "multicast"];
+
 /// Parses the options of a request. `names` are expected lower-cased (the decoder does it).
 pub fn parse(options: &[(String, String)]) -> Result<Requested, OptionError> {
     let mut req = Requested::default();
     for (name, value) in options {
-        if req.names.iter().any(|n| n == name) {
+        // Only a known option sent twice is ambiguous; unknown ones are ignored however often.
+        if KNOWN.contains(&name.as_str()) && req.names.iter().any(|n| n == name) {
             return Err(OptionError::Duplicate(name.clone()));
         }
         req.names.push(name.clone());
@@ -207,6 +211,10 @@ mod tests {
         assert!(n.oack.is_empty());
         assert_eq!(n.blksize, 512);
         assert_eq!(n.windowsize, 1);
+        // However many, and however often: a duplicate unknown option is not refused.
+        let many: Vec<(String, String)> = (0..200).map(|i| (format!("x{}", i % 150), "1".to_string())).chain([("blksize".to_string(), "1024".to_string())]).collect();
+        let n = negotiate(&parse(&many).unwrap(), &Limits::default(), Some(1), false);
+        assert_eq!(n.oack, opts(&[("blksize", "1024")]));
     }
 
     #[test]

@@ -1003,7 +1003,7 @@ mod tests {
         let now = Instant::now();
         let mut r = Receiver::new(now, cfg());
         drain(&mut r);
-        feed(&mut r, now, packet::error_packet(ErrorCode::FileNotFound, "no such file: f"));
+        feed(&mut r, now, Packet::Error { code: ErrorCode::FileNotFound, message: "no such file: f".into() }.to_vec());
         assert!(drain(&mut r).is_empty());
         assert_eq!(
             r.outcome(),
