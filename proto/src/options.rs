@@ -274,8 +274,21 @@ mod tests {
         }
 
         #[test]
-        fn parse_never_panics(list in proptest::collection::vec(("[a-z]{1,12}", ".{0,24}"), 0..10)) {
-            let _ = parse(&list);
+        fn parse_never_panics(list in proptest::collection::vec((prop_oneof!["[a-z]{1,12}", proptest::sample::select(KNOWN.to_vec()).prop_map(String::from)], prop_oneof![".{0,24}", "[0-9]{1,6}"]), 0..10)) {
+            match parse(&list) {
+                // Every name is kept in order; values accepted are within the RFCs' ranges.
+                Ok(r) => {
+                    prop_assert_eq!(&r.names, &list.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+                    prop_assert!(r.blksize.is_none_or(|b| (MIN_BLKSIZE..=MAX_BLKSIZE).contains(&b)));
+                    prop_assert!(r.timeout.is_none_or(|t| t >= 1));
+                    prop_assert!(r.windowsize.is_none_or(|w| w >= 1));
+                    prop_assert_eq!(r.multicast, list.iter().any(|(k, _)| k == "multicast"));
+                }
+                // Only a known option can be refused: unknown ones are ignored (RFC 2347).
+                Err(OptionError::Duplicate(n)) | Err(OptionError::Invalid { name: n, .. }) => {
+                    prop_assert!(KNOWN.contains(&n.as_str()), "unknown option {} refused", n);
+                }
+            }
         }
     }
 }
