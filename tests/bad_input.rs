@@ -1325,17 +1325,23 @@ fn mc_value(oack: &[u8]) -> (std::net::Ipv4Addr, u16, bool) {
     (parts[0].parse().unwrap(), parts[1].parse().unwrap(), parts[2] == "1")
 }
 
+/// A server in a lab of two clients, listening on the lab's address, groups starting at once.
+/// The rate limit of what unexpected packets cause is the timer floor: fixed at 100 ms.
+fn group_lab(name: &str) -> (Fixture, Lab, SocketAddr, Server) {
+    let fx = Fixture::new();
+    let lab = Lab::new(name, 2);
+    let listen = SocketAddr::from((lab.server_ip(), 69));
+    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
+    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
+    (fx, lab, listen, server)
+}
+
 #[test]
 fn multicast_acks_from_non_masters_cause_no_retransmission_storm() {
     if !tftpcast_only() || !require_netns() {
         return;
     }
-    let fx = Fixture::new();
-    let lab = Lab::new("bimc", 2);
-    let listen = SocketAddr::from((lab.server_ip(), 69));
-    // The rate limit of retransmissions on unexpected packets is the timer floor: fix it.
-    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
-    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
+    let (fx, lab, listen, server) = group_lab("bimc");
     let bind_in = |i: usize, port: u16| {
         let ip = lab.client_ip(i);
         lab.in_ns(&lab.clients[i], move || UdpSocket::bind((ip, port)).expect("bind in namespace"))
@@ -1439,12 +1445,8 @@ fn group_ports_and_repeated_group_requests_are_not_reflected() {
     if !tftpcast_only() || !require_netns() {
         return;
     }
-    let fx = Fixture::new();
-    let lab = Lab::new("bimcref", 2);
+    let (_fx, lab, listen, server) = group_lab("bimcref");
     Wire::install(&lab.server);
-    let listen = SocketAddr::from((lab.server_ip(), 69));
-    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
-    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
     let bind_in = |i: usize| {
         let ip = lab.client_ip(i);
         lab.in_ns(&lab.clients[i], move || {
