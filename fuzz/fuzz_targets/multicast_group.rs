@@ -308,6 +308,8 @@ impl Harness {
         self.carried = n;
         self.last_unexpected = None;
         self.unexpected_retransmits = 0;
+        // The new owner has answered none of their requests yet.
+        self.request_oack = [None; CLIENTS as usize];
         self.t0 = self.now;
         let (_, to_clients) = self.drain(0, None, what);
         assert_eq!(self.g.members(), before.len(), "{what}: members after take_over");
