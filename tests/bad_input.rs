@@ -8,9 +8,11 @@
 //!
 //! The expected behaviour, as the server documents it:
 //! - on the listening port, requests that cannot be parsed and unknown opcodes get a short ERROR 4
-//!   ("Bad request", no more bytes per byte received than tftpd-hpa; the reason is logged);
-//!   DATA, ACK, OACK and ERROR get no answer (answering spoofed strays would make the server
-//!   a reflector); a known option with a bad value gets ERROR 8; unknown options are ignored;
+//!   (RFC 1350's "Illegal TFTP operation"; the reason is logged); DATA, ACK, OACK and ERROR
+//!   get no answer (answering spoofed strays would make the server a reflector); a known
+//!   option with a bad value gets ERROR 8; unknown options are ignored, however many fit in
+//!   a request, and options that do not fit get ERROR 8;
+//! - every ERROR 1-7 carries RFC 1350's text for its code, nothing else;
 //! - file names: `..` in any spelling and anything leaving the root is ERROR 2 (access
 //!   violation), a name that does not exist or is not a regular file is ERROR 1;
 //! - on a transfer port (TID): ACKs that do not move the window are ignored without any
@@ -120,18 +122,36 @@ fn expect_error(server: &Server, pkt: &[u8], code: u16, what: &str) -> String {
         show(&reply),
         short(pkt)
     );
+    // Codes 1-7 carry RFC 1350's texts, which scripts and client wrappers match on.
+    let msg = got.clone().unwrap().1;
+    if let Some(text) = RFC_1350_TEXTS.get(code as usize).filter(|_| code > 0) {
+        assert_eq!(&msg, text, "{what}: ERROR {code} with another text than RFC 1350's");
+    }
     // Exactly one packet: no retransmitted error, no transfer behind it.
     let more = collect(&sock, SILENCE);
     assert!(more.is_empty(), "{what}: more than one reply: {:?}", more.iter().map(|(p, _)| show(p)).collect::<Vec<_>>());
-    got.unwrap().1
+    msg
 }
 
-/// Asserts that the ERROR with `msg` answering `pkt` amplifies no more than tftpd-hpa's answer
-/// to a bare `00 01` (17 bytes for 2, 8.5x): a spoofed malformed request must not buy a long
-/// reply. The detailed reason is only logged.
+/// RFC 1350's error texts by code (0 has none: its message says what happened).
+const RFC_1350_TEXTS: [&str; 8] = [
+    "",
+    "File not found",
+    "Access violation",
+    "Disk full or allocation exceeded",
+    "Illegal TFTP operation",
+    "Unknown transfer ID",
+    "File already exists",
+    "No such user",
+];
+
+/// Asserts that the ERROR with `msg` answering `pkt` is ERROR 4's fixed RFC 1350 text (27
+/// bytes, 13.5x a bare `00 01`): a spoofed malformed request buys a short reply that never
+/// grows with the request; the detailed reason is only logged.
 fn assert_small_reply(pkt: &[u8], msg: &str, what: &str) {
     let reply = 4 + msg.len() + 1;
-    assert!(reply * 2 <= pkt.len().max(1) * 17, "{what}: a {reply}-byte ERROR ({msg:?}) for a {}-byte request amplifies more than 8.5x", pkt.len());
+    assert_eq!(msg, "Illegal TFTP operation", "{what}: ERROR 4 must carry RFC 1350's text");
+    assert!(reply * 2 <= pkt.len().max(1) * 27, "{what}: a {reply}-byte ERROR ({msg:?}) for a {}-byte request amplifies more than 13.5x", pkt.len());
 }
 
 /// Sends `pkt` to `to` from a fresh socket and asserts that nothing comes back within
@@ -407,13 +427,6 @@ fn malformed_requests_get_error_4() {
     let fx = Fixture::new();
     let server = Server::start(&fx.root, &[]);
     let long_name = vec![b'a'; 2100];
-    let too_many: Vec<(String, String)> = (0..17).map(|i| (format!("x{i}"), "1".to_string())).collect();
-    let too_many: Vec<(&str, &str)> = too_many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut over_limit = raw::rrq(b"b513.bin", "octet", &[]);
-    over_limit.extend_from_slice(b"pad\0");
-    over_limit.extend(std::iter::repeat_n(b'v', 2049 - over_limit.len() - 1));
-    over_limit.push(0);
-    assert_eq!(over_limit.len(), 2049);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("RRQ without NUL after the file name", b"\x00\x01b513.bin".to_vec()),
         ("RRQ without a mode", b"\x00\x01b513.bin\x00".to_vec()),
@@ -425,8 +438,6 @@ fn malformed_requests_get_error_4() {
         ("RRQ with mode `MAIL`", request(1, &[b"b513.bin", b"MAIL"])),
         ("RRQ with an option without value", request(1, &[b"b513.bin", b"octet", b"blksize"])),
         ("RRQ with an option whose value lacks its NUL", b"\x00\x01b513.bin\x00octet\x00blksize\x001024".to_vec()),
-        ("RRQ with 17 options", raw::rrq(b"b513.bin", "octet", &too_many)),
-        ("RRQ of 2049 bytes", over_limit),
         ("RRQ with a 2100-byte file name", request(1, &[&long_name, b"octet"])),
         ("RRQ with a NUL inside the name (the rest becomes the mode)", request(1, &[b"b513.bin", b"../canary.txt", b"octet"])),
         ("WRQ without a mode", b"\x00\x02up.bin\x00".to_vec()),
@@ -581,9 +592,24 @@ fn option_negotiation_edges() {
     // ... and with only unknown ones there is no OACK at all.
     expect_data1(&server, &rrq(&[("foo", "bar")]), "only an unknown option");
     expect_data1(&server, &rrq(&[("", "")]), "an empty option pair");
-    let sixteen: Vec<(String, String)> = (0..16).map(|i| (format!("x{i}"), "1".to_string())).collect();
-    let sixteen: Vec<(&str, &str)> = sixteen.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    expect_data1(&server, &rrq(&sixteen), "16 unknown options (the limit)");
+    // RFC 2347: however many unknown options a request carries, within the request limit,
+    // they are ignored (each sent twice here), and the known ones are still negotiated.
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("x{}", i % 100), "1".to_string())).collect();
+    let mut many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(rrq(&many).len() <= 2048);
+    expect_data1(&server, &rrq(&many), "200 unknown options");
+    many.insert(100, ("blksize", "1024"));
+    expect_oack(&server, &rrq(&many), &[("blksize", "1024")], "200 unknown options and blksize");
+    // Options past the request limit: refused as a negotiation (ERROR 8), not as malformed.
+    let mut over = raw::rrq(b"one_mib.bin", "octet", &[]);
+    over.extend_from_slice(b"pad\0");
+    over.extend(std::iter::repeat_n(b'v', 2049 - over.len() - 1));
+    over.push(0);
+    assert_eq!(over.len(), 2049);
+    expect_error(&server, &over, 8, "a request of 2049 bytes by its options");
+    let lots: Vec<(String, String)> = (0..500).map(|i| (format!("x{i}"), "1".to_string())).collect();
+    let lots: Vec<(&str, &str)> = lots.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    expect_error(&server, &rrq(&lots), 8, "500 unknown options, past the request limit");
     // A request of exactly 2048 bytes (the limit) is served.
     let mut exact = raw::rrq(b"one_mib.bin", "octet", &[]);
     exact.extend_from_slice(b"pad\0");
@@ -1148,6 +1174,46 @@ fn garbage_and_requests_from_the_peer_to_its_tid_are_ignored() {
     server.finish(&fx);
 }
 
+/// A request whose first answer is never acknowledged (a spoofed source, a client that went
+/// away) gets 1 + 2 packets: the first answer, a retransmission after the starting timeout
+/// (1 s, so a client that lost the first DATA or OACK still starts within a second), another
+/// 2 s later, then nothing. Checked for a first DATA and a first OACK.
+#[test]
+fn an_unacknowledged_first_answer_goes_at_most_three_times() {
+    if !tftpcast_only() {
+        return;
+    }
+    let fx = Fixture::new();
+    let server = Server::start(&fx.root, &[]);
+    let watch = |opts: &'static [(&'static str, &'static str)]| {
+        let to = server.addr();
+        std::thread::spawn(move || {
+            let sock = client_socket();
+            sock.send_to(&raw::rrq(ONE_MIB.as_bytes(), "octet", opts), to).unwrap();
+            let t = Instant::now();
+            let mut got = Vec::new();
+            // Past where a fourth packet would come with three retransmissions (7 s).
+            while let Some(left) = Duration::from_millis(8500).checked_sub(t.elapsed()) {
+                match recv(&sock, left) {
+                    Some((p, _)) => got.push((t.elapsed(), show(&p))),
+                    None => break,
+                }
+            }
+            got
+        })
+    };
+    let (data, oack) = (watch(&[]), watch(&[("blksize", "1024")]));
+    for (got, want) in [(data.join().unwrap(), "DATA block 1 ("), (oack.join().unwrap(), "OACK")] {
+        eprintln!("unanswered {want}: {got:?}");
+        assert_eq!(got.len(), 3, "an unanswered first {want} went {} times, want 1 + 2: {got:?}", got.len());
+        assert!(got.iter().all(|(_, p)| p.starts_with(want)), "not all {want}: {got:?}");
+        let gap = got[1].0 - got[0].0;
+        assert!(gap >= Duration::from_millis(800) && gap <= Duration::from_millis(1600), "first retransmission of {want} after {gap:?}, want about 1 s");
+    }
+    assert_still_serves(&server, &fx, "unanswered first packets");
+    server.finish(&fx);
+}
+
 #[test]
 fn a_repeated_request_starts_no_second_transfer() {
     if !tftpcast_only() {
@@ -1259,17 +1325,23 @@ fn mc_value(oack: &[u8]) -> (std::net::Ipv4Addr, u16, bool) {
     (parts[0].parse().unwrap(), parts[1].parse().unwrap(), parts[2] == "1")
 }
 
+/// A server in a lab of two clients, listening on the lab's address, groups starting at once.
+/// The rate limit of what unexpected packets cause is the timer floor: fixed at 100 ms.
+fn group_lab(name: &str) -> (Fixture, Lab, SocketAddr, Server) {
+    let fx = Fixture::new();
+    let lab = Lab::new(name, 2);
+    let listen = SocketAddr::from((lab.server_ip(), 69));
+    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
+    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
+    (fx, lab, listen, server)
+}
+
 #[test]
 fn multicast_acks_from_non_masters_cause_no_retransmission_storm() {
     if !tftpcast_only() || !require_netns() {
         return;
     }
-    let fx = Fixture::new();
-    let lab = Lab::new("bimc", 2);
-    let listen = SocketAddr::from((lab.server_ip(), 69));
-    // The rate limit of retransmissions on unexpected packets is the timer floor: fix it.
-    let cfg = config_file(&fx, "[transfer]\nmin_timeout_ms = 100\n");
-    let server = Server::start_in(Some(&lab.server), &fx.root, &["--config", &cfg, "--listen", &listen.to_string(), "--start-delay-ms", "0"]);
+    let (fx, lab, listen, server) = group_lab("bimc");
     let bind_in = |i: usize, port: u16| {
         let ip = lab.client_ip(i);
         lab.in_ns(&lab.clients[i], move || UdpSocket::bind((ip, port)).expect("bind in namespace"))
@@ -1360,5 +1432,73 @@ fn multicast_acks_from_non_masters_cause_no_retransmission_storm() {
     let want = file(&fx, "b513.bin");
     let r = lab.in_ns(&lab.clients[0], move || raw::get(srv, "b513.bin", "octet", &[], Duration::from_secs(10)));
     assert!(r.complete && r.data == want, "after the flood the server no longer serves: {r}\n{}", server.log_tail(30));
+    drop(server);
+}
+
+/// A group's transfer port and its request path against floods (issue 16, items 2 and 3): a
+/// spray of ACKs from a non-member at the group port gets ERROR 5 within the budget unicast
+/// transfers use (bursts of 10, then 10 a second), counted on the server's wire; a member that
+/// repeats its request in a burst gets its OACK again at most once per round-trip estimate
+/// (the timer floor, 100 ms here), not once per request.
+#[test]
+fn group_ports_and_repeated_group_requests_are_not_reflected() {
+    if !tftpcast_only() || !require_netns() {
+        return;
+    }
+    let (_fx, lab, listen, server) = group_lab("bimcref");
+    Wire::install(&lab.server);
+    let bind_in = |i: usize| {
+        let ip = lab.client_ip(i);
+        lab.in_ns(&lab.clients[i], move || {
+            let s = UdpSocket::bind((ip, 0)).expect("bind in namespace");
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s
+        })
+    };
+    let rrq = raw::rrq(ONE_MIB.as_bytes(), "octet", &[("multicast", ""), ("blksize", "1024")]);
+    // The master asks, gets its OACK and stays silent: the group waits for its ACK.
+    let master = bind_in(0);
+    master.send_to(&rrq, listen).unwrap();
+    let (oack, tid) = recv(&master, REPLY).unwrap_or_else(|| panic!("no OACK to the master\n{}", server.log_tail(30)));
+    assert_eq!(raw::opcode(&oack), Some(OACK), "master got {}", show(&oack));
+
+    // A stranger sprays ACKs at the group port for 400 ms.
+    let stranger = bind_in(1);
+    let before = Wire::read(&lab.server);
+    let t = Instant::now();
+    let mut sent = 0;
+    while t.elapsed() < Duration::from_millis(400) {
+        stranger.send_to(&raw::ack(1), tid).unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let spray = t.elapsed();
+    let answers = collect(&stranger, Duration::from_millis(300));
+    let wire = Wire::read(&lab.server).since(before);
+    let allowed = 10 + (spray.as_millis() as usize * 10).div_ceil(1000) + 1;
+    eprintln!("group port spray: {sent} ACKs in {spray:?}, {} answers (allowed {allowed}), server sent {} unicast packets", answers.len(), wire.uc_packets);
+    assert!(!answers.is_empty(), "the stranger got no ERROR 5 at all: the spray proved nothing");
+    assert!(answers.iter().all(|(p, from)| *from == tid && raw::parse_error(p).map(|e| e.0) == Some(5)), "not all ERROR 5 from the group port");
+    assert!(answers.len() <= allowed, "{sent} packets of a non-member bought {} ERROR 5 (allowed {allowed})", answers.len());
+    // On the wire: the answers, and at most a few OACKs to the waiting master.
+    assert!(wire.uc_packets as usize <= allowed + 3, "the server sent {} unicast packets during the spray (allowed {allowed} + 3)", wire.uc_packets);
+
+    // A member repeats its request 100 times within 200 ms.
+    let member = bind_in(1);
+    member.send_to(&rrq, listen).unwrap();
+    let t = Instant::now();
+    for _ in 0..99 {
+        std::thread::sleep(Duration::from_millis(2));
+        member.send_to(&rrq, listen).unwrap();
+    }
+    let burst = t.elapsed();
+    let oacks: Vec<_> = collect(&member, Duration::from_millis(300)).into_iter().filter(|(p, _)| raw::opcode(p) == Some(OACK)).collect();
+    let allowed = 1 + (burst.as_millis() as usize).div_ceil(100) + 1;
+    eprintln!("repeated group request: 100 in {burst:?}, {} OACKs (allowed {allowed})", oacks.len());
+    assert!(!oacks.is_empty(), "no OACK for the member\n{}", server.log_tail(30));
+    assert!(oacks.len() <= allowed, "100 repeated requests in {burst:?} bought {} OACKs (allowed {allowed})", oacks.len());
+    for s in [&master, &member] {
+        s.send_to(&error_packet(0, "done"), tid).unwrap();
+    }
     drop(server);
 }

@@ -910,6 +910,32 @@ fn unicast_clients_unaffected_while_a_group_runs() {
         uni_bytes >= 2 * file_len(&fx, ONE_MIB) as u64,
         "the unicast clients' bytes did not go by unicast: {during:?}"
     );
+    // Not held back: each unicast client, whose whole transfer ran while the group was
+    // sending (checked here, so the comparison is not vacuous), takes at most 4 times its
+    // time alone plus 2 s. Generous on purpose: the group shares the server's CPU and the
+    // lab's links, and a 1 MiB fetch alone takes a fraction of a second; a client queued
+    // behind the group, or paced with it, takes the group's seconds.
+    for (k, i) in [4usize, 5].into_iter().enumerate() {
+        let ip = IpAddr::V4(lab.client_ip(i));
+        let done = events(&server, "transfer complete")
+            .into_iter()
+            .find(|e| ip_of(e, "peer") == Some(ip) && names_file(e, ONE_MIB))
+            .unwrap_or_else(|| panic!("no `transfer complete` for {ip}"));
+        assert!(
+            when(&done) < group_to,
+            "the unicast transfer of {ip} ended at {:?}, after the group ({group_from:?}..{group_to:?}): \
+             it was held back, or the group was too short to prove anything",
+            when(&done)
+        );
+        let bound = alone[k].elapsed * 4 + Duration::from_secs(2);
+        assert!(
+            uni_runs[k].elapsed <= bound,
+            "{} took {:.2?} while the group ran, {:.2?} alone (bound {bound:.2?}): held back by the group",
+            unicast_clients[k].tool(),
+            uni_runs[k].elapsed,
+            alone[k].elapsed
+        );
+    }
     drop(dump);
     server.finish_in_lab();
 }

@@ -257,9 +257,11 @@ fn missing_file_is_tftp_error_1() {
     let server = Server::start(&fx.root, &[]);
     let missing = "no-such-file.bin";
     let r = raw::get(server.addr(), missing, "octet", &[], CLIENT_LIMIT);
+    // RFC 1350's text, which scripts and client wrappers match on (as from tftpd-hpa and
+    // atftpd); the details are in the server's log.
     assert_eq!(
-        r.error.as_ref().map(|e| e.0),
-        Some(1),
+        r.error.as_ref().map(|e| (e.0, e.1.as_str())),
+        Some((1, "File not found")),
         "raw RRQ for a missing file: {r}"
     );
     assert!(r.data.is_empty() && r.blocks == 0, "{r}");
@@ -283,11 +285,18 @@ fn missing_file_is_tftp_error_1() {
     if require_tool("tftp") {
         let out = fx.out("missing");
         let run = Client::hpa().fetch(None, server.addr(), missing, &out, CLIENT_LIMIT);
+        // tftp-hpa prints the server's text.
         assert!(
-            run.output().contains("Error code 1"),
-            "tftp-hpa must report `Error code 1`:\n{run}"
+            run.output().contains("Error code 1: File not found"),
+            "tftp-hpa must report `Error code 1: File not found`:\n{run}"
         );
         no_bytes(&out, "tftp-hpa");
+        // The same for an access violation (a name leaving the root).
+        let run = Client::hpa().fetch(None, server.addr(), "../etc/passwd", &out, CLIENT_LIMIT);
+        assert!(
+            run.output().contains("Error code 2: Access violation"),
+            "tftp-hpa must report `Error code 2: Access violation`:\n{run}"
+        );
     }
     if require_tool("curl") {
         for args in [vec![], vec!["--tftp-no-options"]] {

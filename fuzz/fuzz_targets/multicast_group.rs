@@ -5,7 +5,8 @@
 //! Invariants checked after every step:
 //! - membership: members <= joins (and <= distinct clients that joined); a non-empty group
 //!   always has exactly one master; an OACK with `mc=1` goes to the master, `mc=0` to a
-//!   passive member, and every OACK names the group;
+//!   passive member, and every OACK names the group; a new member's request gets exactly one
+//!   OACK, a member's repeated request at most one, and at most once per `min_timeout`;
 //! - strangers get exactly one ERROR 5 per packet (none for their ERROR, none for the final
 //!   ACK of a member that just finished), and cause no DATA;
 //! - DATA: only once started (start delay passed or enough clients), block index in
@@ -85,6 +86,8 @@ struct Harness {
     now: Instant,
     t0: Instant,
     joined: [bool; CLIENTS as usize],
+    /// When a request of each client was last answered with an OACK.
+    request_oack: [Option<Instant>; CLIENTS as usize],
     /// Clients that acknowledged blocks they never received (the ops can make them lie):
     /// the group cannot be expected to repair what it was told is there.
     lied: [bool; CLIENTS as usize],
@@ -237,11 +240,24 @@ impl Harness {
         self.g.join(self.now, c, vec![("blksize".into(), self.cfg.blksize.to_string())]);
         let window = self.cfg.window.max(1) as u64;
         let (data, to_clients) = self.drain(if was_member { 0 } else { window }, None, what);
-        assert_eq!(to_clients, 1, "{what}: a join must be answered with exactly one OACK");
-        assert_eq!(self.g.stats().joins, joins + u64::from(!was_member));
+        let last = self.request_oack[c as usize];
         if was_member {
+            // A repeated request: its OACK again, at most once per round trip (>= min_timeout).
+            assert!(to_clients <= 1, "{what}: a repeated request got {to_clients} OACKs");
+            assert!(
+                to_clients == 0 || last.is_none_or(|t| self.now - t >= self.cfg.min_timeout),
+                "{what}: repeated requests answered {:?} apart, min_timeout {:?}",
+                last.map(|t| self.now - t),
+                self.cfg.min_timeout
+            );
             assert_eq!(data, 0);
+        } else {
+            assert_eq!(to_clients, 1, "{what}: a join must be answered with exactly one OACK");
         }
+        if to_clients == 1 {
+            self.request_oack[c as usize] = Some(self.now);
+        }
+        assert_eq!(self.g.stats().joins, joins + u64::from(!was_member));
     }
 
     fn packet(&mut self, c: u8, pkt: Packet<'_>, what: &str) {
@@ -292,6 +308,8 @@ impl Harness {
         self.carried = n;
         self.last_unexpected = None;
         self.unexpected_retransmits = 0;
+        // The new owner has answered none of their requests yet.
+        self.request_oack = [None; CLIENTS as usize];
         self.t0 = self.now;
         let (_, to_clients) = self.drain(0, None, what);
         assert_eq!(self.g.members(), before.len(), "{what}: members after take_over");
@@ -369,6 +387,7 @@ fuzz_target!(|input: Input| {
         now: t0,
         t0,
         joined: [false; CLIENTS as usize],
+        request_oack: [None; CLIENTS as usize],
         lied: [false; CLIENTS as usize],
         sims: BTreeMap::new(),
         last_unexpected: None,

@@ -1056,7 +1056,7 @@ mod tests {
         }
         let mut r = joined(now, true);
         drain(&mut r);
-        feed(&mut r, now, TID, Via::Unicast, packet::error_packet(ErrorCode::FileNotFound, "gone"));
+        feed(&mut r, now, TID, Via::Unicast, Packet::Error { code: ErrorCode::FileNotFound, message: "gone".into() }.to_vec());
         assert_eq!(r.outcome(), Some(&ReceiverOutcome::PeerError { code: ErrorCode::FileNotFound, message: "gone".into() }));
         assert!(drain(&mut r).is_empty(), "an ERROR is not answered");
         // The listener refusing a repeated request ends it too.

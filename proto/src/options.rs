@@ -48,11 +48,15 @@ fn number(name: &str, value: &str) -> Result<u64, OptionError> {
     parse_number(value).ok_or_else(|| OptionError::Invalid { name: name.into(), value: value.chars().take(32).collect() })
 }
 
+/// The options this server negotiates; any other is ignored (RFC 2347).
+const KNOWN: [&str; 5] = ["blksize", "tsize", "timeout", "windowsize", "multicast"];
+
 /// Parses the options of a request. `names` are expected lower-cased (the decoder does it).
 pub fn parse(options: &[(String, String)]) -> Result<Requested, OptionError> {
     let mut req = Requested::default();
     for (name, value) in options {
-        if req.names.iter().any(|n| n == name) {
+        // Only a known option sent twice is ambiguous; unknown ones are ignored however often.
+        if KNOWN.contains(&name.as_str()) && req.names.iter().any(|n| n == name) {
             return Err(OptionError::Duplicate(name.clone()));
         }
         req.names.push(name.clone());
@@ -211,6 +215,10 @@ mod tests {
         assert!(n.oack.is_empty());
         assert_eq!(n.blksize, 512);
         assert_eq!(n.windowsize, 1);
+        // However many, and however often: a duplicate unknown option is not refused.
+        let many: Vec<(String, String)> = (0..200).map(|i| (format!("x{}", i % 150), "1".to_string())).chain([("blksize".to_string(), "1024".to_string())]).collect();
+        let n = negotiate(&parse(&many).unwrap(), &Limits::default(), Some(1), false);
+        assert_eq!(n.oack, opts(&[("blksize", "1024")]));
     }
 
     #[test]
@@ -270,8 +278,21 @@ mod tests {
         }
 
         #[test]
-        fn parse_never_panics(list in proptest::collection::vec(("[a-z]{1,12}", ".{0,24}"), 0..10)) {
-            let _ = parse(&list);
+        fn parse_never_panics(list in proptest::collection::vec((prop_oneof!["[a-z]{1,12}", proptest::sample::select(KNOWN.to_vec()).prop_map(String::from)], prop_oneof![".{0,24}", "[0-9]{1,6}"]), 0..10)) {
+            match parse(&list) {
+                // Every name is kept in order; values accepted are within the RFCs' ranges.
+                Ok(r) => {
+                    prop_assert_eq!(&r.names, &list.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+                    prop_assert!(r.blksize.is_none_or(|b| (MIN_BLKSIZE..=MAX_BLKSIZE).contains(&b)));
+                    prop_assert!(r.timeout.is_none_or(|t| t >= 1));
+                    prop_assert!(r.windowsize.is_none_or(|w| w >= 1));
+                    prop_assert_eq!(r.multicast, list.iter().any(|(k, _)| k == "multicast"));
+                }
+                // Only a known option can be refused: unknown ones are ignored (RFC 2347).
+                Err(OptionError::Duplicate(n)) | Err(OptionError::Invalid { name: n, .. }) => {
+                    prop_assert!(KNOWN.contains(&n.as_str()), "unknown option {} refused", n);
+                }
+            }
         }
     }
 }

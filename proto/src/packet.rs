@@ -17,7 +17,8 @@ pub const MAX_DATAGRAM: usize = 4 + MAX_BLKSIZE as usize;
 /// Longest request we accept. RFC 1350 requests fit in 512 bytes; options add a few dozen
 /// bytes. Anything much larger is abuse, and bounding it bounds what a request can cost us.
 pub const MAX_REQUEST: usize = 2048;
-/// Most options one request or OACK may carry (a real client sends at most five or six).
+/// Most options one OACK may carry (a real client sends at most five or six). A request may
+/// carry any number within `MAX_REQUEST`: options a server does not know are ignored (RFC 2347).
 pub const MAX_OPTIONS: usize = 16;
 
 /// The opcodes of RFC 1350 and RFC 2347.
@@ -196,6 +197,10 @@ pub enum DecodeError {
     TooManyOptions,
     #[error("request longer than {MAX_REQUEST} bytes")]
     RequestTooLong,
+    /// A request whose name and mode fit in `MAX_REQUEST` bytes but whose options do not: an
+    /// option negotiation problem (error 8), not a malformed packet.
+    #[error("options make the request longer than {MAX_REQUEST} bytes")]
+    OptionsTooLong,
     #[error("DATA payload larger than the largest block size")]
     DataTooLong,
     #[error("trailing bytes after the packet")]
@@ -246,7 +251,11 @@ pub fn encode_error(code: ErrorCode, message: &str, buf: &mut Vec<u8>) {
     push_cstr(buf, message[..end].as_bytes());
 }
 
+/// An ERROR to send. Codes 1-7 always carry RFC 1350's text (`default_message`), whatever
+/// `message` says: scripts and client wrappers match on those texts, as tftpd-hpa and atftpd
+/// send them, and details belong in the log. Codes 0 and 8 carry `message`.
 pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
+    let message = if (1..=7).contains(&code.code()) { code.default_message() } else { message };
     let mut v = Vec::with_capacity(5 + message.len().min(255));
     encode_error(code, message, &mut v);
     v
@@ -260,15 +269,16 @@ pub fn encode_oack(opts: &[(String, String)], buf: &mut Vec<u8>) {
     }
 }
 
-/// Splits `bytes` into NUL-terminated fields. Fails if the last field is not terminated.
-fn cstrings(bytes: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+/// Splits `bytes` into NUL-terminated fields, at most `max_fields`. Fails if the last field
+/// is not terminated.
+fn cstrings(bytes: &[u8], max_fields: usize) -> Result<Vec<&[u8]>, DecodeError> {
     let mut out = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
         let nul = rest.iter().position(|&b| b == 0).ok_or(DecodeError::Unterminated)?;
         out.push(&rest[..nul]);
         rest = &rest[nul + 1..];
-        if out.len() > 2 + 2 * MAX_OPTIONS {
+        if out.len() > max_fields {
             return Err(DecodeError::TooManyOptions);
         }
     }
@@ -286,18 +296,19 @@ fn decode_options(fields: &[&[u8]]) -> Result<Vec<(String, String)>, DecodeError
     if fields.len() % 2 != 0 {
         return Err(DecodeError::OptionWithoutValue);
     }
-    if fields.len() / 2 > MAX_OPTIONS {
-        return Err(DecodeError::TooManyOptions);
-    }
     let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| DecodeError::NotUtf8);
     fields.chunks(2).map(|kv| Ok((text(kv[0])?.to_ascii_lowercase(), text(kv[1])?))).collect()
 }
 
 fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
     if body.len() + 2 > MAX_REQUEST {
-        return Err(DecodeError::RequestTooLong);
+        // Name and mode within the limit: what does not fit are options.
+        let head = &body[..MAX_REQUEST - 2];
+        let name_and_mode = head.iter().filter(|&&b| b == 0).nth(1).is_some();
+        return Err(if name_and_mode { DecodeError::OptionsTooLong } else { DecodeError::RequestTooLong });
     }
-    let fields = cstrings(body)?;
+    // No count limit beyond the size: unknown options are ignored, not refused (RFC 2347).
+    let fields = cstrings(body, usize::MAX)?;
     if fields.len() < 2 {
         return Err(DecodeError::Unterminated);
     }
@@ -366,7 +377,7 @@ pub fn decode(datagram: &[u8]) -> Result<Packet<'_>, DecodeError> {
             if body.len() > MAX_REQUEST {
                 return Err(DecodeError::RequestTooLong);
             }
-            let fields = cstrings(body)?;
+            let fields = cstrings(body, 2 * MAX_OPTIONS)?;
             Packet::Oack(decode_options(&fields)?)
         }
     })
@@ -423,6 +434,39 @@ mod tests {
     }
 
     #[test]
+    fn errors_1_to_7_carry_rfc_1350_texts() {
+        let text = |p: Vec<u8>| match decode(&p) {
+            Ok(Packet::Error { message, .. }) => message,
+            other => panic!("not an ERROR: {other:?}"),
+        };
+        let rfc = ["File not found", "Access violation", "Disk full or allocation exceeded", "Illegal TFTP operation", "Unknown transfer ID", "File already exists", "No such user"];
+        for (code, want) in (1..=7).zip(rfc) {
+            assert_eq!(text(error_packet(ErrorCode::from_code(code), "details: /srv/x is missing")), want);
+        }
+        // Codes 0 and 8 have no fixed text: the message says what happened.
+        assert_eq!(text(error_packet(ErrorCode::NotDefined, "Server busy")), "Server busy");
+        assert_eq!(text(error_packet(ErrorCode::OptionRefused, "option blksize has invalid value")), "option blksize has invalid value");
+    }
+
+    #[test]
+    fn a_request_may_carry_any_number_of_options_within_the_size_limit() {
+        let mut rrq = b"\x00\x01f\x00octet\x00".to_vec();
+        for i in 0..200 {
+            rrq.extend_from_slice(format!("x{i}\x001\x00").as_bytes());
+        }
+        assert!(rrq.len() <= MAX_REQUEST);
+        let Ok(Packet::Rrq(r)) = decode(&rrq) else { panic!("200 small options refused: {:?}", decode(&rrq)) };
+        assert_eq!(r.options.len(), 200);
+        // Options that do not fit: an option negotiation problem, not a malformed request.
+        rrq.extend(std::iter::repeat_n(b'y', MAX_REQUEST));
+        rrq.extend_from_slice(b"\x001\x00");
+        assert_eq!(decode(&rrq), Err(DecodeError::OptionsTooLong));
+        // An OACK still carries at most MAX_OPTIONS.
+        let oack = Packet::Oack((0..=MAX_OPTIONS).map(|i| (format!("x{i}"), "1".to_string())).collect()).to_vec();
+        assert_eq!(decode(&oack), Err(DecodeError::TooManyOptions));
+    }
+
+    #[test]
     fn error_message_is_bounded() {
         let p = error_packet(ErrorCode::NotDefined, &"é".repeat(1000));
         assert!(p.len() <= 4 + 255 + 1);
@@ -435,8 +479,35 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let _ = decode(&data);
+        fn decode_never_panics(data in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            // Mostly valid opcodes, so that something decodes and the round trip is checked.
+            (0u8..8, proptest::collection::vec(any::<u8>(), 0..600)).prop_map(|(op, rest)| [vec![0, op], rest].concat()),
+            // Requests and OACKs: NUL-separated fields from words a request is made of.
+            (prop_oneof![Just(1u8), Just(2), Just(6)], proptest::collection::vec(prop_oneof![
+                Just("f".to_string()), Just("OCTET".to_string()), Just("netascii".to_string()), Just("BlkSize".to_string()),
+                Just("1024".to_string()), Just(String::new()), "[ -~]{0,12}",
+            ], 0..12), any::<bool>()).prop_map(|(op, fields, nul)| {
+                let mut v = vec![0, op];
+                v.extend(fields.join("\0").into_bytes());
+                if nul { v.push(0) }
+                v
+            }),
+        ]) {
+            // Whatever decodes survives a round trip (ERROR messages up to the 255-byte cut)
+            // and its encoding is a fixed point.
+            if let Ok(p) = decode(&data) {
+                let encoded = p.to_vec();
+                let again = decode(&encoded).expect("a decoded packet re-encodes to something that decodes");
+                match (&p, &again) {
+                    (Packet::Error { code, message }, Packet::Error { code: c2, message: m2 }) => {
+                        prop_assert_eq!(code, c2);
+                        prop_assert!(message.starts_with(m2.as_str()) && m2.len() <= 255);
+                    }
+                    _ => prop_assert_eq!(&again, &p),
+                }
+                prop_assert_eq!(again.to_vec(), encoded);
+            }
         }
 
         #[test]

@@ -958,7 +958,7 @@ mod tests {
         let now = Instant::now();
         let mut r = Receiver::new(now, cfg());
         drain(&mut r);
-        feed(&mut r, now, packet::error_packet(ErrorCode::FileNotFound, "no such file: f"));
+        feed(&mut r, now, Packet::Error { code: ErrorCode::FileNotFound, message: "no such file: f".into() }.to_vec());
         assert!(drain(&mut r).is_empty());
         assert_eq!(
             r.outcome(),
@@ -1473,7 +1473,11 @@ mod tests {
 
         #[test]
         fn arbitrary_packets_never_panic(
-            packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..40),
+            packets in proptest::collection::vec(prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..80),
+                (0u16..6, proptest::collection::vec(any::<u8>(), 0..70)).prop_map(|(b, d)| Packet::Data { block: b, data: &d }.to_vec()),
+                Just(packet::error_packet(ErrorCode::NotDefined, "stop")),
+            ], 0..40),
             blk in 8u16..64,
             win in 1u16..8,
         ) {
@@ -1481,12 +1485,42 @@ mod tests {
             let mut c = rcfg(Mode::Netascii, Some(blk), Some(win));
             c.request_timeout_option = Some(2);
             let mut r = Receiver::new(now, c);
+            // Blocks that arrived as DATA (0: the OACK's ACK), payload bytes fed and delivered.
+            let mut blocks = std::collections::BTreeSet::from([0u16]);
+            let (mut fed, mut delivered) = (0usize, 0usize);
+            let check = |r: &mut Receiver, blocks: &std::collections::BTreeSet<u16>, after_error: bool| -> Result<(), TestCaseError> {
+                while let Some(t) = r.poll_transmit(now) {
+                    let t = t.datagram.into_vec();
+                    prop_assert!(!after_error, "an ERROR was answered with {:?}", decode(&t));
+                    match decode(&t) {
+                        Ok(Packet::Ack(n)) => prop_assert!(blocks.contains(&n), "ACK {} for a block never received", n),
+                        Ok(Packet::Rrq(_) | Packet::Error { .. }) => {}
+                        other => prop_assert!(false, "the receiver sent {:?}", other),
+                    }
+                }
+                Ok(())
+            };
+            check(&mut r, &blocks, false)?; // the request
             for p in packets {
+                let decoded = decode(&p).ok();
+                if let Some(Packet::Data { block, data }) = &decoded {
+                    blocks.insert(*block);
+                    fed += data.len();
+                }
+                let is_error = matches!(decoded, Some(Packet::Error { .. }));
                 let _ = r.handle_datagram(now, Bytes::from(p));
-                while r.poll_transmit(now).is_some() {}
-                while r.take_data().is_some() {}
+                check(&mut r, &blocks, is_error)?;
+                while let Some(d) = r.take_data() {
+                    delivered += d.len();
+                }
             }
             r.handle_timeout(now + Duration::from_secs(10));
+            check(&mut r, &blocks, false)?;
+            while let Some(d) = r.take_data() {
+                delivered += d.len();
+            }
+            // Netascii decoding only ever shrinks what arrived.
+            prop_assert!(delivered <= fed, "{} bytes delivered from {} received", delivered, fed);
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::flow::lease::{self, Leased};
 use crate::flow::pacing::{Pacing, Report};
 use crate::state::DumpState;
 use crate::net::timer::{earliest, Timer};
-use crate::net::transport::{Endpoint, Transport};
+use crate::net::transport::{Endpoint, Strangers, Transport};
 use crate::net::udp::Datagram;
 
 /// Options of a member's OACK besides `multicast`.
@@ -155,6 +155,8 @@ pub struct GroupSession {
     window_max: u16,
     /// The path takes segmented sends (cleared when the kernel refuses one).
     gso: bool,
+    /// Packets from non-members and the budget of ERROR 5 answers to them.
+    strangers: Strangers,
 }
 
 /// Group ids share the pacing table with session ids; this bit keeps them apart.
@@ -197,6 +199,7 @@ impl GroupSession {
             own_rate,
             window_max,
             gso: true,
+            strangers: Strangers::new(Instant::now()),
         }
     }
 
@@ -223,6 +226,11 @@ impl GroupSession {
             match out {
                 None => break,
                 Some(Transmit { to: GroupDest::Client(to), datagram: transmit::Datagram::Control(packet) }) => {
+                    // The group answers a stranger with ERROR 5: within the same budget as
+                    // unicast transfers, so a spray at a group port is not reflected.
+                    if packet.get(..2) == Some(&[0, 5][..]) && !self.strangers.allow() {
+                        continue;
+                    }
                     self.unicast_bytes += packet.len() as u64;
                     self.bucket.consume(packet.len() as u64);
                     if let Err(e) = sock.send_bytes(&packet, to) {

@@ -180,7 +180,8 @@ pub struct Routed(pub Datagram);
 /// Packets from another TID than the transfer's peer (RFC 1350: answered with error 5, the
 /// transfer goes on). An ERROR is never answered (two ports would bounce errors forever), and
 /// the answers are rate-limited (bursts of 10, then 10 a second) so a spray at a transfer
-/// port cannot turn the server into a reflector. One per session and per upload.
+/// port cannot turn the server into a reflector. One per session, per upload and per
+/// multicast group.
 pub struct Strangers {
     pub packets: u64,
     bucket: tftpcast_proto::pacing::TokenBucket,
@@ -193,15 +194,33 @@ impl Strangers {
 
     /// Counts a stranger's datagram and answers it when the budget allows.
     pub fn answer(&mut self, sock: Option<&Transport>, d: &Datagram) {
-        self.packets += 1;
-        let is_error = d.data.get(..2) == Some(&[0, 5][..]);
-        let now = std::time::Instant::now();
-        self.bucket.set_rate(now, Some(10));
-        if !is_error && self.bucket.ready_at(now).is_none() {
-            self.bucket.consume(1);
+        if self.admit(&d.data) {
             if let Some(s) = sock {
                 let _ = s.send_bytes(&packet::error_packet(packet::ErrorCode::UnknownTid, "Unknown transfer ID"), d.meta.from);
             }
         }
+    }
+
+    /// Counts a stranger's datagram `data`; true when it may be answered (never an ERROR,
+    /// and only within the budget).
+    pub fn admit(&mut self, data: &[u8]) -> bool {
+        if data.get(..2) == Some(&[0, 5][..]) {
+            self.packets += 1;
+            return false;
+        }
+        self.allow()
+    }
+
+    /// Counts a stranger's datagram that a state machine already chose to answer (it never
+    /// answers an ERROR); true when the budget allows the answer.
+    pub fn allow(&mut self) -> bool {
+        self.packets += 1;
+        let now = std::time::Instant::now();
+        self.bucket.set_rate(now, Some(10));
+        if self.bucket.ready_at(now).is_some() {
+            return false;
+        }
+        self.bucket.consume(1);
+        true
     }
 }

@@ -39,14 +39,15 @@ use crate::node::upload::{SharedUploadPolicy, Upload, UploadSpec};
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// The message of the ERROR 4 that answers an unparseable request or an unknown opcode.
-const BAD_REQUEST: &str = "Bad request";
-
 /// Retransmissions of a transfer's first packet while the client has acknowledged nothing.
 /// A request may come from a spoofed source or be a stale duplicate of a finished transfer;
-/// either way the server sends at most 1 + 3 packets for it (anti-amplification), while a
-/// real client, which retransmits its request too, still gets four chances.
-const INITIAL_RETRIES: u32 = 3;
+/// either way the server sends at most 1 + 2 packets for it (anti-amplification; tftpd-hpa
+/// sends 5). The first retransmission comes after the transfer's starting timeout
+/// (`transfer.timeout_ms`, 1 s by default, or the client's RFC 2349 timeout), the second 2 s
+/// later: a client that lost the first DATA or OACK starts after a second, well before its
+/// own request timer (several seconds for tftp-hpa, atftp and PXE ROMs) would fire, and a
+/// path with a long round trip still gets no spurious duplicate.
+const INITIAL_RETRIES: u32 = 2;
 
 /// Settings the listener applies to every request.
 #[derive(Debug, Clone)]
@@ -174,8 +175,10 @@ impl Listener {
         self
     }
 
-    /// Answers a request with an ERROR from the address it was sent to.
+    /// Answers a request with an ERROR from the address it was sent to. Codes 1-7 go out
+    /// with RFC 1350's text (see `packet::error_packet`): `msg` is logged.
     fn reply_error(&self, d: &Datagram, code: ErrorCode, msg: &str) {
+        debug!(peer = %d.meta.from, code = code.code(), detail = msg, "request answered with an error");
         if let Some(s) = &self.sock {
             let pkt = packet::error_packet(code, msg);
             if let Err(e) = crate::net::send_from(s.get_ref(), &pkt, d.meta.from, d.meta.dst, self.addr.is_ipv6()) {
@@ -248,19 +251,31 @@ impl Listener {
                 self.reply_error(&d, ErrorCode::AccessViolation, "Server is read-only");
             }
             Ok(_) => self.counters.strays += 1,
-            Err(e) => {
-                self.counters.malformed += 1;
-                m().request("malformed");
-                // Requests that cannot be parsed and unknown opcodes are illegal operations
-                // (RFC 1350); anything else that does not decode is dropped. The reply is
-                // short on purpose: a 2-byte `00 01` from a spoofed source must not buy a
-                // long ERROR (16 bytes here, 17 from tftpd-hpa); the reason goes to the log.
-                let is_request = matches!(d.data.get(..2), Some([0, 1]) | Some([0, 2]));
-                if is_request || matches!(e, DecodeError::UnknownOpcode(_)) {
-                    debug!(peer = %d.meta.from, error = %e, "malformed packet");
-                    self.reply_error(&d, ErrorCode::IllegalOperation, BAD_REQUEST);
-                }
-            }
+            Err(e) => self.on_undecodable(&d, e),
+        }
+    }
+
+    /// A datagram that does not decode. Requests that cannot be parsed and unknown opcodes
+    /// are illegal operations (RFC 1350); anything else is dropped. The reply is short: a
+    /// 2-byte `00 01` from a spoofed source buys the 27-byte ERROR 4 with RFC 1350's text
+    /// (that text is what clients and scripts match on); the reason goes to the log. A
+    /// request whose options do not fit the request limit is refused as a negotiation
+    /// (RFC 2347, error 8), not as a malformed packet.
+    fn on_undecodable(&mut self, d: &Datagram, e: DecodeError) {
+        if e == DecodeError::OptionsTooLong {
+            self.counters.requests += 1;
+            self.counters.option_refused += 1;
+            m().request("options_refused");
+            info!(peer = %d.meta.from, error = %e, "options refused");
+            self.reply_error(d, ErrorCode::OptionRefused, "Too many options");
+            return;
+        }
+        self.counters.malformed += 1;
+        m().request("malformed");
+        let is_request = matches!(d.data.get(..2), Some([0, 1]) | Some([0, 2]));
+        if is_request || matches!(e, DecodeError::UnknownOpcode(_)) {
+            debug!(peer = %d.meta.from, error = %e, "malformed packet");
+            self.reply_error(d, ErrorCode::IllegalOperation, "Illegal TFTP operation");
         }
     }
 

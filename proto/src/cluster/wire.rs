@@ -438,8 +438,19 @@ mod tests {
         }
 
         #[test]
-        fn prop_random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
-            let _ = decode(&bytes, KEY);
+        fn prop_random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048), magic: bool) {
+            // Random bytes carry no valid tag (a 2^-256 chance): refused by the header or tag
+            // checks, before the parser sees a byte, whether or not they start like a message.
+            let mut bytes = bytes;
+            if magic {
+                bytes.splice(0..0, MAGIC.iter().copied().chain([VERSION]));
+            }
+            let r = decode(&bytes, KEY);
+            prop_assert!(
+                matches!(r, Err(ClusterError::Truncated(_) | ClusterError::BadMagic | ClusterError::BadVersion(_) | ClusterError::BadTag)),
+                "random bytes got past the header and tag checks: {:?}",
+                r
+            );
         }
 
         /// Random payloads behind a valid header and a valid tag: this exercises the bincode

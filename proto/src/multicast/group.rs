@@ -43,6 +43,9 @@ struct Member<C> {
     held_back: bool,
     /// It has led before: `loss` is its own.
     led: bool,
+    /// When its request (first or repeated) last got an OACK: a repeat gets it again at most
+    /// once per round trip.
+    oack_at: Option<Instant>,
 }
 
 impl<C> Member<C> {
@@ -59,6 +62,7 @@ impl<C> Member<C> {
             keeps_out_of_order: false,
             held_back: false,
             led: false,
+            oack_at: None,
         }
     }
 }
@@ -353,15 +357,25 @@ impl<C: Copy + Eq + std::fmt::Debug> Group<C> {
 
     /// A client asks to join (its RRQ carried `multicast`). `options` are the other options
     /// its OACK acknowledges (tsize, blksize, ...). A client already in the group gets its
-    /// OACK again (its first was lost, so it asked again).
+    /// OACK again (its first was lost, so it asked again), at most once per round trip: a
+    /// burst of repeated (or spoofed) requests must not multiply OACKs.
     pub fn join(&mut self, now: Instant, client: C, options: Vec<(String, String)>) {
-        if let Some(m) = self.members.iter().find(|m| m.id == client) {
+        let rt = self.round_trip();
+        if let Some(m) = self.members.iter_mut().find(|m| m.id == client) {
+            if m.oack_at.is_some_and(|at| now.saturating_duration_since(at) < rt) {
+                self.stats.unexpected += 1;
+                return;
+            }
+            m.oack_at = Some(now);
+            let m = self.members.iter().find(|m| m.id == client).expect("found above");
             let pkt = self.oack(m, m.role == Role::Master);
             self.send(client, pkt);
             return;
         }
         self.stats.joins += 1;
-        self.members.push_back(Member::new(client, options, self.high_water));
+        let mut m = Member::new(client, options, self.high_water);
+        m.oack_at = Some(now);
+        self.members.push_back(m);
         if self.master().is_none() {
             self.promote(now, client, None);
         } else {

@@ -451,8 +451,19 @@ fn stranger_gets_error_5_and_oack_is_resent_on_repeat_request() {
     let mut g: Group<Client> = Group::new(cfg(t0, 1), Bytes::from(file(5000)));
     g.join(t0, 1, vec![("tsize".into(), "5000".into())]);
     let first = g.poll_transmit(t0).unwrap();
-    g.join(t0, 1, vec![("tsize".into(), "5000".into())]);
-    assert_eq!(g.poll_transmit(t0).unwrap(), first);
+    // Repeated within a round trip (a burst, or spoofed): no OACK again.
+    for i in 0..100 {
+        g.join(t0 + Duration::from_micros(i), 1, vec![("tsize".into(), "5000".into())]);
+    }
+    assert!(g.poll_transmit(t0).is_none(), "a burst of repeated requests multiplied the OACK");
+    // Its first OACK was lost and it asked again a while later: the OACK again, once per
+    // round trip however often it asks meanwhile.
+    let later = t0 + Duration::from_secs(1);
+    g.join(later, 1, vec![("tsize".into(), "5000".into())]);
+    assert_eq!(g.poll_transmit(later).unwrap(), first);
+    g.join(later + Duration::from_millis(1), 1, vec![("tsize".into(), "5000".into())]);
+    assert!(g.poll_transmit(later).is_none(), "two OACKs within a round trip");
+    let t0 = later;
     g.handle(t0, 9, &Packet::Ack(1));
     let Some(Transmit { to: GroupDest::Client(9), datagram: Datagram::Control(packet) }) = g.poll_transmit(t0) else { panic!() };
     assert!(matches!(decode(&packet), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
