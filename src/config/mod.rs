@@ -102,6 +102,15 @@ fn bad<T>(key: &str, why: String) -> Result<T, ConfigError> {
     Err(ConfigError(format!("setting {key}: {why}")))
 }
 
+/// [`bad`] with `why` unless `ok`: one line for each rule a setting's value must keep.
+fn ensure(ok: bool, key: &str, why: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        bad(key, why.into())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -396,65 +405,31 @@ impl Settings {
 
     fn check_transfer(&self) -> Result<(), ConfigError> {
         let t = &self.transfer;
-        if t.timeout_ms == 0 || t.timeout_ms > 255_000 {
-            return bad("transfer.timeout_ms", "must be 1..=255000".into());
-        }
-        if t.min_timeout_ms == 0 || t.min_timeout_ms > t.max_timeout_ms {
-            return bad("transfer.min_timeout_ms", "must be 1..=transfer.max_timeout_ms".into());
-        }
-        if t.max_timeout_ms < t.timeout_ms {
-            return bad("transfer.max_timeout_ms", "must be at least transfer.timeout_ms".into());
-        }
-        if t.max_retries == 0 || t.max_retries > 100 {
-            return bad("transfer.max_retries", "must be 1..=100".into());
-        }
-        if t.min_give_up_s > 3600 {
-            return bad("transfer.min_give_up_s", "must be 0..=3600".into());
-        }
-        if !(8..=65464).contains(&t.max_blksize) {
-            return bad("transfer.max_blksize", "must be 8..=65464 (RFC 2348)".into());
-        }
-        if t.max_windowsize == 0 || t.max_windowsize > 32767 {
-            return bad("transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)".into());
-        }
-        Ok(())
+        ensure((1..=255_000).contains(&t.timeout_ms), "transfer.timeout_ms", "must be 1..=255000")?;
+        ensure((1..=t.max_timeout_ms).contains(&t.min_timeout_ms), "transfer.min_timeout_ms", "must be 1..=transfer.max_timeout_ms")?;
+        ensure(t.max_timeout_ms >= t.timeout_ms, "transfer.max_timeout_ms", "must be at least transfer.timeout_ms")?;
+        ensure((1..=100).contains(&t.max_retries), "transfer.max_retries", "must be 1..=100")?;
+        ensure(t.min_give_up_s <= 3600, "transfer.min_give_up_s", "must be 0..=3600")?;
+        ensure((8..=65464).contains(&t.max_blksize), "transfer.max_blksize", "must be 8..=65464 (RFC 2348)")?;
+        ensure((1..=32767).contains(&t.max_windowsize), "transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)")
     }
 
     fn check_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if l.max_sessions == 0 {
-            return bad("limits.max_sessions", "must be at least 1".into());
-        }
-        if l.max_sessions_per_client == 0 {
-            return bad("limits.max_sessions_per_client", "must be at least 1".into());
-        }
-        if l.defer_max_ms > 60_000 {
-            return bad("limits.defer_max_ms", "must be 0..=60000".into());
-        }
-        if l.defer_queue > 100_000 {
-            return bad("limits.defer_queue", "must be 0..=100000".into());
-        }
-        Ok(())
+        ensure(l.max_sessions != 0, "limits.max_sessions", "must be at least 1")?;
+        ensure(l.max_sessions_per_client != 0, "limits.max_sessions_per_client", "must be at least 1")?;
+        ensure(l.defer_max_ms <= 60_000, "limits.defer_max_ms", "must be 0..=60000")?;
+        ensure(l.defer_queue <= 100_000, "limits.defer_queue", "must be 0..=100000")
     }
 
     fn check_pacing(&self) -> Result<(), ConfigError> {
         let p = &self.pacing;
-        if p.floor_kbps == 0 || p.floor_kbps > p.ceiling_mbps.saturating_mul(1000) {
-            return bad("pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000".into());
-        }
-        if p.increase_mbps == 0 {
-            return bad("pacing.increase_mbps", "must be at least 1".into());
-        }
-        if p.loss_threshold_pct > 100 {
-            return bad("pacing.loss_threshold_pct", "must be 0..=100".into());
-        }
-        if !(1..=99).contains(&p.decrease_pct) {
-            return bad("pacing.decrease_pct", "must be 1..=99".into());
-        }
-        if p.lease_ms == 0 || p.lease_ms > 10_000 {
-            return bad("pacing.lease_ms", "must be 1..=10000".into());
-        }
-        Ok(())
+        let floor_max = p.ceiling_mbps.saturating_mul(1000);
+        ensure((1..=floor_max).contains(&p.floor_kbps), "pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000")?;
+        ensure(p.increase_mbps != 0, "pacing.increase_mbps", "must be at least 1")?;
+        ensure(p.loss_threshold_pct <= 100, "pacing.loss_threshold_pct", "must be 0..=100")?;
+        ensure((1..=99).contains(&p.decrease_pct), "pacing.decrease_pct", "must be 1..=99")?;
+        ensure((1..=10_000).contains(&p.lease_ms), "pacing.lease_ms", "must be 1..=10000")
     }
 
     /// The group address pool and the interface; group ports must not meet the transfer

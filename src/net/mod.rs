@@ -230,24 +230,14 @@ pub fn send_parts_from(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAdd
             msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             match (src, to) {
                 (IpAddr::V4(s), SocketAddr::V4(_)) => {
-                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                    let c = libc::CMSG_FIRSTHDR(&msg);
-                    (*c).cmsg_level = libc::IPPROTO_IP;
-                    (*c).cmsg_type = libc::IP_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
                     let mut info: libc::in_pktinfo = zeroed();
                     info.ipi_spec_dst.s_addr = u32::from(s).to_be();
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+                    put_cmsg(&mut msg, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
                 }
                 (IpAddr::V6(s), SocketAddr::V6(_)) => {
-                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-                    let c = libc::CMSG_FIRSTHDR(&msg);
-                    (*c).cmsg_level = libc::IPPROTO_IPV6;
-                    (*c).cmsg_type = libc::IPV6_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
                     let mut info: libc::in6_pktinfo = zeroed();
                     info.ipi6_addr.s6_addr = s.octets();
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+                    put_cmsg(&mut msg, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
                 }
                 _ => {
                     msg.msg_control = std::ptr::null_mut();
@@ -261,6 +251,21 @@ pub fn send_parts_from(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAdd
             Ok(n as usize)
         }
     }
+}
+
+/// Makes `data` the one control message (`level`, `ty`) of `msg`.
+///
+/// # Safety
+/// `msg.msg_control` must point at a writable buffer of at least `CMSG_SPACE(size_of::<T>())`
+/// bytes, aligned for a `cmsghdr`.
+unsafe fn put_cmsg<T>(msg: &mut libc::msghdr, level: libc::c_int, ty: libc::c_int, data: T) {
+    msg.msg_controllen = libc::CMSG_SPACE(size_of::<T>() as u32) as _;
+    let c = libc::CMSG_FIRSTHDR(msg);
+    (*c).cmsg_level = level;
+    (*c).cmsg_type = ty;
+    (*c).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
+    // The data after the header need not be aligned for T.
+    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut T, data);
 }
 
 /// Sends one datagram made of a header and a payload without copying them together.
