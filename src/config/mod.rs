@@ -750,12 +750,56 @@ mod tests {
             ("TFTPCAST_SERVER__LISTEN", "nowhere", "server.listen"),
             ("TFTPCAST_MULTICAST__RANGE", "10.0.0.0/24", "multicast.range"),
             ("TFTPCAST_MULTICAST__INTERFACE", "eth0", "multicast.interface"),
+            // The range rules, word for word, just outside each end.
+            ("TFTPCAST_TRANSFER__TIMEOUT_MS", "0", "transfer.timeout_ms: must be 1..=255000"),
+            ("TFTPCAST_TRANSFER__TIMEOUT_MS", "255001", "transfer.timeout_ms: must be 1..=255000"),
+            ("TFTPCAST_TRANSFER__MIN_TIMEOUT_MS", "0", "transfer.min_timeout_ms: must be 1..=transfer.max_timeout_ms"),
+            ("TFTPCAST_TRANSFER__MAX_RETRIES", "0", "transfer.max_retries: must be 1..=100"),
+            ("TFTPCAST_TRANSFER__MAX_RETRIES", "101", "transfer.max_retries: must be 1..=100"),
+            ("TFTPCAST_TRANSFER__MIN_GIVE_UP_S", "3601", "transfer.min_give_up_s: must be 0..=3600"),
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "7", "transfer.max_blksize: must be 8..=65464 (RFC 2348)"),
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "65465", "transfer.max_blksize: must be 8..=65464 (RFC 2348)"),
+            ("TFTPCAST_TRANSFER__MAX_WINDOWSIZE", "0", "transfer.max_windowsize: must be 1..=32767 (RFC 7440"),
+            ("TFTPCAST_TRANSFER__MAX_WINDOWSIZE", "32768", "transfer.max_windowsize: must be 1..=32767 (RFC 7440"),
+            ("TFTPCAST_LIMITS__MAX_SESSIONS", "0", "limits.max_sessions: must be at least 1"),
+            ("TFTPCAST_LIMITS__MAX_SESSIONS_PER_CLIENT", "0", "limits.max_sessions_per_client: must be at least 1"),
+            ("TFTPCAST_LIMITS__DEFER_MAX_MS", "60001", "limits.defer_max_ms: must be 0..=60000"),
+            ("TFTPCAST_LIMITS__DEFER_QUEUE", "100001", "limits.defer_queue: must be 0..=100000"),
+            ("TFTPCAST_PACING__FLOOR_KBPS", "0", "pacing.floor_kbps: must be 1..=pacing.ceiling_mbps*1000"),
+            ("TFTPCAST_PACING__INCREASE_MBPS", "0", "pacing.increase_mbps: must be at least 1"),
+            ("TFTPCAST_PACING__LOSS_THRESHOLD_PCT", "101", "pacing.loss_threshold_pct: must be 0..=100"),
+            ("TFTPCAST_PACING__DECREASE_PCT", "0", "pacing.decrease_pct: must be 1..=99"),
+            ("TFTPCAST_PACING__DECREASE_PCT", "100", "pacing.decrease_pct: must be 1..=99"),
+            ("TFTPCAST_PACING__LEASE_MS", "0", "pacing.lease_ms: must be 1..=10000"),
+            ("TFTPCAST_PACING__LEASE_MS", "10001", "pacing.lease_ms: must be 1..=10000"),
         ];
         for (k, v, want) in cases {
             let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &o).unwrap_err().to_string();
             assert!(e.contains(want), "{k}={v}: {e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
+        // The edges of the range rules load.
+        let edges = [
+            ("TRANSFER__MAX_RETRIES", "100"),
+            ("TRANSFER__MAX_RETRIES", "1"),
+            ("TRANSFER__MIN_GIVE_UP_S", "3600"),
+            ("TRANSFER__MAX_BLKSIZE", "8"),
+            ("TRANSFER__MAX_BLKSIZE", "65464"),
+            ("TRANSFER__MAX_WINDOWSIZE", "32767"),
+            ("LIMITS__MAX_SESSIONS", "1"),
+            ("LIMITS__DEFER_MAX_MS", "60000"),
+            ("LIMITS__DEFER_QUEUE", "100000"),
+            ("PACING__LOSS_THRESHOLD_PCT", "100"),
+            ("PACING__DECREASE_PCT", "99"),
+            ("PACING__LEASE_MS", "10000"),
+        ];
+        for (k, v) in edges {
+            let got = Settings::load(None, vec![(format!("TFTPCAST_{k}"), v.to_string())], &o);
+            assert!(got.is_ok(), "{k}={v}: {:?}", got.err());
+        }
+        let two = vec![("TFTPCAST_TRANSFER__MAX_TIMEOUT_MS".into(), "1".into()), ("TFTPCAST_TRANSFER__MIN_TIMEOUT_MS".into(), "1".into())];
+        let e = Settings::load(None, two, &o).unwrap_err().to_string();
+        assert!(e.contains("transfer.max_timeout_ms: must be at least transfer.timeout_ms"), "{e}");
         let o = Overrides { root: Some(r.path().join("missing")), ..Default::default() };
         assert!(Settings::load(None, vec![], &o).unwrap_err().to_string().contains("server.root"));
     }
