@@ -347,6 +347,20 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_client_is_answered_from_the_given_ipv6_source() {
+        // The IPv6 control message (in6_pktinfo); skipped where the host has no ::1.
+        let Ok(l) = bind_listener("[::]:0".parse().unwrap(), false) else { return };
+        let Ok(c) = UdpSocket::bind("[::1]:0") else { return };
+        let port = l.local_addr().unwrap().port();
+        send_parts_from(&l, &[0, 5], b"v6", c.local_addr().unwrap(), Some("::1".parse().unwrap()), true).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\0\x05v6");
+        assert_eq!(from, SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+    }
+
+    #[test]
     fn transfer_socket_takes_a_port_from_the_range() {
         let s = bind_transfer("127.0.0.1".parse().unwrap(), Some((47000, 47010))).unwrap();
         let p = s.local_addr().unwrap().port();
