@@ -67,10 +67,7 @@ fn windowed() -> Client {
 /// byte-exact, and the adaptive rate retransmits less than fixed pacing does.
 #[test]
 fn slow_link_pacing_on_retransmits_less_than_off() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp", "tc", "nft"]) {
-        return;
-    }
+    let Some(_serial) = lab_turn(&["atftp", "tc", "nft"]) else { return };
     let fx = Arc::new(Fixture::new());
     let lab = Lab::new("tbf", 16);
     tc(&lab, &lab.server, &["qdisc", "add", "dev", "v0", "root", "tbf", "rate", "20mbit", "burst", "32kb", "latency", "50ms"]);
@@ -107,10 +104,7 @@ fn slow_link_pacing_on_retransmits_less_than_off() {
 /// the demotion they would move at the lossy client's pace (about 40 s here).
 #[test]
 fn a_lossy_client_does_not_hold_back_the_group() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp", "nft"]) {
-        return;
-    }
+    let Some(_serial) = lab_turn(&["atftp", "nft"]) else { return };
     let fx = Arc::new(Fixture::new().with_big());
     let lab = Lab::new("lossy", 6);
     let listen = SocketAddr::from((lab.server_ip(), 69)).to_string();
@@ -148,10 +142,7 @@ fn a_lossy_client_does_not_hold_back_the_group() {
 /// take far more.
 #[test]
 fn node_rate_cap_is_respected() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["nft"]) {
-        return;
-    }
+    let Some(_serial) = lab_turn(&["nft"]) else { return };
     let fx = Arc::new(Fixture::new().with_big());
     let lab = Lab::new("cap", 8);
     let nft = tool("nft");

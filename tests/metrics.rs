@@ -51,13 +51,25 @@ fn get(m: &HashMap<String, f64>, k: &str) -> f64 {
     m.get(k).copied().unwrap_or(0.0)
 }
 
+/// The server's arguments that turn the endpoint on, on a port the kernel picks.
+const METRICS_ON: &[&str] = &["--metrics-listen", "127.0.0.1:0"];
+
+/// Scrapes `url` until sample `k` reaches `at_least` or `within` has passed (counters are
+/// reported when a transfer ends, a little after the client sees its end); the last scrape.
+fn scrape_until(url: &str, k: &str, at_least: f64, within: Duration) -> HashMap<String, f64> {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = parse(&curl(url).1);
+        if get(&m, k) >= at_least || Instant::now() > deadline {
+            return m;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn metrics_match_a_known_workload() {
-    if !testing_tftpcast() || !require_tools(&["curl", "tftp"]) {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--metrics-listen", "127.0.0.1:0"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast() && require_tools(&["curl", "tftp"]), METRICS_ON) else { return };
     let maddr = metrics_addr(&server);
     let url = format!("http://{maddr}/metrics");
 
@@ -78,14 +90,7 @@ fn metrics_match_a_known_workload() {
     }
 
     // Transfers report at their end, which follows the client's last ACK.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let m = loop {
-        let m = parse(&curl(&url).1);
-        if get(&m, "tftpcast_transfers_finished_total") >= 5.0 || Instant::now() > deadline {
-            break m;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let m = scrape_until(&url, "tftpcast_transfers_finished_total", 5.0, Duration::from_secs(10));
     let show = format!("{m:#?}");
     assert_eq!(get(&m, "tftpcast_transfers_finished_total"), 5.0, "{show}");
     assert_eq!(get(&m, "tftpcast_transfers_started_total{kind=\"unicast\"}"), 5.0, "{show}");
@@ -110,11 +115,8 @@ fn metrics_match_a_known_workload() {
 
 #[test]
 fn metrics_count_defers_and_failures() {
-    if !testing_tftpcast() || !require_tool("curl") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start_in_env(None, &fx.root, &["--metrics-listen", "127.0.0.1:0"], &[("TFTPCAST_LIMITS__MAX_SESSIONS", "1")]);
+    let Some(fx) = fixture_if(testing_tftpcast() && require_tool("curl")) else { return };
+    let server = Server::start_in_env(None, &fx.root, METRICS_ON, &[("TFTPCAST_LIMITS__MAX_SESSIONS", "1")]);
     let url = format!("http://{}/metrics", metrics_addr(&server));
     let addr = server.addr();
     // Two raw clients at once at a limit of one: one of them waits in the queue.
@@ -126,14 +128,7 @@ fn metrics_count_defers_and_failures() {
     // A transfer the client abandons: it acknowledges nothing and the server gives up.
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     s.send_to(&raw::rrq(b"b513.bin", "octet", &[]), addr).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let m = loop {
-        let m = parse(&curl(&url).1);
-        if get(&m, "tftpcast_transfers_failed_total{reason=\"timeout\"}") >= 1.0 || Instant::now() > deadline {
-            break m;
-        }
-        thread::sleep(Duration::from_millis(200));
-    };
+    let m = scrape_until(&url, "tftpcast_transfers_failed_total{reason=\"timeout\"}", 1.0, Duration::from_secs(30));
     let show = format!("{m:#?}");
     assert_eq!(get(&m, "tftpcast_transfers_failed_total{reason=\"timeout\"}"), 1.0, "{show}");
     assert_eq!(get(&m, "tftpcast_transfers_finished_total"), 2.0, "{show}");
@@ -162,11 +157,7 @@ fn metrics_count_defers_and_failures() {
 /// responder, a scrape behind a silent connection waited its 5 s timeout.
 #[test]
 fn a_silent_connection_does_not_stall_a_scrape() {
-    if !testing_tftpcast() || !require_tools(&["curl"]) {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--metrics-listen", "127.0.0.1:0"]);
+    let Some((_fx, server)) = serve_if(testing_tftpcast() && require_tools(&["curl"]), METRICS_ON) else { return };
     let maddr = metrics_addr(&server);
     let url = format!("http://{maddr}/metrics");
     let (code, _) = curl(&url); // the endpoint is up

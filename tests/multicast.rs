@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,16 @@ fn start_server(lab: &Lab, fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -
         "listening event must name the bound address"
     );
     server
+}
+
+/// A multicast lab test's start: its [`lab_turn`] (atftp needed), a fixture (holding [`BIG`]
+/// when that is the test's `file`), the size of `file`, and a lab of `n` client namespaces.
+/// None when the test is skipped.
+fn mc_lab(prefix: &str, n: usize, file: &str) -> Option<(MutexGuard<'static, ()>, Fixture, u64, Lab)> {
+    let turn = lab_turn(&["atftp"])?;
+    let fx = if file == BIG { Fixture::new().with_big() } else { Fixture::new() };
+    let size = file_len(&fx, file) as u64;
+    Some((turn, fx, size, Lab::new(prefix, n)))
 }
 
 /// When an event was logged, as (date, seconds of the day): comparable with `<`.
@@ -381,13 +391,7 @@ fn eight_atftp_clients_share_one_stream_40mib() {
 
 #[test]
 fn late_joiner_gets_the_whole_file() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp"]) {
-        return;
-    }
-    let fx = Fixture::new().with_big();
-    let size = BIG_SIZE as u64;
-    let lab = Lab::new("mclate", 4);
+    let Some((_serial, fx, size, lab)) = mc_lab("mclate", 4, BIG) else { return };
     Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, "late_joiner");
@@ -479,13 +483,7 @@ fn comm_of(pid: i32) -> String {
 
 #[test]
 fn killing_the_master_remasters_and_others_finish() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp"]) {
-        return;
-    }
-    let fx = Fixture::new().with_big();
-    let size = BIG_SIZE as u64;
-    let lab = Lab::new("mckill", 4);
+    let Some((_serial, fx, size, lab)) = mc_lab("mckill", 4, BIG) else { return };
     let server = start_server(&lab, &fx, &[], &[]);
     let mc = atftp_mc(&[]);
     let dump = DumpOnPanic(&server, "kill_master");
@@ -558,14 +556,7 @@ fn killing_the_master_remasters_and_others_finish() {
 
 #[test]
 fn all_finish_under_5_percent_loss() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp"]) {
-        return;
-    }
-    const N: usize = 6;
-    let fx = Fixture::new();
-    let size = file_len(&fx, ONE_MIB) as u64;
-    let lab = Lab::new("mcloss", N);
+    let Some((_serial, fx, size, lab)) = mc_lab("mcloss", 6, ONE_MIB) else { return };
     for ns in &lab.clients {
         lab.add_loss(ns, 5);
     }
@@ -573,7 +564,8 @@ fn all_finish_under_5_percent_loss() {
     let server = start_server(&lab, &fx, &[], &[]);
     let dump = DumpOnPanic(&server, "all_finish_under_5_percent_loss");
     let mc = atftp_mc(&["timeout 1"]);
-    let mut fetches: Vec<Fetch> = (0..N)
+    let n = lab.clients.len();
+    let mut fetches: Vec<Fetch> = (0..n)
         .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), ONE_MIB))
         .collect();
     let runs = finish_all(&mut fetches, &fx, ONE_MIB, FETCH_LIMIT);
@@ -594,7 +586,7 @@ fn all_finish_under_5_percent_loss() {
     peers.dedup();
     assert_eq!(
         peers.len(),
-        N,
+        n,
         "every client must have joined a group: {js:?}"
     );
     assert!(
@@ -602,7 +594,7 @@ fn all_finish_under_5_percent_loss() {
         "the file did not go by multicast under loss: {wire:?}\n{ended}"
     );
     eprintln!(
-        "under 5% loss: {N} clients in {:.2?}; multicast payload / file {:.3}; {ended}",
+        "under 5% loss: {n} clients in {:.2?}; multicast payload / file {:.3}; {ended}",
         runs.iter().map(|r| r.elapsed).max().unwrap(),
         wire.mc_payload() as f64 / size as f64
     );
@@ -643,10 +635,7 @@ fn udp_rcvbuf_errors(lab: &Lab) -> String {
 
 #[test]
 fn unexpected_ack_flood_is_bounded() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp"]) {
-        return;
-    }
+    let Some(_serial) = lab_turn(&["atftp"]) else { return };
     const ACKS: u32 = 1000;
     let fx = Fixture::new().with_big();
     let size = BIG_SIZE as u64;
@@ -946,19 +935,13 @@ fn unicast_clients_unaffected_while_a_group_runs() {
 
 #[test]
 fn multicast_disabled_serves_atftp_by_unicast() {
-    let _serial = serial_lab();
-    if !require_netns() || !require_tools(&["atftp"]) {
-        return;
-    }
-    const N: usize = 2;
-    let fx = Fixture::new();
-    let size = file_len(&fx, ONE_MIB) as u64;
-    let lab = Lab::new("mcoff", N);
+    let Some((_serial, fx, size, lab)) = mc_lab("mcoff", 2, ONE_MIB) else { return };
     Wire::install(&lab.server);
     let server = start_server(&lab, &fx, &[], &[("TFTPCAST_MULTICAST__ENABLED", "false")]);
     let dump = DumpOnPanic(&server, "multicast_disabled_serves_atftp_by_unicast");
     let mc = atftp_mc(&[]);
-    let mut fetches: Vec<Fetch> = (0..N)
+    let n = lab.clients.len();
+    let mut fetches: Vec<Fetch> = (0..n)
         .map(|i| Fetch::start(&lab, &fx, i, &mc, server.addr(), ONE_MIB))
         .collect();
     finish_all(&mut fetches, &fx, ONE_MIB, FETCH_LIMIT);
@@ -968,8 +951,8 @@ fn multicast_disabled_serves_atftp_by_unicast() {
         "multicast is disabled, yet the server sent to a group: {wire:?}"
     );
     assert!(
-        wire.udp_payload() >= N as u64 * size,
-        "{N} clients got {size} bytes each by unicast, yet the server sent less: {wire:?}"
+        wire.udp_payload() >= n as u64 * size,
+        "{n} clients got {size} bytes each by unicast, yet the server sent less: {wire:?}"
     );
     assert!(
         events(&server, "group created: waiting for the start delay").is_empty()
@@ -982,11 +965,11 @@ fn multicast_disabled_serves_atftp_by_unicast() {
             .iter()
             .filter(|e| names_file(e, ONE_MIB))
             .count()
-            >= N
+            >= n
     });
     assert!(
         wait,
-        "want {N} unicast `transfer complete`\n{}",
+        "want {n} unicast `transfer complete`\n{}",
         server.log_tail(40)
     );
     // The clients did ask for multicast (else this proved nothing).
@@ -996,8 +979,8 @@ fn multicast_disabled_serves_atftp_by_unicast() {
         .count();
     assert_eq!(
         asked,
-        N,
-        "the {N} atftp requests must carry the multicast option\n{}",
+        n,
+        "the {n} atftp requests must carry the multicast option\n{}",
         server.log_tail(40)
     );
     drop(dump);

@@ -66,6 +66,26 @@ fn fetch_in_lab(
     runs
 }
 
+/// A lab with a namespace for each of `clients`, each dropping `loss` percent of its input
+/// (none at 0), and a server in the lab's server namespace; the clients fetch at once
+/// ([`fetch_in_lab`]). None when root or a client is missing (the checks said why, and the
+/// test is skipped).
+fn lab_fetch(prefix: &str, loss: u8, clients: &[Client]) -> Option<(Arc<Fixture>, Lab, Server)> {
+    if !require_netns() || !require_tools(&["tftp", "atftp", "curl"]) {
+        return None;
+    }
+    let fx = Arc::new(Fixture::new());
+    let lab = Lab::new(prefix, clients.len());
+    if loss > 0 {
+        for ns in &lab.clients {
+            lab.add_loss(ns, loss);
+        }
+    }
+    let server = start_lab_server(&lab, &fx);
+    fetch_in_lab(&lab, &fx, server.addr(), clients, Duration::from_secs(60));
+    Some((fx, lab, server))
+}
+
 fn start_lab_server(lab: &Lab, fx: &Fixture) -> Server {
     let listen = SocketAddr::from((lab.server_ip(), 69)).to_string();
     let server = Server::start_in(Some(&lab.server), &fx.root, &["--listen", &listen]);
@@ -79,12 +99,6 @@ fn start_lab_server(lab: &Lab, fx: &Fixture) -> Server {
 
 #[test]
 fn lab_real_clients_fetch_over_a_bridge() {
-    if !require_netns() || !require_tools(&["tftp", "atftp", "curl"]) {
-        return;
-    }
-    let fx = Arc::new(Fixture::new());
-    let lab = Lab::new("ok", 4);
-    let server = start_lab_server(&lab, &fx);
     let clients = [
         Client::hpa(),
         Client::Atftp {
@@ -95,21 +109,12 @@ fn lab_real_clients_fetch_over_a_bridge() {
             args: vec!["--blksize", "1428"],
         },
     ];
-    fetch_in_lab(&lab, &fx, server.addr(), &clients, Duration::from_secs(60));
+    let Some((_fx, _lab, server)) = lab_fetch("ok", 0, &clients) else { return };
     server.finish_in_lab();
 }
 
 #[test]
 fn lab_real_clients_fetch_under_5_percent_loss() {
-    if !require_netns() || !require_tools(&["tftp", "atftp", "curl"]) {
-        return;
-    }
-    let fx = Arc::new(Fixture::new());
-    let lab = Lab::new("loss", 3);
-    for ns in &lab.clients {
-        lab.add_loss(ns, 5);
-    }
-    let server = start_lab_server(&lab, &fx);
     let clients = [
         Client::hpa(),
         Client::Atftp {
@@ -117,7 +122,7 @@ fn lab_real_clients_fetch_under_5_percent_loss() {
         },
         Client::Curl { args: vec![] },
     ];
-    fetch_in_lab(&lab, &fx, server.addr(), &clients, Duration::from_secs(60));
+    let Some((_fx, lab, server)) = lab_fetch("loss", 5, &clients) else { return };
     for ns in &lab.clients {
         // 1 MiB at blksize 512 is 2049 DATA packets: 5% loss must have dropped some.
         let dropped = lab.dropped(ns);

@@ -25,20 +25,19 @@ fn pxe_lab() -> PathBuf {
 }
 
 fn only_tftpcast() -> bool {
-    if !testing_tftpcast() {
-        eprintln!("SKIPPED: file-name mapping and check-config are tftpcast's own features");
-        return false;
-    }
-    true
+    common::only_tftpcast("file-name mapping and check-config are tftpcast's own features")
 }
 
-/// Writes `contents` (pseudo-random, `len` bytes) at `root/name`, creating directories.
-fn put(root: &Path, name: &str, len: usize) -> Vec<u8> {
-    let data = pseudo_random(len, seed_of(name));
-    let p = root.join(name);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(&p, &data).unwrap();
-    data
+/// Writes each `(name, len)` file (pseudo-random bytes) at `root/name`, creating
+/// directories; returns the contents, in order.
+fn put<const N: usize>(root: &Path, files: [(&str, usize); N]) -> [Vec<u8>; N] {
+    files.map(|(name, len)| {
+        let data = pseudo_random(len, seed_of(name));
+        let p = root.join(name);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, &data).unwrap();
+        data
+    })
 }
 
 /// A raw RRQ for `name` (bytes as sent), expecting the whole file `want`.
@@ -74,11 +73,8 @@ fn config_file(fx: &Fixture, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn windows_backslash_names_are_served() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let data = put(&fx.root, "boot/x64/wdsnbp.com", 3000);
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
+    let [data] = put(&fx.root, [("boot/x64/wdsnbp.com", 3000)]);
     let server = Server::start(&fx.root, &[]);
     let win = r"boot\x64\wdsnbp.com";
     for client in [Client::hpa(), Client::Atftp { options: vec![] }] {
@@ -105,12 +101,8 @@ fn windows_backslash_names_are_served() {
 
 #[test]
 fn case_insensitive_lookup_only_when_enabled() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let bcd = put(&fx.root, "Boot/BCD", 2000);
-    let sdi = put(&fx.root, "Boot/x64/Boot.SDI", 700);
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
+    let [bcd, sdi] = put(&fx.root, [("Boot/BCD", 2000), ("Boot/x64/Boot.SDI", 700)]);
     // A symlink leaving the root, reachable only through a case-insensitive match.
     std::os::unix::fs::symlink(fx.base(), fx.root.join("Outside")).unwrap();
 
@@ -135,12 +127,8 @@ fn case_insensitive_lookup_only_when_enabled() {
 
 #[test]
 fn rewrite_rule_applies_and_is_logged() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let host = put(&fx.root, "pxelinux.cfg/hosts/aa-bb-cc-dd-ee-ff", 900);
-    let default = put(&fx.root, "pxelinux.cfg/default", 300);
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
+    let [host, default] = put(&fx.root, [("pxelinux.cfg/hosts/aa-bb-cc-dd-ee-ff", 900), ("pxelinux.cfg/default", 300)]);
     let cfg = config_file(
         &fx,
         "rewrite.toml",
@@ -180,39 +168,20 @@ replace = 'nowhere/'
 
 #[test]
 fn rewrite_rules_cannot_escape_the_root() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
     std::os::unix::fs::symlink(fx.base(), fx.root.join("out")).unwrap();
-    let canary = fx.canary.to_str().unwrap().to_string();
-    let cfg = config_file(
-        &fx,
-        "escape.toml",
-        &format!(
-            r#"
-[[mapping.rewrite]]
-match = '^up/(.*)$'
-replace = '../$1'
-[[mapping.rewrite]]
-match = '^bs/(.*)$'
-replace = '..\..\$1'
-[[mapping.rewrite]]
-match = '^abs$'
-replace = '{canary}'
-[[mapping.rewrite]]
-match = '^link/(.*)$'
-replace = 'out/$1'
-[[mapping.rewrite]]
-match = '^grow$'
-replace = '{x}'
-[[mapping.rewrite]]
-match = '^(x+)$'
-replace = '${{1}}${{1}}'
-"#,
-            x = "x".repeat(1000)
-        ),
-    );
+    let canary = fx.canary.to_str().unwrap();
+    let grown = "x".repeat(1000);
+    let rules = [
+        ("^up/(.*)$", "../$1"),
+        ("^bs/(.*)$", r"..\..\$1"),
+        ("^abs$", canary),
+        ("^link/(.*)$", "out/$1"),
+        ("^grow$", grown.as_str()),
+        ("^(x+)$", "${1}${1}"),
+    ];
+    let toml: String = rules.iter().map(|(m, r)| format!("[[mapping.rewrite]]\nmatch = '{m}'\nreplace = '{r}'\n")).collect();
+    let cfg = config_file(&fx, "escape.toml", &toml);
     let server = Server::start(&fx.root, &["--config", cfg.to_str().unwrap()]);
     for (name, want) in [
         (&b"up/canary.txt"[..], 2),
@@ -244,10 +213,7 @@ fn tftpcast(args: &[&str], env: &[(&str, &str)]) -> Run {
 
 #[test]
 fn check_config_rejects_bad_files_naming_the_setting() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
     let root = fx.root.to_str().unwrap();
     let cases = [
         ("bad value", "[transfer]\nmax_blksize = 7\n", "transfer.max_blksize"),
@@ -284,10 +250,7 @@ fn check_config_rejects_bad_files_naming_the_setting() {
 
 #[test]
 fn check_config_accepts_the_pxe_sample_and_shows_provenance() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
     let root = fx.root.to_str().unwrap();
     let sample = pxe_lab();
     let secret = "not-for-your-eyes-0123456789";
@@ -328,13 +291,11 @@ fn check_config_accepts_the_pxe_sample_and_shows_provenance() {
 
 #[test]
 fn pxe_sample_serves_bios_uefi_and_windows_names() {
-    if !only_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let wds = put(&fx.root, "Boot/x64/wdsnbp.com", 1500);
-    let host = put(&fx.root, "pxelinux.cfg/hosts/aa-bb-cc-dd-ee-ff", 400);
-    let default = put(&fx.root, "pxelinux.cfg/default", 200);
+    let Some(fx) = fixture_if(only_tftpcast()) else { return };
+    let [wds, host, default] = put(
+        &fx.root,
+        [("Boot/x64/wdsnbp.com", 1500), ("pxelinux.cfg/hosts/aa-bb-cc-dd-ee-ff", 400), ("pxelinux.cfg/default", 200)],
+    );
     // The sample's listen address and port range are for a real lab: the test listens on
     // loopback and lets the kernel pick transfer ports.
     let server = Server::start_in_env(
@@ -521,7 +482,7 @@ fn serve_raises_the_open_file_limit_and_serves_beyond_1024() {
     let own = raise_own_nofile();
     assert!(own >= 4000, "the test needs 1500 client sockets: open-file limit {own}");
     let fx = Fixture::new();
-    let want = put(fx.base(), "fd.bin", 500);
+    let [want] = put(fx.base(), [("fd.bin", 500)]);
     let args = ["--listen", "127.0.0.1:0"];
     let env = [("TFTPCAST_LIMITS__MAX_SESSIONS_PER_CLIENT", "5000"), ("TFTPCAST_LIMITS__MAX_REQUESTS_PER_S_PER_CLIENT", "0"), ("TFTPCAST_LIMITS__MAX_REQUESTS_PER_S", "0")];
     let mut server = Server::start_wrapped(&["prlimit", "--nofile=1024:4096", "--"], fx.base(), &args, &env);

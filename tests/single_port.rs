@@ -143,13 +143,32 @@ fn fetch_in(ns: &str, fx: &Fixture, client: &Client, server: SocketAddr, name: &
     assert_fetched(client, &r, &out, &fx.sha(name), len, &format!("{name} from behind the NAT"));
 }
 
+/// The lab turn and a fixture for a test of single-port mode (tftpcast's own) in a NAT lab
+/// that needs `tools`; None when the test is skipped.
+fn nat_test(tools: &[&str]) -> Option<(std::sync::MutexGuard<'static, ()>, Fixture)> {
+    if !testing_tftpcast() {
+        return None;
+    }
+    let turn = lab_turn(tools)?;
+    Some((turn, Fixture::new()))
+}
+
+/// Every `event` (one for each of the `count` transfers) shows the peer as the NAT address
+/// and the transfer served from the listening port; returns those events.
+fn assert_all_from_nat_on_port(server: &Server, nat: &NatLab, event: &str, count: usize) -> Vec<serde_json::Value> {
+    let started = events(server, event);
+    assert_eq!(started.len(), count, "one {event} per transfer\n{}", server.log_tail(40));
+    for e in &started {
+        let peer: SocketAddr = field_str(e, "peer").parse().unwrap();
+        assert_eq!(peer.ip(), nat.nat_ip(), "the server must see the NAT address: {e}");
+        assert_eq!(field_str(e, "tid"), PORT.to_string(), "transfers must be served from the listening port: {e}");
+    }
+    started
+}
+
 #[test]
 fn clients_behind_nat_are_served_from_the_listening_port_only() {
-    if !testing_tftpcast() || !require_netns() || !require_tools(&["tftp", "atftp", "curl", "busybox", "ss", "sysctl"]) {
-        return;
-    }
-    let _serial = serial_lab();
-    let fx = Fixture::new();
+    let Some((_serial, fx)) = nat_test(&["tftp", "atftp", "curl", "busybox", "ss", "sysctl"]) else { return };
     let nat = NatLab::new("spnat", 1, 0);
     let mut server = start_server(&nat, &fx, &[]);
     let ns = nat.inner[0].clone();
@@ -174,13 +193,7 @@ fn clients_behind_nat_are_served_from_the_listening_port_only() {
     fetched += 1;
 
     // The server saw only the NAT address, and served every transfer on its own port.
-    let started = events(&server, "transfer started");
-    assert_eq!(started.len(), fetched, "one transfer per fetch\n{}", server.log_tail(40));
-    for e in &started {
-        let peer: SocketAddr = field_str(e, "peer").parse().unwrap();
-        assert_eq!(peer.ip(), nat.nat_ip(), "the server must see the NAT address: {e}");
-        assert_eq!(field_str(e, "tid"), PORT.to_string(), "transfers must be served from the listening port: {e}");
-    }
+    let started = assert_all_from_nat_on_port(&server, &nat, "transfer started", fetched);
     let windowed = started.iter().filter(|e| field_str(e, "windowsize") == "16" || field_str(e, "windowsize") == "8").count();
     assert!(windowed >= SIZES.len(), "windowsize must be negotiated: {windowed} windowed transfers");
     // 1 MiB at 512 bytes is 2048 DATA packets for tftp-hpa alone.
@@ -243,11 +256,7 @@ fn raw_fetch_from_port(port: u16, server: SocketAddr, file: &str, pause: Duratio
 
 #[test]
 fn two_clients_behind_one_nat_address_get_independent_transfers() {
-    if !testing_tftpcast() || !require_netns() || !require_tools(&["tftp", "atftp", "ss", "sysctl"]) {
-        return;
-    }
-    let _serial = serial_lab();
-    let fx = Fixture::new();
+    let Some((_serial, fx)) = nat_test(&["tftp", "atftp", "ss", "sysctl"]) else { return };
     // Two different files, long enough (at a few ms per block) to overlap in time.
     let files = ["spa.bin", "spb.bin"];
     for (i, f) in files.iter().enumerate() {
@@ -314,11 +323,7 @@ fn two_clients_behind_one_nat_address_get_independent_transfers() {
 
 #[test]
 fn multicast_clients_complete_in_single_port_mode() {
-    if !testing_tftpcast() || !require_netns() || !require_tools(&["atftp", "ss", "sysctl"]) {
-        return;
-    }
-    let _serial = serial_lab();
-    let fx = Fixture::new();
+    let Some((_serial, fx)) = nat_test(&["atftp", "ss", "sysctl"]) else { return };
     // Three multicast clients on the bridge (multicast does not cross the NAT router), and a
     // unicast one behind the NAT at the same time.
     let nat = NatLab::new("spmc", 1, 3);
@@ -374,11 +379,7 @@ fn multicast_clients_complete_in_single_port_mode() {
 /// comes from a new port, which the masquerading router does not map back to the client.
 #[test]
 fn without_single_port_the_nat_drops_the_transfer() {
-    if !testing_tftpcast() || !require_netns() || !require_tools(&["sysctl"]) {
-        return;
-    }
-    let _serial = serial_lab();
-    let fx = Fixture::new();
+    let Some((_serial, fx)) = nat_test(&["sysctl"]) else { return };
     let nat = NatLab::new("spnone", 1, 0);
     let mut server = start_server_with(&nat, &fx, false, "0.0.0.0", &[]);
     let addr = server_addr(&nat);
@@ -401,11 +402,7 @@ fn any_reply(s: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
 /// running transfer; a repeated request starts no second transfer.
 #[test]
 fn strangers_get_no_answer_on_the_shared_port() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--single-port"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--single-port"]) else { return };
     let addr = server.addr();
     let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
     for p in [raw::ack(1), raw::ack(0), vec![0, 3, 0, 1, b'x'], vec![0, 5, 0, 0, 0], vec![0, 6, b'a', 0, b'1', 0]] {
@@ -448,11 +445,7 @@ fn strangers_get_no_answer_on_the_shared_port() {
 /// Many transfers at once on one port, with windows: every one byte-exact.
 #[test]
 fn many_concurrent_transfers_share_the_port() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--single-port"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--single-port"]) else { return };
     let addr = server.addr();
     let clients: Vec<Client> = (0..12)
         .map(|i| match i % 3 {
@@ -490,11 +483,7 @@ fn many_concurrent_transfers_share_the_port() {
 /// bytes): stored byte-exact, each served from the listening port, and no other UDP port used.
 #[test]
 fn uploads_behind_nat_use_the_listening_port_only() {
-    if !testing_tftpcast() || !require_netns() || !require_tools(&["tftp", "curl", "ss", "sysctl"]) {
-        return;
-    }
-    let _serial = serial_lab();
-    let fx = Fixture::new();
+    let Some((_serial, fx)) = nat_test(&["tftp", "curl", "ss", "sysctl"]) else { return };
     let nat = NatLab::new("spup", 1, 0);
     let mut server = start_server(&nat, &fx, &["--allow-write"]);
     let ns = nat.inner[0].clone();
@@ -521,13 +510,7 @@ fn uploads_behind_nat_use_the_listening_port_only() {
             uploads += 1;
         }
     }
-    let started = events(&server, "upload started");
-    assert_eq!(started.len(), uploads, "one upload per put\n{}", server.log_tail(40));
-    for e in &started {
-        let peer: SocketAddr = field_str(e, "peer").parse().unwrap();
-        assert_eq!(peer.ip(), nat.nat_ip(), "the server must see the NAT address: {e}");
-        assert_eq!(field_str(e, "tid"), PORT.to_string(), "uploads must be served from the listening port: {e}");
-    }
+    assert_all_from_nat_on_port(&server, &nat, "upload started", uploads);
     assert_eq!(events(&server, "upload finished").len(), uploads, "{}", server.log_tail(40));
     // 1 MiB from tftp-hpa at 512 bytes alone is 2049 ACKs from the listening port.
     nat.assert_only_listening_port(2048);

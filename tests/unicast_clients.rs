@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,17 +25,22 @@ fn fetch_all(fx: &Fixture, server: &Server, clients: &[Client], files: &[(&str, 
     }
 }
 
+/// A raw WRQ for `name` must be answered with ERROR 2 (the server is read-only) within 5 s.
+fn assert_wrq_refused(server: SocketAddr, name: &[u8]) {
+    let (reply, _) = raw::exchange(server, &raw::wrq(name, "octet", &[]), Duration::from_secs(5))
+        .expect("no answer to a WRQ");
+    assert_eq!(
+        raw::parse_error(&reply).map(|e| e.0),
+        Some(2),
+        "a WRQ to a read-only server must get ERROR 2, got {reply:?}"
+    );
+}
+
 #[test]
 fn listening_event_reports_the_bound_port() {
-    if !testing_tftpcast() {
-        eprintln!("SKIPPED: the listening event is tftpcast's contract");
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(
-        &fx.root,
-        &["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"],
-    );
+    let ready = only_tftpcast("the listening event is tftpcast's contract");
+    let two = ["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"];
+    let Some((fx, server)) = serve_if(ready, &two) else { return };
     assert_eq!(server.addrs.len(), 2);
     for (addr, ip) in server.addrs.iter().zip(["127.0.0.1", "127.0.0.2"]) {
         assert_eq!(addr.ip().to_string(), ip, "listening addr {addr}");
@@ -56,11 +62,7 @@ fn listening_event_reports_the_bound_port() {
 
 #[test]
 fn tftp_hpa_fetches_every_size() {
-    if !require_tool("tftp") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &[]);
+    let Some((fx, server)) = serve_if(require_tool("tftp"), &[]) else { return };
     fetch_all(&fx, &server, &[Client::hpa()], SIZES);
     fetch_and_check(&fx, &Client::hpa(), server.addr(), NESTED, CLIENT_LIMIT);
     server.finish(&fx);
@@ -81,11 +83,7 @@ fn tftp_hpa_fetches_40_mib_across_block_number_rollover() {
 
 #[test]
 fn atftp_fetches_with_option_combinations() {
-    if !require_tool("atftp") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &[]);
+    let Some((fx, server)) = serve_if(require_tool("atftp"), &[]) else { return };
     let combos: Vec<Vec<&'static str>> = vec![
         vec![],
         vec!["blksize 1428"],
@@ -105,11 +103,7 @@ fn atftp_fetches_with_option_combinations() {
 
 #[test]
 fn curl_fetches_with_default_options_blksize_and_no_options() {
-    if !require_tool("curl") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &[]);
+    let Some((fx, server)) = serve_if(require_tool("curl"), &[]) else { return };
     // curl 7.88 rejects an OACK with `tsize 0` (DESIGN.md section 7): the empty file is
     // fetched with --tftp-no-options only.
     let with_options = [
@@ -132,11 +126,7 @@ fn curl_fetches_with_default_options_blksize_and_no_options() {
 
 #[test]
 fn busybox_fetches_every_size() {
-    if !require_tool("busybox") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &[]);
+    let Some((fx, server)) = serve_if(require_tool("busybox"), &[]) else { return };
     let clients = [
         Client::Busybox { blksize: None },
         Client::Busybox {
@@ -204,13 +194,8 @@ fn raw_client_sees_negotiated_options_in_oack() {
     assert_eq!(r.oack_value("blksize"), Some("1024"), "{r}");
     if server.is_tftpcast() {
         // tftpd-hpa ignores windowsize (DESIGN.md section 7); tftpcast implements RFC 7440.
-        let r = raw::get(
-            server.addr(),
-            ONE_MIB,
-            "octet",
-            &[("blksize", "1428"), ("windowsize", "8")],
-            CLIENT_LIMIT,
-        );
+        let windowed = [("blksize", "1428"), ("windowsize", "8")];
+        let r = raw::get(server.addr(), ONE_MIB, "octet", &windowed, CLIENT_LIMIT);
         assert_eq!(r.oack_value("windowsize"), Some("8"), "{r}");
         assert_eq!(r.data, fs::read(fx.path(ONE_MIB)).unwrap(), "{r}");
     }
@@ -219,11 +204,7 @@ fn raw_client_sees_negotiated_options_in_oack() {
 
 #[test]
 fn netascii_round_trip_with_tftp_hpa() {
-    if !require_tool("tftp") {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &[]);
+    let Some((fx, server)) = serve_if(require_tool("tftp"), &[]) else { return };
     let local = fs::read(fx.path(TEXT)).unwrap();
     // On the wire: LF -> CR LF and CR -> CR NUL, across block boundaries too.
     let r = raw::get(server.addr(), TEXT, "netascii", &[], CLIENT_LIMIT);
@@ -474,31 +455,9 @@ fn symlink_out_of_the_root_is_refused() {
 fn write_request_is_refused_when_read_only() {
     let fx = Fixture::new();
     let server = Server::start(&fx.root, &[]);
-    let r = raw::exchange(
-        server.addr(),
-        &raw::wrq(b"upload.bin", "octet", &[]),
-        Duration::from_secs(5),
-    )
-    .expect("no answer to a WRQ");
-    assert_eq!(
-        raw::parse_error(&r.0).map(|e| e.0),
-        Some(2),
-        "WRQ must get ERROR 2, got {:?}",
-        r.0
-    );
+    assert_wrq_refused(server.addr(), b"upload.bin");
     // Also for a file that exists: no overwrite.
-    let r = raw::exchange(
-        server.addr(),
-        &raw::wrq(b"b512.bin", "octet", &[]),
-        Duration::from_secs(5),
-    )
-    .expect("no answer to a WRQ");
-    assert_eq!(
-        raw::parse_error(&r.0).map(|e| e.0),
-        Some(2),
-        "WRQ must get ERROR 2, got {:?}",
-        r.0
-    );
+    assert_wrq_refused(server.addr(), b"b512.bin");
     if require_tool("tftp") {
         let local = fx.base().join("to-upload.bin");
         fs::write(&local, pseudo_random(3000, 99)).unwrap();
@@ -654,18 +613,7 @@ fn malformed_packets_and_errors_do_not_hurt_the_server() {
             &name,
         );
     }
-    let r = raw::exchange(
-        addr,
-        &raw::wrq(b"upload.bin", "octet", &[]),
-        Duration::from_secs(5),
-    )
-    .expect("WRQ answer");
-    assert_eq!(
-        raw::parse_error(&r.0).map(|e| e.0),
-        Some(2),
-        "a WRQ to a read-only server must get ERROR 2, got {:?}",
-        r.0
-    );
+    assert_wrq_refused(addr, b"upload.bin");
     // An abandoned transfer: take a few blocks, then vanish.
     let _ = raw::get(addr, ONE_MIB, "octet", &[], Duration::from_millis(50));
     // Then real clients, at once, and a new request after all of that.
@@ -725,15 +673,7 @@ fn sigint_exits_0() {
     let mut server = Server::start(&fx.root, &[]);
     let r = raw::get(server.addr(), "b513.bin", "octet", &[], CLIENT_LIMIT);
     assert!(r.complete, "{r}");
-    let st = server.stop_with(libc::SIGINT);
-    if server.is_tftpcast() {
-        assert_eq!(
-            st.code(),
-            Some(0),
-            "tftpcast must exit 0 on SIGINT, got {st}\n{}",
-            server.log_tail(40)
-        );
-    }
+    server.stop_clean_with(libc::SIGINT, "SIGINT");
 }
 
 /// A new request from a client port that just finished a transfer (ports are reused quickly)

@@ -35,6 +35,15 @@ fn temp_files(dir: &Path) -> Vec<String> {
     listing(dir).into_iter().filter(|n| n.ends_with(".upload")).collect()
 }
 
+/// `client` with its `options` uploads `src` as `remote` within `limit`: the client must
+/// report success, and the root must then hold the exact bytes of `src` as `remote`.
+fn assert_put(fx: &Fixture, server: &Server, (client, options): (&str, &[&str]), src: &Path, remote: &str, limit: Duration) {
+    let r = run(&mut put_command(client, server.addr(), src, remote, options), limit);
+    let ctx = format!("{client} {options:?} put of {remote}");
+    assert!(put_ok(&r), "{ctx}: {r}\n{}", server.log_tail(20));
+    assert_stored(fx, remote, src, &r, &ctx);
+}
+
 fn assert_stored(fx: &Fixture, remote: &str, src: &Path, r: &Run, ctx: &str) {
     let want = fs::read(src).unwrap();
     let got = fs::read(fx.path(remote)).unwrap_or_else(|e| panic!("{ctx}: {remote} not stored: {e}\n{r}"));
@@ -97,13 +106,30 @@ fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     (buf[..n].to_vec(), from)
 }
 
+/// A raw WRQ for `name` from a new port: the socket, the first reply, and the port it came
+/// from (the transfer's TID).
+fn raw_wrq(server: SocketAddr, name: &[u8], opts: &[(&str, &str)]) -> (UdpSocket, Vec<u8>, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(&raw::wrq(name, "octet", opts), server).unwrap();
+    let (reply, tid) = recv(&s);
+    (s, reply, tid)
+}
+
+/// A raw upload of `name` under way: its WRQ answered by ACK 0, then a full first block of
+/// `fill` bytes answered by ACK 1. Returns the socket, the TID and that block.
+fn raw_upload_started(server: SocketAddr, name: &[u8], fill: u8) -> (UdpSocket, SocketAddr, Vec<u8>) {
+    let (s, reply, tid) = raw_wrq(server, name, &[]);
+    assert_eq!(reply, raw::ack(0));
+    let block1 = vec![fill; 512];
+    s.send_to(&data(1, &block1), tid).unwrap();
+    assert_eq!(recv(&s).0, raw::ack(1));
+    (s, tid, block1)
+}
+
 #[test]
 fn every_client_uploads_edge_sizes_byte_exact() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
     for client in ["tftp", "atftp", "curl", "tftpcast"] {
         if client != "tftpcast" && !require_tool(client) {
             continue;
@@ -111,9 +137,7 @@ fn every_client_uploads_edge_sizes_byte_exact() {
         for (len, label) in [(0usize, "0"), (511, "511"), (512, "512"), (1 << 20, "1m")] {
             let remote = format!("up-{client}-{label}.bin");
             let src = source(&fx, &remote, len);
-            let r = run(&mut put_command(client, server.addr(), &src, &remote, &[]), LIMIT);
-            assert!(put_ok(&r), "{client} put of {len} bytes failed\n{r}\n{}", server.log_tail(20));
-            assert_stored(&fx, &remote, &src, &r, &format!("{client} {len} B"));
+            assert_put(&fx, &server, (client, &[]), &src, &remote, LIMIT);
         }
     }
     assert!(temp_files(&fx.root).is_empty(), "temporary files left: {:?}", listing(&fx.root));
@@ -132,35 +156,21 @@ fn every_client_uploads_edge_sizes_byte_exact() {
 
 #[test]
 fn forty_mib_uploads_with_rollover_and_windows() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
     let src = source(&fx, "big", BIG_SIZE);
     // tftpcast put with a window and large blocks, announcing its size.
-    let r = run(&mut put_command("tftpcast", server.addr(), &src, "big-window.bin", &["--blksize", "8192", "--windowsize", "16", "--tsize"]), BIG_LIMIT);
-    assert!(put_ok(&r), "{r}\n{}", server.log_tail(20));
-    assert_stored(&fx, "big-window.bin", &src, &r, "tftpcast put 40 MiB windowed");
+    assert_put(&fx, &server, ("tftpcast", &["--blksize", "8192", "--windowsize", "16", "--tsize"]), &src, "big-window.bin", BIG_LIMIT);
     // 512-byte lock-step: 81920 blocks, so the block number rolls over.
-    let r = run(&mut put_command("tftpcast", server.addr(), &src, "big-lockstep.bin", &[]), BIG_LIMIT);
-    assert!(put_ok(&r), "{r}\n{}", server.log_tail(20));
-    assert_stored(&fx, "big-lockstep.bin", &src, &r, "tftpcast put 40 MiB lock-step");
+    assert_put(&fx, &server, ("tftpcast", &[]), &src, "big-lockstep.bin", BIG_LIMIT);
     if require_tool("tftp") {
-        let r = run(&mut put_command("tftp", server.addr(), &src, "big-hpa.bin", &[]), BIG_LIMIT);
-        assert!(put_ok(&r), "{r}\n{}", server.log_tail(20));
-        assert_stored(&fx, "big-hpa.bin", &src, &r, "tftp-hpa put 40 MiB");
+        assert_put(&fx, &server, ("tftp", &[]), &src, "big-hpa.bin", BIG_LIMIT);
     }
     server.finish(&fx);
 }
 
 #[test]
 fn option_variants_and_the_oack() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
     let src = source(&fx, "variants", 300_000);
     let variants: &[&[&str]] = &[
         &["--blksize", "1428"],
@@ -172,25 +182,16 @@ fn option_variants_and_the_oack() {
     ];
     for (i, v) in variants.iter().enumerate() {
         let remote = format!("variant-{i}.bin");
-        let r = run(&mut put_command("tftpcast", server.addr(), &src, &remote, v), LIMIT);
-        assert!(put_ok(&r), "{v:?}\n{r}\n{}", server.log_tail(20));
-        assert_stored(&fx, &remote, &src, &r, &format!("{v:?}"));
+        assert_put(&fx, &server, ("tftpcast", v), &src, &remote, LIMIT);
     }
     if require_tool("atftp") {
-        let r = run(&mut put_command("atftp", server.addr(), &src, "atftp-opts.bin", &["blksize 1428", "tsize", "windowsize 4"]), LIMIT);
-        assert!(put_ok(&r), "{r}\n{}", server.log_tail(20));
-        assert_stored(&fx, "atftp-opts.bin", &src, &r, "atftp with options");
+        assert_put(&fx, &server, ("atftp", &["blksize 1428", "tsize", "windowsize 4"]), &src, "atftp-opts.bin", LIMIT);
     }
     if require_tool("curl") {
-        let r = run(&mut put_command("curl", server.addr(), &src, "curl-opts.bin", &["--tftp-blksize", "1024"]), LIMIT);
-        assert!(put_ok(&r), "{r}\n{}", server.log_tail(20));
-        assert_stored(&fx, "curl-opts.bin", &src, &r, "curl --tftp-blksize");
+        assert_put(&fx, &server, ("curl", &["--tftp-blksize", "1024"]), &src, "curl-opts.bin", LIMIT);
     }
     // The OACK echoes the announced tsize and the granted options, from a transfer port.
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.send_to(&raw::wrq(b"oack.bin", "octet", &[("blksize", "1024"), ("tsize", "1234"), ("windowsize", "4")]), server.addr()).unwrap();
-    let (reply, tid) = recv(&s);
+    let (s, reply, tid) = raw_wrq(server.addr(), b"oack.bin", &[("blksize", "1024"), ("tsize", "1234"), ("windowsize", "4")]);
     assert_eq!(raw::opcode(&reply), Some(raw::OACK), "{reply:?}");
     assert_ne!(tid.port(), server.port(), "answers come from a transfer port (TID)");
     let oack = raw::parse_oack(&reply);
@@ -202,10 +203,7 @@ fn option_variants_and_the_oack() {
     err.extend_from_slice(b"changed my mind\0");
     s.send_to(&err, tid).unwrap();
     // Without options: ACK 0 (a new transfer comes from a new port).
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.send_to(&raw::wrq(b"ack0.bin", "octet", &[]), server.addr()).unwrap();
-    let (reply, tid) = recv(&s);
+    let (s, reply, tid) = raw_wrq(server.addr(), b"ack0.bin", &[]);
     assert_eq!(reply, raw::ack(0));
     s.send_to(&data(1, b"short"), tid).unwrap();
     assert_eq!(recv(&s).0, raw::ack(1));
@@ -217,31 +215,19 @@ fn option_variants_and_the_oack() {
 
 #[test]
 fn netascii_uploads_are_stored_as_local_text() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
     let src = fx.out("text-src.txt");
     fs::write(&src, netascii_text()).unwrap();
-    let r = run(&mut put_command("tftpcast", server.addr(), &src, "text-tftpcast.txt", &["--mode", "netascii", "--blksize", "64"]), LIMIT);
-    assert!(put_ok(&r), "{r}");
-    assert_stored(&fx, "text-tftpcast.txt", &src, &r, "tftpcast put netascii");
+    assert_put(&fx, &server, ("tftpcast", &["--mode", "netascii", "--blksize", "64"]), &src, "text-tftpcast.txt", LIMIT);
     if require_tool("tftp") {
-        let r = run(&mut put_command("tftp", server.addr(), &src, "text-hpa.txt", &["netascii"]), LIMIT);
-        assert!(put_ok(&r), "{r}");
-        assert_stored(&fx, "text-hpa.txt", &src, &r, "tftp-hpa put -m netascii");
+        assert_put(&fx, &server, ("tftp", &["netascii"]), &src, "text-hpa.txt", LIMIT);
     }
     server.finish(&fx);
 }
 
 #[test]
 fn create_only_refuses_an_existing_name_with_error_6() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
     let before = fs::read(fx.path("b512.bin")).unwrap();
     let (code, msg) = wrq_error(server.addr(), b"b512.bin", &[]).expect("an ERROR");
     assert_eq!(code, 6, "{msg}");
@@ -259,19 +245,14 @@ fn create_only_refuses_an_existing_name_with_error_6() {
 
 #[test]
 fn overwrite_mode_replaces_an_existing_file() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     let server = Server::start_in_env(None, &fx.root, &["--allow-write"], &[("TFTPCAST_UPLOADS__OVERWRITE", "true")]);
     let src = source(&fx, "replacement", 70_000);
     for client in ["tftpcast", "curl"] {
         if client == "curl" && !require_tool("curl") {
             continue;
         }
-        let r = run(&mut put_command(client, server.addr(), &src, ONE_MIB, &[]), LIMIT);
-        assert!(put_ok(&r), "{client}: {r}");
-        assert_stored(&fx, ONE_MIB, &src, &r, &format!("{client} overwrite"));
+        assert_put(&fx, &server, (client, &[]), &src, ONE_MIB, LIMIT);
     }
     // Downloads see the new contents (the cache notices the replaced file).
     let got = raw::get(server.addr(), ONE_MIB, "octet", &[], LIMIT);
@@ -284,10 +265,7 @@ fn overwrite_mode_replaces_an_existing_file() {
 
 #[test]
 fn a_killed_upload_leaves_no_file_and_no_temporary_file() {
-    if !testing_tftpcast() || !require_tool("tftp") {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast() && require_tool("tftp")) else { return };
     // A short timeout and few retries, so the server gives up within a second or two.
     let env = [("TFTPCAST_TRANSFER__TIMEOUT_MS", "200"), ("TFTPCAST_TRANSFER__MAX_TIMEOUT_MS", "400"), ("TFTPCAST_TRANSFER__MAX_RETRIES", "3")];
     let server = Server::start_in_env(None, &fx.root, &["--allow-write"], &env);
@@ -315,10 +293,7 @@ fn a_killed_upload_leaves_no_file_and_no_temporary_file() {
 
 #[test]
 fn size_limit_refuses_with_error_3() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     let server = Server::start_in_env(None, &fx.root, &["--allow-write"], &[("TFTPCAST_UPLOADS__MAX_BYTES", "100000")]);
     let before = listing(&fx.root);
     // Announced too large: refused before any data.
@@ -338,18 +313,13 @@ fn size_limit_refuses_with_error_3() {
     assert!(wait_until(Duration::from_secs(3), || listing(&fx.root) == before), "left behind: {:?}", listing(&fx.root));
     // Exactly the limit is fine.
     let src = source(&fx, "exact", 100_000);
-    let r = run(&mut put_command("tftpcast", server.addr(), &src, "exact.bin", &["--tsize"]), LIMIT);
-    assert!(put_ok(&r), "{r}");
-    assert_stored(&fx, "exact.bin", &src, &r, "upload at the limit");
+    assert_put(&fx, &server, ("tftpcast", &["--tsize"]), &src, "exact.bin", LIMIT);
     server.finish(&fx);
 }
 
 #[test]
 fn traversal_and_symlinks_in_wrq_names_are_refused() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     std::os::unix::fs::symlink(fx.base(), fx.root.join("up")).unwrap();
     let server = Server::start(&fx.root, &["--allow-write"]);
     let outside = listing(fx.base());
@@ -366,10 +336,7 @@ fn traversal_and_symlinks_in_wrq_names_are_refused() {
 
 #[test]
 fn uploads_disabled_keep_error_2() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     let server = Server::start(&fx.root, &[]);
     let (code, _) = wrq_error(server.addr(), b"new.bin", &[]).expect("an ERROR");
     assert_eq!(code, 2);
@@ -389,19 +356,14 @@ fn uploads_disabled_keep_error_2() {
 
 #[test]
 fn upload_dir_confines_uploads() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     fs::create_dir(fx.root.join("incoming")).unwrap();
     let server = Server::start_in_env(None, &fx.root, &["--allow-write"], &[("TFTPCAST_UPLOADS__DIR", "incoming")]);
     for name in [&b"x.bin"[..], b"sub/x.bin", b"incoming/../x.bin", b"incomingx/y.bin"] {
         assert_eq!(wrq_error(server.addr(), name, &[]).map(|e| e.0), Some(2), "{}", String::from_utf8_lossy(name));
     }
     let src = source(&fx, "confined", 5000);
-    let r = run(&mut put_command("tftpcast", server.addr(), &src, "incoming/ok.bin", &[]), LIMIT);
-    assert!(put_ok(&r), "{r}");
-    assert_stored(&fx, "incoming/ok.bin", &src, &r, "upload into the upload dir");
+    assert_put(&fx, &server, ("tftpcast", &[]), &src, "incoming/ok.bin", LIMIT);
     // And it can be read back under the same name.
     let got = raw::get(server.addr(), "incoming/ok.bin", "octet", &[], LIMIT);
     assert_eq!(got.data, fs::read(&src).unwrap(), "{got}");
@@ -410,19 +372,8 @@ fn upload_dir_confines_uploads() {
 
 #[test]
 fn raw_protocol_duplicates_wrong_tid_and_final_ack() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.send_to(&raw::wrq(b"raw.bin", "octet", &[]), server.addr()).unwrap();
-    let (reply, tid) = recv(&s);
-    assert_eq!(reply, raw::ack(0));
-    let block1 = vec![0xA5u8; 512];
-    s.send_to(&data(1, &block1), tid).unwrap();
-    assert_eq!(recv(&s).0, raw::ack(1));
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
+    let (s, tid, block1) = raw_upload_started(server.addr(), b"raw.bin", 0xA5);
     // A duplicate is acknowledged again (our ACK may have been lost).
     s.send_to(&data(1, &block1), tid).unwrap();
     assert_eq!(recv(&s).0, raw::ack(1));
@@ -483,19 +434,8 @@ fn uploads_and_downloads_at_once() {
 /// name until the last block arrived.
 #[test]
 fn a_temporary_upload_file_cannot_be_downloaded() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
-    let server = Server::start(&fx.root, &["--allow-write"]);
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.send_to(&raw::wrq(b"half.bin", "octet", &[]), server.addr()).unwrap();
-    let (reply, tid) = recv(&s);
-    assert_eq!(reply, raw::ack(0));
-    let block1 = vec![0x5Au8; 512];
-    s.send_to(&data(1, &block1), tid).unwrap();
-    assert_eq!(recv(&s).0, raw::ack(1));
+    let Some((fx, server)) = serve_if(testing_tftpcast(), &["--allow-write"]) else { return };
+    let (s, tid, block1) = raw_upload_started(server.addr(), b"half.bin", 0x5A);
     let temps = temp_files(&fx.root);
     assert_eq!(temps.len(), 1, "{:?}", listing(&fx.root));
     for name in [temps[0].clone(), format!("/{}", temps[0]), "half.bin".to_string()] {
@@ -518,10 +458,7 @@ fn a_temporary_upload_file_cannot_be_downloaded() {
 /// subdirectories, not elsewhere in the root, and not when uploads are off.
 #[test]
 fn stale_temporary_files_are_removed_at_startup() {
-    if !testing_tftpcast() {
-        return;
-    }
-    let fx = Fixture::new();
+    let Some(fx) = fixture_if(testing_tftpcast()) else { return };
     fs::create_dir_all(fx.root.join("incoming/sub")).unwrap();
     // No pid exceeds 4194304 (PID_MAX_LIMIT); pid 1 is always alive.
     let dead = ".fw.bin.4194305-9.upload";

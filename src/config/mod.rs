@@ -102,6 +102,15 @@ fn bad<T>(key: &str, why: String) -> Result<T, ConfigError> {
     Err(ConfigError(format!("setting {key}: {why}")))
 }
 
+/// [`bad`] with `why` unless `ok`: one line for each rule a setting's value must keep.
+fn ensure(ok: bool, key: &str, why: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        bad(key, why.into())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -397,65 +406,31 @@ impl Settings {
 
     fn check_transfer(&self) -> Result<(), ConfigError> {
         let t = &self.transfer;
-        if t.timeout_ms == 0 || t.timeout_ms > 255_000 {
-            return bad("transfer.timeout_ms", "must be 1..=255000".into());
-        }
-        if t.min_timeout_ms == 0 || t.min_timeout_ms > t.max_timeout_ms {
-            return bad("transfer.min_timeout_ms", "must be 1..=transfer.max_timeout_ms".into());
-        }
-        if t.max_timeout_ms < t.timeout_ms {
-            return bad("transfer.max_timeout_ms", "must be at least transfer.timeout_ms".into());
-        }
-        if t.max_retries == 0 || t.max_retries > 100 {
-            return bad("transfer.max_retries", "must be 1..=100".into());
-        }
-        if t.min_give_up_s > 3600 {
-            return bad("transfer.min_give_up_s", "must be 0..=3600".into());
-        }
-        if !(8..=65464).contains(&t.max_blksize) {
-            return bad("transfer.max_blksize", "must be 8..=65464 (RFC 2348)".into());
-        }
-        if t.max_windowsize == 0 || t.max_windowsize > 32767 {
-            return bad("transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)".into());
-        }
-        Ok(())
+        ensure((1..=255_000).contains(&t.timeout_ms), "transfer.timeout_ms", "must be 1..=255000")?;
+        ensure((1..=t.max_timeout_ms).contains(&t.min_timeout_ms), "transfer.min_timeout_ms", "must be 1..=transfer.max_timeout_ms")?;
+        ensure(t.max_timeout_ms >= t.timeout_ms, "transfer.max_timeout_ms", "must be at least transfer.timeout_ms")?;
+        ensure((1..=100).contains(&t.max_retries), "transfer.max_retries", "must be 1..=100")?;
+        ensure(t.min_give_up_s <= 3600, "transfer.min_give_up_s", "must be 0..=3600")?;
+        ensure((8..=65464).contains(&t.max_blksize), "transfer.max_blksize", "must be 8..=65464 (RFC 2348)")?;
+        ensure((1..=32767).contains(&t.max_windowsize), "transfer.max_windowsize", "must be 1..=32767 (RFC 7440 allows more, but 16-bit block numbers then alias)")
     }
 
     fn check_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if l.max_sessions == 0 {
-            return bad("limits.max_sessions", "must be at least 1".into());
-        }
-        if l.max_half_open_per_client == 0 {
-            return bad("limits.max_half_open_per_client", "must be at least 1".into());
-        }
-        if l.defer_max_ms > 60_000 {
-            return bad("limits.defer_max_ms", "must be 0..=60000".into());
-        }
-        if l.defer_queue > 100_000 {
-            return bad("limits.defer_queue", "must be 0..=100000".into());
-        }
-        Ok(())
+        ensure(l.max_sessions != 0, "limits.max_sessions", "must be at least 1")?;
+        ensure(l.max_half_open_per_client != 0, "limits.max_half_open_per_client", "must be at least 1")?;
+        ensure(l.defer_max_ms <= 60_000, "limits.defer_max_ms", "must be 0..=60000")?;
+        ensure(l.defer_queue <= 100_000, "limits.defer_queue", "must be 0..=100000")
     }
 
     fn check_pacing(&self) -> Result<(), ConfigError> {
         let p = &self.pacing;
-        if p.floor_kbps == 0 || p.floor_kbps > p.ceiling_mbps.saturating_mul(1000) {
-            return bad("pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000".into());
-        }
-        if p.increase_mbps == 0 {
-            return bad("pacing.increase_mbps", "must be at least 1".into());
-        }
-        if p.loss_threshold_pct > 100 {
-            return bad("pacing.loss_threshold_pct", "must be 0..=100".into());
-        }
-        if !(1..=99).contains(&p.decrease_pct) {
-            return bad("pacing.decrease_pct", "must be 1..=99".into());
-        }
-        if p.lease_ms == 0 || p.lease_ms > 10_000 {
-            return bad("pacing.lease_ms", "must be 1..=10000".into());
-        }
-        Ok(())
+        let floor_max = p.ceiling_mbps.saturating_mul(1000);
+        ensure((1..=floor_max).contains(&p.floor_kbps), "pacing.floor_kbps", "must be 1..=pacing.ceiling_mbps*1000")?;
+        ensure(p.increase_mbps != 0, "pacing.increase_mbps", "must be at least 1")?;
+        ensure(p.loss_threshold_pct <= 100, "pacing.loss_threshold_pct", "must be 0..=100")?;
+        ensure((1..=99).contains(&p.decrease_pct), "pacing.decrease_pct", "must be 1..=99")?;
+        ensure((1..=10_000).contains(&p.lease_ms), "pacing.lease_ms", "must be 1..=10000")
     }
 
     /// The group address pool and the interface; group ports must not meet the transfer
@@ -776,12 +751,58 @@ mod tests {
             ("TFTPCAST_SERVER__LISTEN", "nowhere", "server.listen"),
             ("TFTPCAST_MULTICAST__RANGE", "10.0.0.0/24", "multicast.range"),
             ("TFTPCAST_MULTICAST__INTERFACE", "eth0", "multicast.interface"),
+            // The range rules, word for word, just outside each end.
+            ("TFTPCAST_TRANSFER__TIMEOUT_MS", "0", "transfer.timeout_ms: must be 1..=255000"),
+            ("TFTPCAST_TRANSFER__TIMEOUT_MS", "255001", "transfer.timeout_ms: must be 1..=255000"),
+            ("TFTPCAST_TRANSFER__MIN_TIMEOUT_MS", "0", "transfer.min_timeout_ms: must be 1..=transfer.max_timeout_ms"),
+            ("TFTPCAST_TRANSFER__MAX_RETRIES", "0", "transfer.max_retries: must be 1..=100"),
+            ("TFTPCAST_TRANSFER__MAX_RETRIES", "101", "transfer.max_retries: must be 1..=100"),
+            ("TFTPCAST_TRANSFER__MIN_GIVE_UP_S", "3601", "transfer.min_give_up_s: must be 0..=3600"),
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "7", "transfer.max_blksize: must be 8..=65464 (RFC 2348)"),
+            ("TFTPCAST_TRANSFER__MAX_BLKSIZE", "65465", "transfer.max_blksize: must be 8..=65464 (RFC 2348)"),
+            ("TFTPCAST_TRANSFER__MAX_WINDOWSIZE", "0", "transfer.max_windowsize: must be 1..=32767 (RFC 7440"),
+            ("TFTPCAST_TRANSFER__MAX_WINDOWSIZE", "32768", "transfer.max_windowsize: must be 1..=32767 (RFC 7440"),
+            ("TFTPCAST_LIMITS__MAX_SESSIONS", "0", "limits.max_sessions: must be at least 1"),
+            ("TFTPCAST_LIMITS__MAX_HALF_OPEN_PER_CLIENT", "0", "limits.max_half_open_per_client: must be at least 1"),
+            ("TFTPCAST_LIMITS__DEFER_MAX_MS", "60001", "limits.defer_max_ms: must be 0..=60000"),
+            ("TFTPCAST_LIMITS__DEFER_QUEUE", "100001", "limits.defer_queue: must be 0..=100000"),
+            ("TFTPCAST_PACING__FLOOR_KBPS", "0", "pacing.floor_kbps: must be 1..=pacing.ceiling_mbps*1000"),
+            ("TFTPCAST_PACING__INCREASE_MBPS", "0", "pacing.increase_mbps: must be at least 1"),
+            ("TFTPCAST_PACING__LOSS_THRESHOLD_PCT", "101", "pacing.loss_threshold_pct: must be 0..=100"),
+            ("TFTPCAST_PACING__DECREASE_PCT", "0", "pacing.decrease_pct: must be 1..=99"),
+            ("TFTPCAST_PACING__DECREASE_PCT", "100", "pacing.decrease_pct: must be 1..=99"),
+            ("TFTPCAST_PACING__LEASE_MS", "0", "pacing.lease_ms: must be 1..=10000"),
+            ("TFTPCAST_PACING__LEASE_MS", "10001", "pacing.lease_ms: must be 1..=10000"),
         ];
         for (k, v, want) in cases {
             let e = Settings::load(None, vec![(k.to_string(), v.to_string())], &o).unwrap_err().to_string();
             assert!(e.contains(want), "{k}={v}: {e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
+        // The edges of the range rules load.
+        let edges = [
+            ("TRANSFER__MAX_RETRIES", "100"),
+            ("TRANSFER__MAX_RETRIES", "1"),
+            ("TRANSFER__MIN_GIVE_UP_S", "3600"),
+            ("TRANSFER__MAX_BLKSIZE", "8"),
+            ("TRANSFER__MAX_BLKSIZE", "65464"),
+            ("TRANSFER__MAX_WINDOWSIZE", "32767"),
+            ("LIMITS__MAX_SESSIONS", "1"),
+            ("LIMITS__MAX_SESSIONS_PER_CLIENT", "0"),
+            ("LIMITS__MAX_HALF_OPEN_PER_CLIENT", "1"),
+            ("LIMITS__DEFER_MAX_MS", "60000"),
+            ("LIMITS__DEFER_QUEUE", "100000"),
+            ("PACING__LOSS_THRESHOLD_PCT", "100"),
+            ("PACING__DECREASE_PCT", "99"),
+            ("PACING__LEASE_MS", "10000"),
+        ];
+        for (k, v) in edges {
+            let got = Settings::load(None, vec![(format!("TFTPCAST_{k}"), v.to_string())], &o);
+            assert!(got.is_ok(), "{k}={v}: {:?}", got.err());
+        }
+        let two = vec![("TFTPCAST_TRANSFER__MAX_TIMEOUT_MS".into(), "1".into()), ("TFTPCAST_TRANSFER__MIN_TIMEOUT_MS".into(), "1".into())];
+        let e = Settings::load(None, two, &o).unwrap_err().to_string();
+        assert!(e.contains("transfer.max_timeout_ms: must be at least transfer.timeout_ms"), "{e}");
         let o = Overrides { root: Some(r.path().join("missing")), ..Default::default() };
         assert!(Settings::load(None, vec![], &o).unwrap_err().to_string().contains("server.root"));
     }

@@ -684,6 +684,17 @@ mod tests {
         Fixture { _dir: dir, root, outside }
     }
 
+    impl Fixture {
+        /// Writes each `(name, contents)` below the root, creating its directories.
+        fn put(&self, files: &[(&str, &[u8])]) {
+            for (name, contents) in files {
+                let p = self.root.join(name);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, contents).unwrap();
+            }
+        }
+    }
+
     fn config(root: &Path) -> FileCacheConfig {
         FileCacheConfig { root: root.to_owned(), max_bytes: 1 << 20, max_file_bytes: 1 << 20, case_insensitive: false }
     }
@@ -733,8 +744,7 @@ mod tests {
     #[actix_rt::test]
     async fn leading_slash_is_root_relative_and_shares_entry() {
         let f = fixture();
-        std::fs::create_dir(f.root.join("boot")).unwrap();
-        std::fs::write(f.root.join("boot/pxelinux.0"), b"pxe").unwrap();
+        f.put(&[("boot/pxelinux.0", b"pxe")]);
         let addr = start(config(&f.root));
         let a = get(&addr, b"/boot/pxelinux.0").await.unwrap();
         let b = get(&addr, b"boot//./pxelinux.0").await.unwrap();
@@ -799,9 +809,7 @@ mod tests {
     #[actix_rt::test]
     async fn upload_temporary_files_are_never_served() {
         let f = fixture();
-        std::fs::create_dir(f.root.join("up")).unwrap();
-        std::fs::write(f.root.join("up/.fw.bin.4242-1.upload"), b"half").unwrap();
-        std::fs::write(f.root.join("up/.fw.bin.upload"), b"not a temp name").unwrap();
+        f.put(&[("up/.fw.bin.4242-1.upload", b"half"), ("up/.fw.bin.upload", b"not a temp name")]);
         for cfg in [config(&f.root), FileCacheConfig { case_insensitive: true, ..config(&f.root) }] {
             let addr = start(cfg);
             for name in [&b"up/.fw.bin.4242-1.upload"[..], b"/up//./.fw.bin.4242-1.upload", b"UP/.FW.BIN.4242-1.UPLOAD"] {
@@ -815,10 +823,7 @@ mod tests {
     #[actix_rt::test]
     async fn case_insensitive_lookup_only_when_enabled_and_confined() {
         let f = fixture();
-        std::fs::create_dir_all(f.root.join("Boot/EFI")).unwrap();
-        std::fs::write(f.root.join("Boot/EFI/BCD"), b"bcd").unwrap();
-        std::fs::write(f.root.join("Boot/EFI/bcd"), b"lower").unwrap();
-        std::fs::write(f.root.join("Boot/PXELinux.0"), b"pxe").unwrap();
+        f.put(&[("Boot/EFI/BCD", b"bcd"), ("Boot/EFI/bcd", b"lower"), ("Boot/PXELinux.0", b"pxe")]);
         symlink("../outside", f.root.join("Out")).unwrap();
         let off = start(config(&f.root));
         assert_eq!(get(&off, b"boot/pxelinux.0").await.unwrap_err(), FileError::NotFound);

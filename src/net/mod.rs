@@ -215,24 +215,14 @@ pub fn send_parts_from(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAdd
             msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             match (src, to) {
                 (IpAddr::V4(s), SocketAddr::V4(_)) => {
-                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                    let c = libc::CMSG_FIRSTHDR(&msg);
-                    (*c).cmsg_level = libc::IPPROTO_IP;
-                    (*c).cmsg_type = libc::IP_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
                     let mut info: libc::in_pktinfo = zeroed();
                     info.ipi_spec_dst.s_addr = u32::from(s).to_be();
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+                    put_cmsg(&mut msg, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
                 }
                 (IpAddr::V6(s), SocketAddr::V6(_)) => {
-                    msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-                    let c = libc::CMSG_FIRSTHDR(&msg);
-                    (*c).cmsg_level = libc::IPPROTO_IPV6;
-                    (*c).cmsg_type = libc::IPV6_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
                     let mut info: libc::in6_pktinfo = zeroed();
                     info.ipi6_addr.s6_addr = s.octets();
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+                    put_cmsg(&mut msg, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
                 }
                 _ => {
                     msg.msg_control = std::ptr::null_mut();
@@ -246,6 +236,21 @@ pub fn send_parts_from(sock: &UdpSocket, head: &[u8], body: &[u8], to: SocketAdd
             Ok(n as usize)
         }
     }
+}
+
+/// Makes `data` the one control message (`level`, `ty`) of `msg`.
+///
+/// # Safety
+/// `msg.msg_control` must point at a writable buffer of at least `CMSG_SPACE(size_of::<T>())`
+/// bytes, aligned for a `cmsghdr`.
+unsafe fn put_cmsg<T>(msg: &mut libc::msghdr, level: libc::c_int, ty: libc::c_int, data: T) {
+    msg.msg_controllen = libc::CMSG_SPACE(size_of::<T>() as u32) as _;
+    let c = libc::CMSG_FIRSTHDR(msg);
+    (*c).cmsg_level = level;
+    (*c).cmsg_type = ty;
+    (*c).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
+    // The data after the header need not be aligned for T.
+    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut T, data);
 }
 
 /// Sends one datagram made of a header and a payload without copying them together.
@@ -324,6 +329,20 @@ mod tests {
         let (n, from) = c.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"\0\x03\0\x01payload");
         assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_answered_from_the_given_ipv6_source() {
+        // The IPv6 control message (in6_pktinfo); skipped where the host has no ::1.
+        let Ok(l) = bind_listener("[::]:0".parse().unwrap(), false) else { return };
+        let Ok(c) = UdpSocket::bind("[::1]:0") else { return };
+        let port = l.local_addr().unwrap().port();
+        send_parts_from(&l, &[0, 5], b"v6", c.local_addr().unwrap(), Some("::1".parse().unwrap()), true).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\0\x05v6");
+        assert_eq!(from, SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
     }
 
     #[test]

@@ -545,6 +545,29 @@ pub fn testing_tftpcast() -> bool {
     matches!(server_kind(), ServerKind::Tftpcast)
 }
 
+/// True when the server under test is tftpcast; otherwise prints `SKIPPED: {why}` (why the
+/// test is tftpcast's alone) and the caller skips the test.
+pub fn only_tftpcast(why: &str) -> bool {
+    if !testing_tftpcast() {
+        eprintln!("SKIPPED: {why}");
+        return false;
+    }
+    true
+}
+
+/// A fresh [`Fixture`], or None when `ready` is false: the caller's prerequisite checks
+/// ([`require_tool`], [`testing_tftpcast`] and the like) failed, and the test is skipped.
+pub fn fixture_if(ready: bool) -> Option<Fixture> {
+    ready.then(Fixture::new)
+}
+
+/// A server started with `args` on a [`fixture_if`] `ready`.
+pub fn serve_if(ready: bool, args: &[&str]) -> Option<(Fixture, Server)> {
+    let fx = fixture_if(ready)?;
+    let server = Server::start(&fx.root, args);
+    Some((fx, server))
+}
+
 /// Path of the `tftpcast` binary built for these tests.
 pub fn tftpcast_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tftpcast")
@@ -934,12 +957,17 @@ impl Server {
     /// Sends SIGTERM and asserts a clean exit (status 0) for tftpcast (DESIGN.md section 3).
     /// in.tftpd dies of the signal; for it only the exit itself is checked.
     pub fn stop_clean(&mut self) -> ExitStatus {
-        let st = self.stop_with(libc::SIGTERM);
+        self.stop_clean_with(libc::SIGTERM, "SIGTERM")
+    }
+
+    /// [`Server::stop_clean`] with signal `sig` (named `name` in the message).
+    pub fn stop_clean_with(&mut self, sig: i32, name: &str) -> ExitStatus {
+        let st = self.stop_with(sig);
         if self.is_tftpcast() {
             assert_eq!(
                 st.code(),
                 Some(0),
-                "tftpcast must exit 0 on SIGTERM, got {st}\n{}",
+                "tftpcast must exit 0 on {name}, got {st}\n{}",
                 self.log_tail(40)
             );
         }
@@ -1659,4 +1687,11 @@ impl Drop for Lab {
 pub fn serial_lab() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The [`serial_lab`] turn of a lab test that needs network namespaces and `tools`; None
+/// (the checks said why, and the test is skipped) when they are missing.
+pub fn lab_turn(tools: &[&str]) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let turn = serial_lab();
+    (require_netns() && require_tools(tools)).then_some(turn)
 }
