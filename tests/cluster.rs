@@ -220,29 +220,6 @@ impl Drop for ClusterLab {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (`setns(2)` acts on one thread).
-fn spawn_in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    use std::os::fd::AsRawFd;
-    let path = Path::new("/var/run/netns").join(ns);
-    thread::spawn(move || {
-        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        drop(file);
-        f()
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Nodes.
 // ---------------------------------------------------------------------------------------------
@@ -483,7 +460,7 @@ fn spray(
     every: Duration,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<u64> {
-    spawn_in_ns(ns, move || {
+    spawn_in_netns(ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind forger socket");
         let mut sent = 0u64;
         while !stop.load(Ordering::Relaxed) {

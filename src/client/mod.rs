@@ -181,13 +181,32 @@ pub fn run_get(args: &GetArgs) -> Result<u64, ClientError> {
     run_unicast(args, out, notices)
 }
 
-/// A plain download (no `multicast` option) through [`Receiver`].
-fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
-    let bind: SocketAddr = match args.common.server {
+/// A UDP socket on an ephemeral port of the server's address family.
+fn client_socket(server: SocketAddr) -> Result<UdpSocket, ClientError> {
+    let bind: SocketAddr = match server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
+    UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))
+}
+
+/// Sends what the sender has to send to `to`; a full socket buffer loses the datagram as
+/// the wire would (the sender's timer recovers it).
+fn send_pending(tx: &mut Sender, sock: &UdpSocket, to: SocketAddr, out: &mut Vec<u8>) -> Result<(), ClientError> {
+    while let Some(t) = tx.poll_transmit(Instant::now()) {
+        t.datagram.write_to(out);
+        match sock.send_to(out, to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ClientError::Io { context: format!("sending to {to}"), source: e }),
+        }
+    }
+    Ok(())
+}
+
+/// A plain download (no `multicast` option) through [`Receiver`].
+fn run_unicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
+    let sock = client_socket(args.common.server)?;
     grow_receive_buffer(&sock, args);
 
     let mode = args.common.mode.wire();
@@ -229,21 +248,7 @@ fn drive(
     let mut written = 0u64;
     let mut read_timeout: Option<Duration> = None;
     loop {
-        // Data first: a write that fails turns the pending ACK into an ERROR.
-        while let Some(chunk) = rx.take_data() {
-            if let Err(e) = out.write_all(&chunk) {
-                let code = match e.raw_os_error() {
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
-                    _ => ErrorCode::NotDefined,
-                };
-                rx.abort(code, "the client could not write the file");
-                while let Some(t) = rx.poll_transmit(Instant::now()) {
-                    let _ = sock.send_to(&t.datagram.into_vec(), peer.unwrap_or(server));
-                }
-                return Err(ClientError::Io { context: format!("writing {}", out.name()), source: e });
-            }
-            written += chunk.len() as u64;
-        }
+        written += write_data(rx, out, sock, peer.unwrap_or(server))?;
         while let Some(t) = rx.poll_transmit(Instant::now()) {
             let to = peer.unwrap_or(server);
             sock.send_to(&t.datagram.into_vec(), to).map_err(io_err(format!("sending to {to}")))?;
@@ -259,41 +264,17 @@ fn drive(
             rx.handle_timeout(now);
             continue;
         }
-        let wait = (deadline - now).max(Duration::from_millis(1));
-        // Re-arm the socket timeout only when it is off by more than an eighth: waking a
-        // little late costs nothing, a system call per datagram does.
-        let stale = match read_timeout {
-            None => true,
-            Some(t) => t.max(wait) - t.min(wait) > wait / 8,
-        };
-        if stale {
-            sock.set_read_timeout(Some(wait)).map_err(io_err("setting the socket timeout"))?;
-            read_timeout = Some(wait);
-        }
+        rearm(sock, &mut read_timeout, (deadline - now).max(Duration::from_millis(1)))?;
         if buf.len() <= MAX_DATAGRAM {
             buf = BytesMut::zeroed(RECV_CHUNK);
         }
         match sock.recv_from(&mut buf[..]) {
             Ok((n, from)) => {
                 let datagram = buf.split_to(n).freeze();
-                let now = Instant::now();
-                match peer {
-                    Some(p) if addr::same(p, from) => {
-                        let _ = rx.handle_datagram(now, datagram);
-                    }
-                    Some(_) => {
-                        // RFC 1350: a packet from a stranger gets ERROR 5; our transfer goes on.
-                        let e = packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID");
-                        let _ = sock.send_to(&e, from);
-                    }
-                    None => {
-                        // The first reply fixes the server's TID; it must come from the host
-                        // we asked and be TFTP at all.
-                        if addr::unmap_ip(from.ip()) == addr::unmap_ip(server.ip()) && packet::decode(&datagram).is_ok() {
-                            peer = Some(from);
-                            let _ = rx.handle_datagram(now, datagram);
-                        }
-                    }
+                // The first reply must be TFTP at all to fix the server's TID.
+                let is_error = datagram.get(..2) == Some(&[0, 5][..]);
+                if (peer.is_some() || packet::decode(&datagram).is_ok()) && accept_from(&mut peer, from, is_error, server, sock) {
+                    let _ = rx.handle_datagram(Instant::now(), datagram);
                 }
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -305,10 +286,44 @@ fn drive(
     }
 }
 
-/// Sends `args.local_file`; returns the number of bytes the server acknowledged (as on the
-/// wire: netascii encoded).
-pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
-    let notices = !args.common.quiet;
+/// Writes what the receiver has delivered; returns the bytes written. A write that fails
+/// turns the pending ACK into an ERROR to `to` (disk full when it is one).
+fn write_data(rx: &mut Receiver, out: &mut Output, sock: &UdpSocket, to: SocketAddr) -> Result<u64, ClientError> {
+    let mut written = 0;
+    while let Some(chunk) = rx.take_data() {
+        if let Err(e) = out.write_all(&chunk) {
+            let code = match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
+                _ => ErrorCode::NotDefined,
+            };
+            rx.abort(code, "the client could not write the file");
+            while let Some(t) = rx.poll_transmit(Instant::now()) {
+                let _ = sock.send_to(&t.datagram.into_vec(), to);
+            }
+            return Err(ClientError::Io { context: format!("writing {}", out.name()), source: e });
+        }
+        written += chunk.len() as u64;
+    }
+    Ok(written)
+}
+
+/// Sets the socket's read timeout to `wait`, but only when it is off by more than an eighth:
+/// waking a little late costs nothing, a system call per datagram does.
+fn rearm(sock: &UdpSocket, current: &mut Option<Duration>, wait: Duration) -> Result<(), ClientError> {
+    let stale = match *current {
+        None => true,
+        Some(t) => t.max(wait) - t.min(wait) > wait / 8,
+    };
+    if stale {
+        sock.set_read_timeout(Some(wait)).map_err(io_err("setting the socket timeout"))?;
+        *current = Some(wait);
+    }
+    Ok(())
+}
+
+/// What `put` sends and under which name: the local file (or standard input) and the remote
+/// name (the local file's name when not given).
+fn put_input(args: &PutArgs) -> Result<(bytes::Bytes, String), ClientError> {
     let local = args.local_file.display().to_string();
     let data = if args.local_file.as_os_str() == "-" {
         let mut v = Vec::new();
@@ -326,7 +341,59 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| ClientError::Usage("name the remote file: tftpcast put LOCAL REMOTE".into()))?,
     };
-    let data = bytes::Bytes::from(data);
+    Ok((bytes::Bytes::from(data), remote))
+}
+
+/// Whether a packet from `from` belongs to the transfer: the first reply fixes the server's
+/// TID (it must come from the host asked); a stranger later gets ERROR 5 (RFC 1350) and the
+/// transfer goes on.
+fn accept_from(peer: &mut Option<SocketAddr>, from: SocketAddr, is_error: bool, server: SocketAddr, sock: &UdpSocket) -> bool {
+    match *peer {
+        Some(p) if addr::same(p, from) => true,
+        Some(_) => {
+            if !is_error {
+                let _ = sock.send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), from);
+            }
+            false
+        }
+        None if addr::unmap_ip(from.ip()) == addr::unmap_ip(server.ip()) => {
+            *peer = Some(from);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The upload's sender: the client's own `--retries` decide, with no time floor.
+fn put_sender_config(retries: u32, blksize: u16, windowsize: u16, timeout: Duration) -> SenderConfig {
+    SenderConfig {
+        blksize,
+        windowsize,
+        timeout,
+        max_timeout: MAX_TIMEOUT.max(timeout),
+        max_retries: retries,
+        initial_retries: retries,
+        give_up_after: Duration::ZERO,
+        adaptive: None,
+    }
+}
+
+/// A finished upload's outcome as the command's result.
+fn put_outcome(outcome: Option<&Outcome>, server: SocketAddr) -> Result<(), ClientError> {
+    match outcome {
+        Some(Outcome::Complete) => Ok(()),
+        Some(Outcome::PeerError { code, message }) => Err(ClientError::Server { code: *code, message: message.clone() }),
+        Some(Outcome::TimedOut { retries }) => Err(ClientError::TimedOut { server, retries: *retries }),
+        Some(Outcome::ProtocolViolation(why)) => Err(ClientError::Aborted { code: ErrorCode::IllegalOperation, reason: why.to_string() }),
+        None => Err(ClientError::Aborted { code: ErrorCode::NotDefined, reason: "send failed".into() }),
+    }
+}
+
+/// Sends `args.local_file`; returns the number of bytes the server acknowledged (as on the
+/// wire: netascii encoded).
+pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
+    let notices = !args.common.quiet;
+    let (data, remote) = put_input(args)?;
     let mode = args.common.mode.wire();
     let source = || match mode {
         Mode::Octet => Source::octet(data.clone()),
@@ -336,23 +403,9 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     let asked = WriteOptions { blksize: args.common.blksize, windowsize: args.common.windowsize, timeout: args.common.timeout, tsize: args.tsize.then_some(wire_len) };
     let wrq = upload::write_request(remote.as_bytes(), mode, &asked);
 
-    let bind: SocketAddr = match args.common.server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
+    let sock = client_socket(args.common.server)?;
     let base = args.common.timeout.map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let sender_cfg = |blksize: u16, windowsize: u16, timeout: Duration| SenderConfig {
-        blksize,
-        windowsize,
-        timeout,
-        max_timeout: MAX_TIMEOUT.max(timeout),
-        max_retries: args.common.retries,
-        initial_retries: args.common.retries,
-        // The client's own `--retries` decide; no time floor.
-        give_up_after: Duration::ZERO,
-        adaptive: None,
-    };
+    let sender_cfg = |blksize, windowsize, timeout| put_sender_config(args.common.retries, blksize, windowsize, timeout);
     let start = Instant::now();
     // Until the server answers, the "control packet" the sender resends is the WRQ.
     let mut tx = Sender::new(start, sender_cfg(packet::DEFAULT_BLKSIZE, 1, base), source(), Some(wrq));
@@ -361,16 +414,9 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     let mut answered = false;
     let mut out = Vec::with_capacity(MAX_DATAGRAM);
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let result = 'transfer: loop {
-        let now = Instant::now();
-        while let Some(t) = tx.poll_transmit(now) {
-            t.datagram.write_to(&mut out);
-            let to = peer.unwrap_or(args.common.server);
-            match sock.send_to(&out, to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {} // lost like on the wire
-                Err(e) => break 'transfer Err(ClientError::Io { context: format!("sending to {to}"), source: e }),
-            }
+    let result = loop {
+        if let Err(e) = send_pending(&mut tx, &sock, peer.unwrap_or(args.common.server), &mut out) {
+            break Err(e);
         }
         if tx.is_done() {
             break Ok(());
@@ -389,18 +435,8 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
             Err(e) => break Err(ClientError::Io { context: "receiving from the server".into(), source: e }),
         };
         let Ok(pkt) = packet::decode(&buf[..n]) else { continue };
-        match peer {
-            Some(p) if addr::same(p, from) => {}
-            Some(_) => {
-                // RFC 1350: a packet from a stranger gets ERROR 5; our transfer goes on.
-                if !matches!(pkt, Packet::Error { .. }) {
-                    let _ = sock.send_to(&packet::error_packet(ErrorCode::UnknownTid, "Unknown transfer ID"), from);
-                }
-                continue;
-            }
-            // The first reply fixes the server's TID; it must come from the host we asked.
-            None if addr::unmap_ip(from.ip()) == addr::unmap_ip(args.common.server.ip()) => peer = Some(from),
-            None => continue,
+        if !accept_from(&mut peer, from, matches!(pkt, Packet::Error { .. }), args.common.server, &sock) {
+            continue;
         }
         let now = Instant::now();
         match pkt {
@@ -425,13 +461,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
     };
     progress.finish(tx.bytes_acked(), Some(wire_len));
     result?;
-    match tx.outcome() {
-        Some(Outcome::Complete) => {}
-        Some(Outcome::PeerError { code, message }) => return Err(ClientError::Server { code: *code, message: message.clone() }),
-        Some(Outcome::TimedOut { retries }) => return Err(ClientError::TimedOut { server: peer.unwrap_or(args.common.server), retries: *retries }),
-        Some(Outcome::ProtocolViolation(why)) => return Err(ClientError::Aborted { code: ErrorCode::IllegalOperation, reason: why.to_string() }),
-        None => return Err(ClientError::Aborted { code: ErrorCode::NotDefined, reason: "send failed".into() }),
-    }
+    put_outcome(tx.outcome(), peer.unwrap_or(args.common.server))?;
     if notices && io::stderr().is_terminal() {
         eprintln!("tftpcast put: {wire_len} bytes in {:.2} s to {remote}", start.elapsed().as_secs_f64());
     }
@@ -441,11 +471,7 @@ pub fn run_put(args: &PutArgs) -> Result<u64, ClientError> {
 /// `tftpcast get --multicast`: see the module documentation.
 fn run_multicast(args: &GetArgs, mut out: Output, notices: bool) -> Result<u64, ClientError> {
     out.make_positional()?;
-    let bind: SocketAddr = match args.common.server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = UdpSocket::bind(bind).map_err(io_err(format!("binding a UDP socket on {bind}")))?;
+    let sock = client_socket(args.common.server)?;
     sock.set_nonblocking(true).map_err(io_err("making the socket non-blocking"))?;
     grow_receive_buffer(&sock, args);
 
@@ -574,22 +600,8 @@ fn drive_multicast(
         }
         // Join (or move to) the group before anything is sent: the master's ACK makes the
         // server send at once.
-        let want = rx.group();
-        if want != group.as_ref().map(|g| g.group) {
-            *group = None;
-            if let Some(g) = want {
-                let iface = route_source(rx.server_tid().expect("a group comes from the server"));
-                match GroupSocket::open(g, iface) {
-                    Ok(joined) => *group = Some(joined),
-                    Err(e) => {
-                        rx.abort(ErrorCode::NotDefined, "the client cannot join the multicast group");
-                        while let Some(t) = rx.poll_transmit(Instant::now()) {
-                            let _ = sock.send_to(&t.datagram.into_vec(), t.to.addr());
-                        }
-                        return Ok(Some(format!("cannot join multicast group {g} on {iface}: {e}")));
-                    }
-                }
-            }
+        if let Some(why) = follow_group(sock, group, rx) {
+            return Ok(Some(why));
         }
         while let Some(t) = rx.poll_transmit(Instant::now()) {
             let to = t.to.addr();
@@ -619,23 +631,53 @@ fn drive_multicast(
             rx.handle_timeout(now);
             continue;
         }
-        let wait = deadline - now;
-        let ms = (wait.as_micros().div_ceil(1000)).min(i32::MAX as u128) as libc::c_int;
-        let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }; 2];
-        let mut n = 1;
-        if let Some(g) = group.as_ref() {
-            fds[1].fd = g.sock.as_raw_fd();
-            n = 2;
+        wait_readable(sock, group.as_ref(), deadline - now)?;
+    }
+}
+
+/// Joins the group the receiver was told to listen to (or leaves the old one). `Some(reason)`
+/// when it cannot be joined: the server has then been told with an ERROR.
+fn follow_group(sock: &UdpSocket, group: &mut Option<GroupSocket>, rx: &mut McastReceiver) -> Option<String> {
+    let want = rx.group();
+    if want == group.as_ref().map(|g| g.group) {
+        return None;
+    }
+    *group = None;
+    let g = want?;
+    let iface = route_source(rx.server_tid().expect("a group comes from the server"));
+    match GroupSocket::open(g, iface) {
+        Ok(joined) => {
+            *group = Some(joined);
+            None
         }
-        // SAFETY: `fds` holds `n` initialised pollfd structs that outlive the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(ClientError::Io { context: "waiting for datagrams".into(), source: e });
+        Err(e) => {
+            rx.abort(ErrorCode::NotDefined, "the client cannot join the multicast group");
+            while let Some(t) = rx.poll_transmit(Instant::now()) {
+                let _ = sock.send_to(&t.datagram.into_vec(), t.to.addr());
             }
+            Some(format!("cannot join multicast group {g} on {iface}: {e}"))
         }
     }
+}
+
+/// Waits up to `wait` until the unicast socket or the group socket has a datagram.
+fn wait_readable(sock: &UdpSocket, group: Option<&GroupSocket>, wait: Duration) -> Result<(), ClientError> {
+    let ms = (wait.as_micros().div_ceil(1000)).min(i32::MAX as u128) as libc::c_int;
+    let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }; 2];
+    let mut n = 1;
+    if let Some(g) = group {
+        fds[1].fd = g.sock.as_raw_fd();
+        n = 2;
+    }
+    // SAFETY: `fds` holds `n` initialised pollfd structs that outlive the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(ClientError::Io { context: "waiting for datagrams".into(), source: e });
+        }
+    }
+    Ok(())
 }
 
 /// Reads up to [`RECV_BATCH`] datagrams from a non-blocking socket into the receiver;

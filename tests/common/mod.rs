@@ -1594,26 +1594,7 @@ impl Lab {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        use std::os::fd::AsRawFd;
-        let path = Path::new("/var/run/netns").join(ns);
-        thread::Builder::new()
-            .name(format!("in-ns-{ns}"))
-            .spawn(move || {
-                let file = fs::File::open(&path)
-                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-                // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-                drop(file);
-                f()
-            })
-            .expect("spawn thread")
+        spawn_in_netns(ns, f)
     }
 
     /// [`Lab::spawn_in_ns`] and wait for the result (panics in `f` propagate).
@@ -1694,4 +1675,34 @@ pub fn serial_lab() -> std::sync::MutexGuard<'static, ()> {
 pub fn lab_turn(tools: &[&str]) -> Option<std::sync::MutexGuard<'static, ()>> {
     let turn = serial_lab();
     (require_netns() && require_tools(tools)).then_some(turn)
+}
+
+/// Runs `f` on a new thread that first enters network namespace `ns` (`setns(2)` acts on the
+/// calling thread only), so sockets it opens live in that namespace. Returns the thread; a
+/// panic in `f` (or a failed `setns`) surfaces from `join`.
+pub fn spawn_in_netns<T, F>(ns: &str, f: F) -> JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/var/run/netns").join(ns);
+    thread::Builder::new()
+        .name(format!("in-ns-{ns}"))
+        .spawn(move || {
+            let file = fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            drop(file);
+            f()
+        })
+        .expect("spawn thread")
 }
