@@ -17,13 +17,16 @@ fn admission_sum(server: &Server, k: &str) -> u64 {
     events(server, "admission: requests deferred at a session limit or rate limit").iter().map(|e| field_u64(e, k).unwrap_or(0)).sum()
 }
 
-/// Retransmissions of an unanswered first packet (the listener's `INITIAL_RETRIES`): what a
-/// request that is never acknowledged may cost at most.
-const USUAL_PACKETS_PER_REQUEST: usize = 1 + 3;
+/// What a request that is never acknowledged may cost at most: its first answer and the
+/// listener's `INITIAL_RETRIES` (2) retransmissions, plus one answer to the client's own
+/// repeated request (the once-per-round-trip rule for unexpected packets).
+const USUAL_PACKETS_PER_REQUEST: usize = 1 + 2 + 1;
 
 /// 2000 RRQs from 200 ports of one address within 2 s, none acknowledged; one second into
-/// it, a real client (tftp-hpa) from the same address downloads 1 MiB: it must finish within
-/// a second, while each flooding port gets no more than the usual packets.
+/// it, a real client (tftp-hpa) from the same address downloads 1 MiB: it must not wait behind
+/// the flood, while each flooding port gets no more than the usual packets. The goal is 1 s
+/// (0.77 s measured on a loaded 2-core machine, 0.05 s without the flood; main took 11 s);
+/// the test allows 3 s so that a busy CI machine does not fail it for its own slowness.
 #[test]
 fn a_flood_of_unanswered_requests_does_not_starve_a_client_behind_the_same_address() {
     if !testing_tftpcast() || !require_tool("tftp") {
@@ -51,7 +54,7 @@ fn a_flood_of_unanswered_requests_does_not_starve_a_client_behind_the_same_addre
     let took = t0.elapsed();
     assert_fetched(&client, &r, &out, &fx.sha(ONE_MIB), 1 << 20, "a download during the flood");
     eprintln!("1 MiB during a flood of 200 unanswered ports from the same address: {took:.2?}");
-    assert!(took < Duration::from_secs(1), "the download took {took:?} during the flood\n{}", server.log_tail(20));
+    assert!(took < Duration::from_secs(3), "the download took {took:?} during the flood (goal: 1 s)\n{}", server.log_tail(20));
     let flood = flooder.join().unwrap();
     // Every flooding port got its transfer (a half-open one), and each gave up after the
     // usual retransmissions: wait for all 200 to end, then count what each port received.
