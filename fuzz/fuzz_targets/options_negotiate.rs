@@ -2,7 +2,7 @@
 //! `options::negotiate` against arbitrary (valid) server limits.
 //!
 //! Invariants:
-//! - `parse` accepts exactly what a small reference model accepts (no duplicate name; every
+//! - `parse` accepts exactly what a small reference model accepts (no known name twice; every
 //!   known numeric option is plain decimal digits, at most 20 of them, within its range);
 //! - negotiated blksize is 8..=max_blksize and never more than asked (512 when not asked);
 //!   windowsize is 1..=max_windowsize and never more than asked (1 when not asked); the
@@ -80,7 +80,9 @@ fn digits(v: &str) -> Option<u64> {
 fn model_accepts(opts: &[(String, String)]) -> bool {
     let mut seen = Vec::new();
     for (k, v) in opts {
-        if seen.contains(&k) {
+        // A known option sent twice is ambiguous; unknown ones are ignored however often
+        // (RFC 2347).
+        if KNOWN.contains(&k.as_str()) && seen.contains(&k) {
             return false;
         }
         seen.push(k);
