@@ -438,16 +438,12 @@ impl Listener {
                 });
                 let cfg = tftpcast_proto::upload::UploadConfig::from_negotiated(&n, req.mode, act.policy.max_timeout, act.policy.max_retries, INITIAL_RETRIES, policy.max_bytes);
                 let spec = UploadSpec { id, peer, endpoint, cfg, file: prepared.file, overwrite: policy.store.overwrite, span, ended: ctx.address().recipient() };
-                let arbiter = &act.arbiters[act.next_arbiter % act.arbiters.len()];
-                act.next_arbiter = act.next_arbiter.wrapping_add(1);
-                let addr = Upload::start_in_arbiter(arbiter, move |_| Upload::new(spec));
+                let addr = Upload::start_in_arbiter(&act.pick_arbiter(), move |_| Upload::new(spec));
                 act.uploads.insert(peer, (id, addr));
                 // Not a half-open read: the client answers with DATA (uploads are off unless
                 // asked for).
                 act.hold_slot(id, ticket, true);
-                m().transfer_started("upload");
-                m().sessions_active.inc();
-                act.counters.started += 1;
+                act.count_started("upload");
             })
             .spawn(ctx);
     }
@@ -640,12 +636,22 @@ impl Listener {
             answered: ctx.address().recipient(),
             lease_every: self.policy.lease_every,
         };
-        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-        self.next_arbiter = self.next_arbiter.wrapping_add(1);
-        let addr = Session::start_in_arbiter(arbiter, move |_| Session::new(spec));
+        let addr = Session::start_in_arbiter(&self.pick_arbiter(), move |_| Session::new(spec));
         self.sessions.insert(peer, (id, addr));
         self.hold_slot(id, ticket, false);
-        m().transfer_started("unicast");
+        self.count_started("unicast");
+    }
+
+    /// The session arbiter the next transfer runs on, round robin.
+    fn pick_arbiter(&mut self) -> ArbiterHandle {
+        let arbiter = self.arbiters[self.next_arbiter % self.arbiters.len()].clone();
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        arbiter
+    }
+
+    /// A transfer of `kind` started: metrics and the listener's own count.
+    fn count_started(&mut self, kind: &'static str) {
+        m().transfer_started(kind);
         m().sessions_active.inc();
         self.counters.started += 1;
     }
