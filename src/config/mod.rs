@@ -587,24 +587,35 @@ pub fn parse_listen(a: &str) -> Option<SocketAddr> {
     ip.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 69))
 }
 
+/// The embedded defaults, parsed once.
+fn defaults() -> &'static toml::Table {
+    static TABLE: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| DEFAULT_TOML.parse().expect("embedded default.toml parses"))
+}
+
+/// The `section.key` names of the embedded defaults whose value passes `keep`.
+fn keys_where(keep: fn(&toml::Value) -> bool) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (section, v) in defaults() {
+        for (k, value) in v.as_table().into_iter().flatten() {
+            if keep(value) {
+                out.insert(format!("{section}.{k}"));
+            }
+        }
+    }
+    out
+}
+
 /// The keys of the embedded defaults, `section.key`: every key that exists.
 fn default_keys() -> &'static std::collections::BTreeSet<String> {
     static KEYS: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
-    KEYS.get_or_init(|| {
-        let t: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
-        t.iter().flat_map(|(s, v)| v.as_table().into_iter().flat_map(move |kv| kv.keys().map(move |k| format!("{s}.{k}")))).collect()
-    })
+    KEYS.get_or_init(|| keys_where(|_| true))
 }
 
 /// The keys whose default is a boolean.
 fn bool_keys() -> &'static std::collections::BTreeSet<String> {
     static KEYS: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
-    KEYS.get_or_init(|| {
-        let t: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
-        t.iter()
-            .flat_map(|(s, v)| v.as_table().into_iter().flat_map(move |kv| kv.iter().filter(|(_, v)| v.is_bool()).map(move |(k, _)| format!("{s}.{k}"))))
-            .collect()
-    })
+    KEYS.get_or_init(|| keys_where(toml::Value::is_bool))
 }
 
 pub fn is_known_key(path: &str) -> bool {
